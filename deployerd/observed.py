@@ -1,0 +1,69 @@
+"""Observed state: what is really running, as facts read from hosts and the Registry.
+
+These are plain data (no I/O here): `observe` fills them in, `plan` reads them. A host that could not be
+reached is recorded as such (``reachable=False``) so the planner can say "unknown" instead of
+mistaking an outage for a missing service, which would trigger a needless redeploy or, worse, a prune.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class RunState(StrEnum):
+    """Life state of one deployed instance (a container or a systemd unit)."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"  # exists, not running: exited, created, inactive
+    FAILED = "failed"  # exited non-zero / unit failed / restart loop
+
+
+class Instance(BaseModel):
+    """One deployed instance of a service on a host, identified by the labels deployerd put on it."""
+
+    service: str
+    host: str
+    method: str  # "docker" | "systemd"
+    release: str  # release id (hash of everything that defines it)
+    commit: str = ""  # git commit it was deployed from ("" for out-of-band)
+    state: RunState
+    ref: str = ""  # runtime reference: container id, unit name
+    port: int | None = None
+    managed_by: str = "git"  # "git" or "api" (out-of-band POST /deploy)
+    current: bool = True  # the instance that should serve (False: kept stopped for rollback)
+
+
+class HostFacts(BaseModel):
+    """Everything known about one host after one observation round."""
+
+    host: str
+    reachable: bool
+    error: str | None = None  # why it is unreachable, naming the host
+    instances: list[Instance] = Field(default_factory=list)
+    releases_kept: dict[str, list[str]] = Field(default_factory=dict)  # service -> release ids kept on host
+
+    def current(self, service: str) -> Instance | None:
+        """The instance meant to serve for ``service`` (a running one first, else the newest current one)."""
+        mine = [i for i in self.instances if i.service == service and i.current]
+        running = [i for i in mine if i.state is RunState.RUNNING]
+        return (running or mine or [None])[0]
+
+
+class RegistryEntry(BaseModel):
+    """A droplet record as the Registry returns it (the fields deployerd compares)."""
+
+    id: int
+    name: str
+    endpoint: str
+    status: str
+    metadata: dict | None = None
+
+
+class ObservedState(BaseModel):
+    """All hosts' facts plus the Registry; ``registry`` is None when the Registry could not be read."""
+
+    hosts: dict[str, HostFacts] = Field(default_factory=dict)
+    registry: dict[str, RegistryEntry] | None = None
+    registry_error: str | None = None
