@@ -33,6 +33,8 @@ class Instance(BaseModel):
     port: int | None = None
     managed_by: str = "git"  # "git" or "api" (out-of-band POST /deploy)
     current: bool = True  # the instance that should serve (False: kept stopped for rollback)
+    inputs: dict[str, str] = Field(default_factory=dict)  # per-input digests (desired.Release.inputs) it was built from
+    healthy: bool | None = None  # last health probe: None when not probed
 
 
 class HostFacts(BaseModel):
