@@ -1,0 +1,54 @@
+# Two commands do all the set-up on a fresh Debian 12 machine (as root): `make test` and `make demo`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# What the tests and the sandbox need from Debian: an engine for the test hosts, the SSH client, the
+# image recipe's tools (debootstrap, zstd, busybox-static) and git.
+APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates
+
+.PHONY: deps apt venv test test-unit demo demo-down sandbox-up sandbox-down bench clean
+
+deps: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 (>= 3.11) is required"; exit 1; }
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "python3 >= 3.11 is required"; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: deps
+	$(VENV)/bin/pytest -q -rs
+
+test-unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+demo: deps
+	$(PY) -m deployerd demo
+
+demo-down: venv
+	$(PY) -m deployerd demo --down
+
+sandbox-up: deps
+	$(PY) -m deployerd sandbox up --hosts 1
+
+sandbox-down: venv
+	$(PY) -m deployerd sandbox down
+
+bench: deps
+	$(PY) bench/run.py
+
+clean: sandbox-down
+	rm -rf $(VENV) .pytest_cache
