@@ -1,0 +1,34 @@
+"""Shared fixtures: real test hosts from deployerd.sandbox (systemd + sshd + dockerd in a container).
+
+The session brings up one sandbox of 2 hosts in a temporary state dir and takes it down at the end; with
+DEPLOYERD_TEST_SANDBOX=<state dir> it reuses a sandbox already up there (and leaves it running), which makes
+repeated e2e runs take seconds. The host image is built once and cached (see deployerd.sandbox).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from deployerd import sandbox as sbx
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[sbx.SandboxInfo]:
+    """A running sandbox with 2 hosts (and the Registry once deployerd.registry exists)."""
+    if reuse := os.environ.get("DEPLOYERD_TEST_SANDBOX"):
+        info = sbx.load_info(Path(reuse))
+        if info is None or len(info.hosts) < 2:
+            pytest.fail(f"DEPLOYERD_TEST_SANDBOX={reuse}: no sandbox with 2 hosts is up there")
+        yield info
+        return
+    state_dir = tmp_path_factory.mktemp("sandbox")
+    info = await sbx.up_async(2, state_dir)
+    try:
+        yield info
+    finally:
+        await sbx.down_async(state_dir)
