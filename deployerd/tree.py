@@ -83,7 +83,8 @@ class GitTree:
         self._repo = git.Repo(repo_path)
         try:
             self._commit = self._repo.commit(commit)
-        except (git.BadName, ValueError) as exc:
+            self._commit.tree  # noqa: B018 - resolve now: a full-length unknown sha is otherwise lazy
+        except (git.BadName, git.BadObject, ValueError) as exc:
             raise TreeError(f"{commit!r}: unknown commit in {repo_path}") from exc
         self.revision: str = self._commit.hexsha
         self._index: dict[str, tuple[Entry, bytes]] | None = None  # path -> (entry, binsha)

@@ -1,0 +1,260 @@
+"""The planner: desired state + observed state -> ordered actions, each with the reasons it exists.
+
+Pure (no asyncio, no I/O) so every decision is a table test. Safety rules it enforces, whatever the
+executor does: nothing is deployed or pruned on a host that could not be observed; a broken manifest
+leaves its running release alone; an out-of-band (``managed_by == "api"``) instance is never touched;
+a commit that removes every service prunes nothing; a quarantined release is not retried until git
+changes (or ``force``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from deployerd.desired import DesiredState, Release, ServiceSpec, expected_registry_entry
+from deployerd.observed import HostFacts, Instance, ObservedState, RunState
+
+
+class ActionKind(StrEnum):
+    DEPLOY = "deploy"
+    REGISTER = "register"
+    PRUNE = "prune"
+    NOOP = "noop"
+    BLOCKED = "blocked"
+
+
+_ORDER = {ActionKind.PRUNE: 0, ActionKind.DEPLOY: 1, ActionKind.REGISTER: 2, ActionKind.BLOCKED: 3, ActionKind.NOOP: 4}
+
+INPUT_LABELS = {  # Release.inputs key -> how a reason names it
+    "source": "source files",
+    "image": "build settings",
+    "env": "env",
+    "port": "port",
+    "health": "health check",
+    "host": "host settings",
+}
+
+
+class Action(BaseModel):
+    """One planned step for one service on one host."""
+
+    service: str
+    host: str
+    kind: ActionKind
+    reasons: list[str] = Field(default_factory=list)
+    release: str | None = None  # desired release id
+    current_release: str | None = None  # observed current release id
+    kept: bool = False  # desired release is kept on the host: restore it, no rebuild
+
+
+def sort_key(action: Action) -> tuple[int, str, str]:
+    return (_ORDER[action.kind], action.service, action.host)
+
+
+def plan(
+    desired: DesiredState,
+    observed: ObservedState,
+    quarantined: Mapping[str, str] | None = None,
+    force: bool = False,
+) -> list[Action]:
+    """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`."""
+    quarantined = quarantined or {}
+    managed = _managed_instances(observed)
+    registry_owned = _registry_owned(observed)
+
+    if not desired.services and not desired.broken and desired.complete and (managed or registry_owned):
+        names = sorted({i.service for i in managed} | set(registry_owned))
+        return sorted((_empty_guard(name, managed, registry_owned) for name in names), key=sort_key)
+
+    actions: list[Action] = []
+    for name, spec in desired.services.items():
+        actions.extend(_plan_service(spec, desired.releases[name], desired, observed, managed,
+                                     quarantined.get(name), force))
+    for name in sorted(desired.broken):
+        actions.extend(_plan_broken(name, desired, observed))
+    actions.extend(_plan_removed(desired, observed, managed, registry_owned))
+    return sorted(actions, key=sort_key)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _managed_instances(observed: ObservedState) -> list[Instance]:
+    """git-managed instances on reachable hosts (an unreachable host's facts are not trusted)."""
+    return [i for facts in observed.hosts.values() if facts.reachable
+            for i in facts.instances if i.managed_by == "git"]
+
+
+def _registry_owned(observed: ObservedState) -> dict[str, str]:
+    """Registry entries deployerd created: name -> the host recorded in their metadata."""
+    if observed.registry is None:
+        return {}
+    return {name: str((e.metadata or {}).get("host", "")) for name, e in observed.registry.items()
+            if (e.metadata or {}).get("managed_by") == "deployerd"}
+
+
+def _unreachable(observed: ObservedState, host: str) -> str | None:
+    """Why ``host`` cannot be acted on, or None when it was observed."""
+    facts = observed.hosts.get(host)
+    if facts is None:
+        return f"host {host} unreachable: not observed"
+    if not facts.reachable:
+        return f"host {host} unreachable: {facts.error or 'unknown error'}"
+    return None
+
+
+def _current_managed(facts: HostFacts, service: str) -> Instance | None:
+    mine = [i for i in facts.instances if i.service == service and i.current and i.managed_by == "git"]
+    running = [i for i in mine if i.state is RunState.RUNNING]
+    return (running or mine or [None])[0]
+
+
+def _changed(inst: Instance, release: Release) -> list[str]:
+    """Which inputs differ between what runs and what git wants, named for humans."""
+    if not inst.inputs:
+        return [f"release {inst.release}"]
+    keys = sorted(set(inst.inputs) | set(release.inputs), key=lambda k: (list(INPUT_LABELS).index(k)
+                                                                         if k in INPUT_LABELS else 99, k))
+    diff = [INPUT_LABELS.get(k, k) for k in keys if inst.inputs.get(k) != release.inputs.get(k)]
+    return diff or [f"release {inst.release}"]
+
+
+def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: ObservedState,
+                      release: Release) -> str | None:
+    """Why the Registry entry needs writing, or None when it is right (or not ours to check)."""
+    if not spec.register or observed.registry is None:
+        return None
+    entry = observed.registry.get(spec.name)
+    if entry is None:
+        return "registry entry missing"
+    expected = expected_registry_entry(spec, desired.hosts[spec.host], release)
+    wrong = [f for f in ("endpoint", "status", "metadata") if getattr(entry, f) != expected[f]]
+    if spec.droplet_id is not None and entry.id != spec.droplet_id:
+        wrong.append("id")
+    return f"registry entry wrong: {', '.join(wrong)}" if wrong else None
+
+
+# --------------------------------------------------------------------------- per service
+
+
+def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
+                  managed: list[Instance], quarantined: str | None, force: bool) -> list[Action]:
+    host = spec.host
+    base = {"service": spec.name, "host": host, "release": release.id}
+    elsewhere = sorted({i.host for i in managed if i.service == spec.name and i.host != host})
+
+    if (why := _unreachable(observed, host)) is not None:
+        # the old host (if moved) keeps serving until the new one can be reached
+        return [Action(kind=ActionKind.BLOCKED, reasons=[why], **base)]
+    facts = observed.hosts[host]
+    inst = _current_managed(facts, spec.name)
+    current = inst.release if inst else None
+
+    reasons: list[str] = []
+    if inst is None:
+        if any(i.service == spec.name and i.managed_by != "git" for i in facts.instances):
+            return [Action(kind=ActionKind.BLOCKED, current_release=None, reasons=[
+                f"an out-of-band instance of {spec.name} runs on {host}; left untouched"], **base)]
+        reasons.append(f"not deployed on {host}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
+    else:
+        if inst.release != release.id:
+            reasons.append("changed: " + ", ".join(_changed(inst, release)))
+        if inst.state is not RunState.RUNNING:
+            reasons.append(f"not running ({inst.state.value})")
+        elif inst.healthy is False:
+            reasons.append("unhealthy")
+
+    actions: list[Action] = []
+    if reasons:
+        if quarantined == release.id and not force:
+            return [Action(kind=ActionKind.BLOCKED, current_release=current, reasons=[
+                f"release {release.id} quarantined after a failed deploy; waiting for git to change"], **base)]
+        kept = release.id in facts.releases_kept.get(spec.name, []) and (inst is None or inst.release != release.id
+                                                                      or inst.state is not RunState.RUNNING)
+        if kept:
+            reasons.append("kept release, no rebuild")
+        reg = _registry_problem(spec, desired, observed, release)
+        if reg == "registry entry missing":
+            reasons.append(reg)  # the Register phase of the deploy writes it
+        actions.append(Action(kind=ActionKind.DEPLOY, current_release=current, reasons=reasons, kept=kept, **base))
+    elif (reg := _registry_problem(spec, desired, observed, release)) is not None:
+        actions.append(Action(kind=ActionKind.REGISTER, current_release=current, reasons=[reg], **base))
+    else:
+        actions.append(Action(kind=ActionKind.NOOP, current_release=current, reasons=["in sync"], **base))
+
+    for old in elsewhere:
+        old_inst = _current_managed(observed.hosts[old], spec.name)
+        actions.append(Action(service=spec.name, host=old, kind=ActionKind.PRUNE, release=None,
+                              current_release=old_inst.release if old_inst else None,
+                              reasons=[f"moved to {host}"]))
+    return actions
+
+
+def _plan_broken(name: str, desired: DesiredState, observed: ObservedState) -> list[Action]:
+    """A broken manifest: say why, touch nothing (one action per host it is observed on)."""
+    errors = desired.errors_for(name)
+    first = str(errors[0]) if errors else "unknown error"
+    reason = f"manifest invalid: {first}; running release left as is"
+    hosts = sorted({h for h, f in observed.hosts.items() for i in f.instances if i.service == name}) or [""]
+    out = []
+    for host in hosts:
+        inst = _current_managed(observed.hosts[host], name) if host else None
+        out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, reasons=[reason],
+                          current_release=inst.release if inst else None))
+    return out
+
+
+def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[Instance],
+                  registry_owned: dict[str, str]) -> list[Action]:
+    """PRUNE what git no longer names; refuse when the desired state could not be read in full."""
+    keep = set(desired.services) | desired.broken
+    targets: dict[tuple[str, str], Instance | None] = {}
+    for inst in managed:
+        if inst.service not in keep:
+            key = (inst.service, inst.host)
+            if targets.get(key) is None or inst.current:
+                targets[key] = inst
+    pruned_services = {s for s, _ in targets}
+    for name, host in registry_owned.items():
+        if name not in keep and name not in pruned_services:
+            targets[(name, host)] = None  # only the Registry entry is left
+
+    out = []
+    for (name, host), inst in sorted(targets.items()):
+        current = inst.release if inst else None
+        if not desired.complete:
+            out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, current_release=current,
+                              reasons=["hosts.yaml invalid; prune refused until the desired state is whole"]))
+            continue
+        if inst is None and host and (why := _unreachable(observed, host)) is not None:
+            out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, current_release=None,
+                              reasons=[why]))
+            continue
+        reason = "removed from git" if inst else "removed from git (registry entry only)"
+        out.append(Action(service=name, host=host, kind=ActionKind.PRUNE, current_release=current, reasons=[reason]))
+    return out
+
+
+def _empty_guard(name: str, managed: list[Instance], registry_owned: dict[str, str]) -> Action:
+    hosts = sorted({i.host for i in managed if i.service == name})
+    current = next((i.release for i in managed if i.service == name and i.current), None)
+    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED, current_release=current,
+                  reasons=["commit removes every service; prune refused (empty desired state guard)"])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def describe(actions: Iterable[Action]) -> str:
+    """One line per action for ``deployerd plan``: kind, service@host, release, reasons."""
+    lines = []
+    for a in actions:
+        release = a.release or "-"
+        if a.current_release and a.current_release != a.release:
+            release = f"{a.current_release} -> {release}"
+        where = f"{a.service}@{a.host}" if a.host else a.service
+        lines.append(f"{a.kind.value.upper():<8} {where:<32} {release:<29} {'; '.join(a.reasons)}")
+    return "\n".join(lines) if lines else "nothing to do"

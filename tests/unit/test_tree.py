@@ -1,0 +1,140 @@
+"""Tree: GitTree and DirTree give the same entries (and so the same release ids) for the same content."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import git
+import pytest
+
+from deployerd.desired import load_desired
+from deployerd.tree import MODE_EXEC, MODE_FILE, MODE_SYMLINK, DirTree, GitTree, TreeError, blob_sha, clean_path
+
+FILES: dict[str, bytes | tuple[str, str]] = {
+    "hosts.yaml": b"hosts:\n  prod-1:\n    address: 10.0.0.1\n",
+    "services/web.yaml": b"name: web\nhost: prod-1\nport: 8080\nsource: services/web\n",
+    "services/web/Dockerfile": b"FROM busybox:latest\n",
+    "services/web/run.sh": ("exec", "#!/bin/sh\necho hi\n"),
+    "services/web/www/index.html": b"<p>hi</p>\n",
+    "services/web/www/link": ("symlink", "index.html"),
+    "services/web/empty": b"",
+}
+
+
+def write_tree(root: Path, files: dict[str, bytes | tuple[str, str]]) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, tuple):
+            kind, text = content
+            if kind == "symlink":
+                os.symlink(text, path)
+                continue
+            path.write_text(text)
+            path.chmod(0o755)
+        else:
+            path.write_bytes(content)
+            path.chmod(0o644)
+    return root
+
+
+def commit_all(root: Path, message: str = "c") -> str:
+    repo = git.Repo.init(root) if not (root / ".git").exists() else git.Repo(root)
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "t")
+        cw.set_value("user", "email", "t@example.com")
+    repo.git.add("-A")
+    repo.git.commit("-m", message, "--allow-empty")
+    return repo.head.commit.hexsha
+
+
+def test_blob_sha_matches_git() -> None:
+    assert blob_sha(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    assert blob_sha(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_dir_tree_entries(tmp_path: Path) -> None:
+    tree = DirTree(write_tree(tmp_path, FILES))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("x")
+    by_path = {e.path: e for e in tree.entries()}
+    assert sorted(by_path) == sorted(FILES)
+    assert by_path["services/web/run.sh"].mode == MODE_EXEC
+    assert by_path["services/web/Dockerfile"].mode == MODE_FILE
+    link = by_path["services/web/www/link"]
+    assert (link.kind, link.mode, link.link_target, link.sha) == ("symlink", MODE_SYMLINK, "index.html",
+                                                                   blob_sha(b"index.html"))
+    assert by_path["services/web/empty"].sha == blob_sha(b"")
+    assert [e.path for e in tree.entries("services/web/www")] == ["services/web/www/index.html",
+                                                                  "services/web/www/link"]
+    assert tree.is_dir("services/web") and not tree.is_dir("services/web.yaml")
+    assert tree.exists("services/web.yaml") and not tree.exists("nope")
+    assert tree.read("services/web/Dockerfile") == b"FROM busybox:latest\n"
+
+
+def test_git_tree_equals_dir_tree(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "repo", FILES)
+    sha = commit_all(root)
+    gtree, dtree = GitTree(root, sha), DirTree(root)
+    assert gtree.entries() == dtree.entries()
+    assert gtree.entries("services/web") == dtree.entries("services/web")
+    assert gtree.read("services/web/www/link") == dtree.read("services/web/www/link") == b"index.html"
+    assert gtree.is_dir("services/web/www") and not gtree.is_dir("services/web/Dockerfile")
+    g, d = load_desired(gtree, sha), load_desired(dtree, sha)
+    assert g.errors == d.errors == []
+    assert g.releases == d.releases and "web" in g.releases
+
+
+def test_git_tree_is_pinned_and_works_on_bare_repo(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "repo", FILES)
+    first = commit_all(root)
+    (root / "services/web/Dockerfile").write_text("FROM busybox:1\n")
+    second = commit_all(root)
+    bare = git.Repo(root).clone(tmp_path / "bare.git", bare=True)
+    old, new = GitTree(Path(bare.git_dir), first), GitTree(Path(bare.git_dir), second)
+    assert old.read("services/web/Dockerfile") == b"FROM busybox:latest\n"
+    assert new.read("services/web/Dockerfile") == b"FROM busybox:1\n"
+    assert old.revision == first
+    assert load_desired(old, first).releases["web"].inputs["source"] != load_desired(new, second).releases["web"].inputs["source"]
+
+
+def test_git_tree_unknown_commit(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "repo", FILES)
+    commit_all(root)
+    with pytest.raises(TreeError):
+        GitTree(root, "0" * 40)
+
+
+def test_dir_tree_never_follows_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    root = write_tree(tmp_path / "repo", {"a/file": b"x"})
+    os.symlink(outside, root / "a" / "dirlink")
+    tree = DirTree(root)
+    assert [(e.path, e.kind) for e in tree.entries()] == [("a/dirlink", "symlink"), ("a/file", "file")]
+    assert not tree.is_dir("a/dirlink")
+    assert not tree.exists("a/dirlink/secret")
+    with pytest.raises(TreeError):
+        tree.read("a/dirlink/secret")
+
+
+def test_dir_tree_reports_fifo_as_other(tmp_path: Path) -> None:
+    root = write_tree(tmp_path, {"a/file": b"x"})
+    os.mkfifo(root / "a" / "pipe")
+    kinds = {e.path: e.kind for e in DirTree(root).entries()}
+    assert kinds == {"a/file": "file", "a/pipe": "other"}
+    with pytest.raises(TreeError):
+        DirTree(root).read("a/pipe")
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a\\b", "a\0b"])
+def test_clean_path_refuses_escapes(bad: str) -> None:
+    with pytest.raises(TreeError):
+        clean_path(bad)
+
+
+def test_clean_path_normalizes() -> None:
+    assert clean_path("a/./b/") == "a/b"
+    assert clean_path(".") == clean_path("") == ""
