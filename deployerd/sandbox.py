@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -216,6 +217,27 @@ def _free_port() -> int:
 # --- the engine -----------------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path, what: str, timeout: float = 3600.0):  # type: ignore[no-untyped-def]
+    """An exclusive flock shared with other processes (a demo and a test run may start at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for i in range(int(timeout)):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if i == 0:
+                    log.info("waiting for another process holding the %s lock (%s)", what, path)
+                await asyncio.sleep(1.0)
+        else:
+            raise SandboxError(f"{what} lock {path} still held after {timeout} s")
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @dataclass(frozen=True)
 class Engine:
     """A Docker engine driven through the docker CLI (argv lists, DOCKER_HOST in the environment)."""
@@ -292,9 +314,12 @@ async def find_engine(*, start: bool) -> EngineInfo | None:
     if DEFAULT_DOCKER_SOCKET.exists() and await Engine(f"unix://{DEFAULT_DOCKER_SOCKET}").answers():
         return EngineInfo(url=f"unix://{DEFAULT_DOCKER_SOCKET}", private=False)
     private = Engine(f"unix://{ENGINE_SOCKET}")
-    if ENGINE_SOCKET.exists() and await private.answers():
-        return EngineInfo(url=private.url, private=True, started=False, pid=_private_engine_pid())
-    return await _start_private_engine() if start else None
+    if not start:
+        return EngineInfo(url=private.url, private=True, pid=_private_engine_pid()) if ENGINE_SOCKET.exists() else None
+    async with _file_lock(ENGINE_DIR / "engine.lock", "engine", timeout=ENGINE_TIMEOUT * 2):
+        if ENGINE_SOCKET.exists() and await private.answers():
+            return EngineInfo(url=private.url, private=True, started=False, pid=_private_engine_pid())
+        return await _start_private_engine()
 
 
 # --- the image ------------------------------------------------------------------------------------------------
@@ -339,6 +364,13 @@ async def ensure_image(engine: Engine) -> str:
     ref = image_ref()
     if (await engine.docker("image", "inspect", ref, check=False)).rc == 0:
         return ref
+    async with _file_lock(cache_dir() / "image.lock", "image build"):
+        return await _load_or_build(engine, ref)
+
+
+async def _load_or_build(engine: Engine, ref: str) -> str:
+    if (await engine.docker("image", "inspect", ref, check=False)).rc == 0:
+        return ref  # another process loaded or built it while we waited
     tarball = cache_dir() / f"{IMAGE_REPO}-{image_version()}.tar.zst"
     if tarball.exists():
         t0 = time.monotonic()
@@ -373,7 +405,7 @@ async def build_image(engine: Engine, ref: str, tarball: Path) -> None:
                      "--change", f"LABEL deployerd.sandbox.image={image_version()}", "-", ref],
                     env=engine.env, logfile=buildlog)
         log.info("saving image to %s", tarball)
-        partial = tarball.with_suffix(".partial")
+        partial = work / "image.tar.zst"
         await _pipe(["docker", "save", ref], ["zstd", "-3", "-T2", "-q", "-f", "-o", str(partial)],
                     env=engine.env, logfile=buildlog)
         partial.rename(tarball)
