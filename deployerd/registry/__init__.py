@@ -7,4 +7,7 @@ Public face: :func:`create_app` (the FastAPI app), :func:`serve` (foreground, uv
 from deployerd.registry.server import TOKEN_ENV, create_app, read_token, require_bearer, serve, serving, serving_app
 from deployerd.registry.store import Droplet, DropletStore
 
-__all__ = ["TOKEN_ENV", "Droplet", "DropletStore", "create_app", "read_token", "require_bearer", "serve", "serving", "serving_app"]
+__all__ = [
+    "TOKEN_ENV", "Droplet", "DropletStore", "create_app", "read_token", "require_bearer", "serve", "serving",
+    "serving_app",
+]
