@@ -475,14 +475,14 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
     prefix = len(spec.source) + 1
     image: dict[str, Any] = {"method": spec.method}
     if spec.method == "docker":
-        image["docker"] = {**spec.docker.model_dump(), "container_port": spec.container_port}
+        image["docker"] = spec.docker.model_dump(exclude={"container_port"})  # ports count under "port"
     else:
         image["systemd"] = spec.systemd.model_dump()
     inputs = {
         "source": _digest([[e.path[prefix:], e.mode, e.sha] for e in source]),
         "image": _digest(image),
         "env": _digest(spec.env),
-        "port": _digest(spec.port),
+        "port": _digest([spec.port, spec.container_port if spec.method == "docker" else None]),
         "health": _digest(spec.health.model_dump()),
         "host": _digest({"name": host.name, "base_dir": host.base_dir}),
     }
