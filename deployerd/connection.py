@@ -224,6 +224,7 @@ class Connection:
         self._listeners: list[asyncssh.SSHListener] = []
         self._ports: dict[tuple[str, int], int] = {}
         self._closed = False
+        self._broken = False  # a connection-level error was seen: the pool replaces us on next get()
 
     @classmethod
     async def open(
@@ -275,9 +276,14 @@ class Connection:
     @property
     def is_closed(self) -> bool:
         """True once closed by us or lost (peer gone, keepalive failed): the pool then reconnects."""
-        return self._closed or self._conn.is_closed()
+        return self._closed or self._broken or self._conn.is_closed()
+
+    async def wait_closed(self) -> None:
+        """Return once the underlying connection has closed, by us or by the peer."""
+        await self._conn.wait_closed()
 
     def _lost(self, exc: BaseException) -> HostUnreachable:
+        self._broken = True
         self.stats.failures += 1
         if self._conn.is_closed():
             return HostUnreachable(self.host.name, "connection lost")
@@ -304,7 +310,12 @@ class Connection:
             raise CommandTimeout(self.host.name, argv[0], timeout or 0, _decode(exc.stderr)) from None
         except _CONNECTION_ERRORS as exc:
             raise self._lost(exc) from None
-        status = result.returncode if result.returncode is not None else -1
+        if result.returncode is None:
+            # OpenSSH always reports an exit status or signal; none means the session broke mid-command.
+            self._broken = True
+            self.stats.failures += 1
+            raise HostUnreachable(self.host.name, "session ended without an exit status")
+        status = result.returncode
         done = Completed(status, _decode(result.stdout), _decode(result.stderr))
         if check and status != 0:
             raise CommandError(self.host.name, argv[0], status, done.stderr)
