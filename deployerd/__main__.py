@@ -1,0 +1,3 @@
+from deployerd.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""Command line: the daemon (``run``), its read-outs (``plan``, ``status``, ``history``), ``validate``, ``sync``,
+and the tools around it (``sandbox``, ``registry serve``, ``demo``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import typer
+
+from deployerd.config import Settings, load_settings
+
+app = typer.Typer(help="deployerd: GitOps deployments to servers over SSH (Docker and systemd).", no_args_is_help=True)
+sandbox_app = typer.Typer(help="Throwaway production-like test hosts on this machine.", no_args_is_help=True)
+registry_app = typer.Typer(help="The embedded Registry.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(registry_app, name="registry")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="config file (default /etc/deployerd/config.yaml or $DEPLOYERD_CONFIG)")
+UrlOpt = typer.Option(None, "--url", help="the daemon's API (default: from the config's listen address)")
+
+
+def _settings(config: Optional[Path]) -> Settings:
+    try:
+        return load_settings(config)
+    except Exception as e:
+        typer.echo(f"configuration error: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _api(settings: Settings, url: Optional[str]) -> str:
+    host = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::") else settings.listen_host
+    return url or f"http://{host}:{settings.listen_port}"
+
+
+def _get(url: str) -> Any:
+    try:
+        resp = httpx.get(url, timeout=10)
+    except httpx.HTTPError as e:
+        typer.echo(f"cannot reach the daemon at {url}: {e}", err=True)
+        raise typer.Exit(1) from e
+    if resp.status_code >= 400:
+        typer.echo(f"{url}: HTTP {resp.status_code}: {resp.text}", err=True)
+        raise typer.Exit(1)
+    return resp.json()
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigOpt, verbose: bool = typer.Option(False, "-v")) -> None:
+    """Run the daemon: watch git, reconcile, serve the API."""
+    from deployerd.daemon import serve
+
+    _logging(verbose)
+    asyncio.run(serve(_settings(config)))
+
+
+@app.command()
+def plan(config: Optional[Path] = ConfigOpt) -> None:
+    """Show what would change and why, changing nothing."""
+    from deployerd.daemon import close_engine, open_engine
+    from deployerd.plan import describe
+
+    async def main() -> str:
+        engine = await open_engine(_settings(config))
+        try:
+            desired, _, actions = await engine.preview()
+            errors = "".join(f"invalid: {e}\n" for e in desired.errors)
+            return f"revision {desired.revision[:12]}\n{errors}{describe(actions)}"
+        finally:
+            await close_engine(engine)
+
+    typer.echo(asyncio.run(main()))
+
+
+@app.command()
+def status(config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Services with their sync and health status (asks the running daemon)."""
+    data = _get(f"{_api(_settings(config), url)}/services")
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"revision {(data.get('revision') or '?')[:12]}")
+    for s in data["services"]:
+        typer.echo(f"{s['name']:<24} {s['sync_status']:<10} {s['health_status']:<11} "
+                   f"{(s['running_release'] or '-'):<13} {s['host']:<10} {s.get('url') or ''}")
+        if s["sync_status"] != "Synced":
+            for reason in s["reasons"]:
+                typer.echo(f"{'':<24} - {reason}")
+
+
+@app.command()
+def history(name: str, config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, limit: int = 10) -> None:
+    """Jobs, releases and quarantine of one service."""
+    data = _get(f"{_api(_settings(config), url)}/services/{name}/history?limit={limit}")
+    if data["quarantine"]:
+        q = data["quarantine"]
+        typer.echo(f"QUARANTINED release {q['release']}: {q['reason']}")
+    for j in data["jobs"]:
+        typer.echo(f"{j['started_at'] or '':<28} {j['deploy_job_id']} {j['status']:<12} release {j['release'] or '-'} "
+                   f"commit {(j['commit'] or '-')[:12]} {'; '.join(j['reasons'])}")
+        if j["error"]:
+            typer.echo(f"{'':<28} error: {j['error']}")
+
+
+@app.command()
+def validate(path: Path = typer.Argument(..., help="a desired-state folder (hosts.yaml, services/)")) -> None:
+    """Validate a desired-state folder; every error names the file, the field and the reason."""
+    from deployerd.desired import load_desired
+    from deployerd.tree import DirTree
+
+    desired = load_desired(DirTree(path), revision="working-tree")
+    for e in desired.errors:
+        typer.echo(f"error: {e}", err=True)
+    for name, release in sorted(desired.releases.items()):
+        spec = desired.services[name]
+        typer.echo(f"ok: {name} ({spec.method} on {spec.host}:{spec.port}) release {release.id}")
+    raise typer.Exit(1 if desired.errors else 0)
+
+
+@app.command()
+def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
+         config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt) -> None:
+    """Reconcile now (one service or all); --force retries a quarantined release."""
+    settings = _settings(config)
+    token = settings.secret("api_token")
+    if token is None:
+        typer.echo("no api_token_file configured: cannot authenticate to the daemon", err=True)
+        raise typer.Exit(2)
+    resp = httpx.post(f"{_api(settings, url)}/sync", json={"service": name, "force": force},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    if resp.status_code >= 400:
+        typer.echo(f"sync refused: HTTP {resp.status_code}: {resp.text}", err=True)
+        raise typer.Exit(1)
+    data = resp.json()
+    typer.echo(f"revision {(data['revision'] or '?')[:12]}")
+    for a in data["actions"]:
+        typer.echo(f"{a['kind']:<9} {a['service']}@{a['host']}: {'; '.join(a['reasons'])}")
+
+
+@sandbox_app.command("up")
+def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Optional[Path] = None) -> None:
+    """Start N test hosts (systemd + sshd + Docker each) and the embedded Registry."""
+    from deployerd import sandbox
+
+    _logging()
+    info = sandbox.up(hosts, state_dir or sandbox.default_state_dir())
+    typer.echo(info.model_dump_json(indent=2))
+
+
+@sandbox_app.command("down")
+def sandbox_down(state_dir: Optional[Path] = None) -> None:
+    """Remove every container, volume and process the sandbox started, and nothing else."""
+    from deployerd import sandbox
+
+    _logging()
+    sandbox.down(state_dir or sandbox.default_state_dir())
+
+
+@sandbox_app.command("status")
+def sandbox_status(state_dir: Optional[Path] = None) -> None:
+    from deployerd import sandbox
+
+    typer.echo(sandbox.status(state_dir or sandbox.default_state_dir()).model_dump_json(indent=2))
+
+
+@registry_app.command("serve")
+def registry_serve(db: Path = typer.Option(Path("registry.db"), help="SQLite file"),
+                   host: str = "127.0.0.1", port: int = 8000,
+                   token_file: Optional[Path] = typer.Option(None, help="bearer token for write routes")) -> None:
+    """Serve the Registry contract (droplets + the five service endpoints), persisted in SQLite."""
+    from deployerd.registry.server import read_token, serve
+
+    serve(db, host=host, port=port, token=read_token(token_file))
+
+
+@app.command()
+def demo(down: bool = typer.Option(False, "--down", help="stop the demo daemon and its sandbox")) -> None:
+    """The demo: a sandbox host, the embedded Registry, a git copy of desired_state/, and the daemon."""
+    from deployerd import demo as demo_mod
+
+    _logging()
+    code = demo_mod.down() if down else demo_mod.up()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""The reconcile loop: fetch -> load desired -> observe -> plan -> run jobs. A thin join of the stages.
+
+One reconcile works on one pinned commit. Jobs run concurrently (bounded), one per service at a time; a
+reconcile that finds a job in flight for a service records the newer desired release, and the job stops
+at its next phase boundary (superseded) so the newer commit is not kept waiting behind a health timeout.
+Transient failures (host or Registry unreachable) are retried with exponential backoff per service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import git
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from deployerd.config import Settings
+from deployerd.desired import DesiredState, HostSpec, ServiceSpec, compute_release, load_desired
+from deployerd.connection import HostUnreachable
+from deployerd.metrics import Metrics
+from deployerd.observe import Hosts, observe
+from deployerd.observed import ObservedState, RunState
+from deployerd.phases import Deployer
+from deployerd.plan import Action, ActionKind, plan
+from deployerd.registry_client import RegistryClient
+from deployerd.runtimes import ReleaseContext
+from deployerd.source import GitSource, Kick, SourceError, start_polling
+from deployerd.store import Job, JobStatus, Store, utcnow
+from deployerd.tree import DirTree, GitTree, Tree
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S, BACKOFF_MAX_S = 5.0, 300.0
+
+
+class Conflict(Exception):
+    """The request conflicts with what git manages (HTTP 409)."""
+
+
+@dataclass
+class ReconcileRecord:
+    at: str
+    revision: str | None
+    trigger: list[str]
+    duration_s: float
+    actions: int
+    error: str | None = None
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+    def fail(self) -> None:
+        self.failures += 1
+        self.until = time.monotonic() + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    host: str
+    method: str
+    managed_by: str
+    sync_status: str  # Synced | OutOfSync | Unknown
+    health_status: str  # Healthy | Progressing | Degraded | Missing | Unknown
+    release: str | None  # desired
+    running_release: str | None
+    commit: str | None
+    reasons: list[str] = field(default_factory=list)
+    url: str | None = None
+    last_job: str | None = None
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: Store, registry: RegistryClient, metrics: Metrics | None = None):
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.source = GitSource(settings.repo_url, settings.branch, settings.repo_cache)
+        self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s)
+        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases)
+        self.kick = Kick()
+        self.started_at = time.time()
+        self.last_reconcile: ReconcileRecord | None = None
+        self.desired: DesiredState | None = None
+        self.observed: ObservedState | None = None
+        self.services: dict[str, ServiceStatus] = {}
+        self._inflight: dict[str, asyncio.Task[Job]] = {}
+        self._inflight_jobs: dict[str, Job] = {}
+        self._wanted: dict[str, str] = {}  # service -> release the latest reconcile wants
+        self._backoff: dict[str, _Backoff] = {}
+        self._slots = asyncio.Semaphore(settings.max_parallel)
+        self._reconcile_lock = asyncio.Lock()
+        self._last_revision: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        """The daemon's loop until ``stop`` is set: triggers are the git watch, the poller and the resync."""
+        interrupted = await self.store.mark_interrupted()
+        if interrupted:
+            log.warning("jobs interrupted by the last stop: %s", ", ".join(interrupted))
+        scheduler = AsyncIOScheduler()
+        start_polling(scheduler, self.settings.poll_interval_s, lambda: self.kick.set("poll"),
+                      jitter_s=self.settings.poll_interval_s / 10)
+        scheduler.add_job(self._resync_tick, "interval", seconds=self.settings.resync_interval_s,
+                          id="deployerd-resync", coalesce=True, max_instances=1)
+        scheduler.start()
+        watcher = None
+        if self.source.is_local:
+            watcher = asyncio.create_task(self.source.watch(lambda: self.kick.set("git watch"), stop))
+        self.kick.set("start")
+        try:
+            while not stop.is_set():
+                waiter = asyncio.create_task(self.kick.wait())
+                stopper = asyncio.create_task(stop.wait())
+                done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter not in done:
+                    waiter.cancel()
+                    break
+                stopper.cancel()
+                await self.reconcile(waiter.result())
+        finally:
+            scheduler.shutdown(wait=False)
+            if watcher is not None:
+                watcher.cancel()
+            await self.drain()
+
+    async def _resync_tick(self) -> None:
+        self.kick.set("resync")
+
+    async def drain(self) -> None:
+        """Wait for the jobs in flight (used at shutdown and by tests)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.hosts.close()
+
+    # ------------------------------------------------------------------ one reconcile
+    async def reconcile(self, trigger: list[str] | None = None, force: set[str] | None = None) -> list[Action]:
+        """Fetch, load, observe, plan, and launch a job for every action; returns the plan.
+
+        ``force`` names services to deploy despite a quarantine (an empty set: every service).
+        """
+        async with self._reconcile_lock:
+            t0 = time.monotonic()
+            error = None
+            actions: list[Action] = []
+            try:
+                actions = await self._reconcile(trigger or [], force)
+                self.metrics.reconciles.labels(result="ok").inc()
+            except Exception as e:
+                error = str(e)
+                log.error("reconcile failed: %s", e)
+                self.metrics.reconciles.labels(result="error").inc()
+            finally:
+                duration = time.monotonic() - t0
+                self.metrics.reconcile_duration.observe(duration)
+                self.last_reconcile = ReconcileRecord(
+                    at=utcnow(), revision=self.source.revision, trigger=trigger or [],
+                    duration_s=round(duration, 4), actions=len(actions), error=error,
+                )
+            return actions
+
+    async def _reconcile(self, trigger: list[str], force: set[str] | None) -> list[Action]:
+        desired, observed, actions = await self.preview(force)
+        revision_changed = desired.revision != self._last_revision
+        self._last_revision = desired.revision
+        kind = "git" if revision_changed else "resync"
+        tree = GitTree(self.source.repo_path, desired.revision)
+        now = time.monotonic()
+        for action in actions:
+            if action.release:
+                self._wanted[action.service] = action.release
+            if action.kind not in (ActionKind.DEPLOY, ActionKind.REGISTER, ActionKind.PRUNE):
+                continue
+            if action.service in self._inflight:
+                continue  # the running job sees the newer wanted release at its next phase boundary
+            backoff = self._backoff.get(action.service)
+            if backoff and backoff.until > now and not revision_changed:
+                continue
+            job = self._job_for(action, desired, observed, kind)
+            self._launch(job, self._run_action(job, action, desired, observed, tree))
+        self._update_status(desired, observed, actions)
+        return actions
+
+    async def preview(self, force: set[str] | None = None) -> tuple[DesiredState, ObservedState, list[Action]]:
+        """Fetch, load and observe, and plan without acting (``deployerd plan``)."""
+        try:
+            revision = await self.source.fetch()
+        except SourceError as e:
+            self.metrics.fetch_errors.inc()
+            if self.source.revision is None:
+                raise
+            revision = self.source.revision  # keep reconciling the last good revision while git is down
+            log.warning("git fetch failed, using %s: %s", revision[:12], e)
+        tree = GitTree(self.source.repo_path, revision)
+        desired = await asyncio.to_thread(load_desired, tree, revision)
+        committed = await asyncio.to_thread(lambda: git.Repo(self.source.repo_path).commit(revision).committed_date)
+        self.metrics.last_applied_commit.set(committed)
+        observed = await observe(self.hosts, desired.hosts, self.registry)
+        for name, facts in observed.hosts.items():
+            self.metrics.host_up.labels(host=name).set(1 if facts.reachable else 0)
+        quarantined = {
+            s: q.release for s, q in (await self.store.quarantined()).items()
+            if force is None or (force and s not in force)
+        }
+        actions = plan(desired, observed, quarantined)
+        self.desired, self.observed = desired, observed
+        return desired, observed, actions
+
+    def _job_for(self, action: Action, desired: DesiredState, observed: ObservedState, trigger: str) -> Job:
+        spec = desired.services.get(action.service)
+        method = spec.method if spec else _observed_method(observed, action)
+        job = Job(
+            service=action.service, host=action.host, method=method, kind=action.kind.value, trigger=trigger,
+            commit=desired.revision, release=action.release or "", previous_release=action.current_release,
+            reasons=action.reasons,
+        )
+        if spec is not None and action.host in desired.hosts:
+            host = desired.hosts[action.host]
+            job.service_port, job.droplet_id = spec.port, spec.droplet_id
+            job.service_url = f"http://{host.public_address or host.address}:{spec.port}"
+            job.service_path = f"{host.base_dir}/{spec.name}/releases/{action.release}"
+        return job
+
+    def _launch(self, job: Job, work: Any) -> None:
+        async def runner() -> Job:
+            async with self._slots:
+                try:
+                    return await work
+                except Exception as e:  # a job must always end recorded, whatever broke
+                    if not isinstance(e, HostUnreachable):
+                        log.exception("job %s crashed", job.id)
+                    job.status, job.error = JobStatus.FAILED, f"{type(e).__name__}: {e}"
+                    job.transient = isinstance(e, HostUnreachable)
+                    job.completed_at = utcnow()
+                    await self.store.save_job(job)
+                    return job
+                finally:
+                    self._inflight.pop(job.service, None)
+                    self._inflight_jobs.pop(job.service, None)
+                    self._after_job(job)
+
+        self._inflight_jobs[job.service] = job
+        self._inflight[job.service] = asyncio.create_task(runner(), name=f"job {job.id} {job.service}")
+
+    def _after_job(self, job: Job) -> None:
+        transient = job.status is JobStatus.FAILED and job.transient
+        if transient:
+            self._backoff.setdefault(job.service, _Backoff()).fail()
+        else:
+            self._backoff.pop(job.service, None)
+        if job.status is not JobStatus.SUPERSEDED and not transient:
+            status = self.services.get(job.service)
+            if status is not None:
+                status.last_job = job.id
+        self.kick.set(f"job {job.id} {job.status.value}")
+
+    async def _run_action(
+        self, job: Job, action: Action, desired: DesiredState, observed: ObservedState, tree: Tree
+    ) -> Job:
+        if action.kind is ActionKind.PRUNE:
+            facts = observed.hosts.get(action.host)
+            method = _observed_method(observed, action) if facts and facts.reachable else None
+            handle = await self.hosts.handle(desired.hosts[action.host]) if method else None
+            owned = observed.registry is not None and _owned(observed, action.service)
+            return await self.deployer.prune(job, handle, method, deregister=owned)
+        spec = desired.services[action.service]
+        host = desired.hosts[action.host]
+        ctx = ReleaseContext(spec=spec, host=host, release=desired.releases[spec.name], commit=desired.revision,
+                             env=dict(spec.env))
+        if action.kind is ActionKind.REGISTER:
+            return await self.deployer.register_only(job, ctx)
+        handle = await self.hosts.handle(host)
+        release = ctx.release.id
+        return await self.deployer.deploy(
+            job, ctx, handle, tree, previous=action.current_release,
+            superseded=lambda: self._wanted.get(spec.name, release) != release,
+        )
+
+    # ------------------------------------------------------------------ out-of-band deploys (older API)
+    async def deploy_out_of_band(self, spec: ServiceSpec, source_dir: Path) -> Job:
+        """Deploy a directory of the daemon's machine as a service git does not manage (``POST /deploy``)."""
+        if self.desired is not None and (spec.name in self.desired.services or spec.name in self.desired.broken):
+            raise Conflict(f"service {spec.name} is managed by git; commit to the desired-state repository instead")
+        if self.desired is None or spec.host not in self.desired.hosts:
+            raise Conflict(f"host {spec.host} is not in hosts.yaml")
+        if spec.name in self._inflight:
+            raise Conflict(f"a job for {spec.name} is already running")
+        host = self.desired.hosts[spec.host]
+        tree = DirTree(source_dir)
+        entries = await asyncio.to_thread(tree.entries, "")
+        release = compute_release(spec, host, entries)
+        ctx = ReleaseContext(spec=spec, host=host, release=release, commit="", managed_by="api", env=dict(spec.env))
+        job = Job(service=spec.name, host=host.name, method=spec.method, trigger="api", managed_by="api",
+                  release=release.id, reasons=["POST /deploy"], service_port=spec.port, droplet_id=spec.droplet_id,
+                  service_url=ctx.endpoint, service_path=ctx.release_dir)
+        await self.store.save_job(job)
+        handle = await self.hosts.handle(host)
+        self._launch(job, self.deployer.deploy(job, ctx, handle, tree, previous=None))
+        return job
+
+    # ------------------------------------------------------------------ status
+    def _update_status(self, desired: DesiredState, observed: ObservedState, actions: list[Action]) -> None:
+        rows: dict[str, ServiceStatus] = {}
+        for a in actions:
+            spec = desired.services.get(a.service)
+            facts = observed.hosts.get(a.host)
+            inst = facts.current(a.service) if facts and facts.reachable else None
+            if a.kind is ActionKind.NOOP:
+                sync = "Synced"
+            elif facts is None or not facts.reachable:
+                sync = "Unknown"
+            else:
+                sync = "OutOfSync"
+            if facts is None or not facts.reachable:
+                health = "Unknown"
+            elif a.service in self._inflight:
+                health = "Progressing"
+            elif inst is None:
+                health = "Missing"
+            elif inst.state is RunState.RUNNING and inst.healthy is not False:
+                health = "Healthy"
+            else:
+                health = "Degraded"
+            host = desired.hosts.get(a.host)
+            prev = self.services.get(a.service)
+            rows[a.service] = ServiceStatus(
+                name=a.service, host=a.host, method=spec.method if spec else (inst.method if inst else "docker"),
+                managed_by="git", sync_status=sync, health_status=health, release=a.release,
+                running_release=inst.release if inst else None, commit=inst.commit if inst else None,
+                reasons=a.reasons,
+                url=f"http://{host.public_address or host.address}:{spec.port}" if spec and host else None,
+                last_job=prev.last_job if prev else None,
+            )
+        for name, facts in observed.hosts.items():
+            for inst in facts.instances:
+                if inst.managed_by == "api" and inst.current and inst.service not in rows:
+                    running = inst.state is RunState.RUNNING
+                    rows[inst.service] = ServiceStatus(
+                        name=inst.service, host=name, method=inst.method, managed_by="api", sync_status="Unknown",
+                        health_status="Healthy" if running else "Degraded", release=inst.release,
+                        running_release=inst.release, commit=None, reasons=["deployed out of band (POST /deploy)"],
+                    )
+        self.services = rows
+        self.metrics.set_services([
+            {"service": r.name, "host": r.host, "method": r.method, "sync_status": r.sync_status,
+             "health_status": r.health_status, "release": r.running_release or "", "commit": (r.commit or "")[:12]}
+            for r in rows.values()
+        ])
+
+    def health(self) -> dict[str, Any]:
+        """What /health says: computed from what the loop last saw, never from a remote call."""
+        hosts = {}
+        if self.observed is not None:
+            hosts = {n: {"reachable": f.reachable, "error": f.error} for n, f in self.observed.hosts.items()}
+        registry_ok = self.observed is not None and self.observed.registry is not None
+        last = self.last_reconcile
+        degraded = []
+        if self.source.last_error:
+            degraded.append(f"git: {self.source.last_error}")
+        degraded += [f"host {n}: {h['error']}" for n, h in hosts.items() if not h["reachable"]]
+        if self.observed is not None and not registry_ok:
+            degraded.append(f"registry: {self.observed.registry_error}")
+        if last and last.error:
+            degraded.append(f"reconcile: {last.error}")
+        return {
+            "status": "degraded" if degraded else ("active" if last else "starting"),
+            "degraded": degraded,
+            "uptime_seconds": int(time.time() - self.started_at),
+            "last_reconcile": last.__dict__ if last else None,
+            "git": {"url": self.source.display_url, "branch": self.settings.branch, "revision": self.source.revision,
+                    "last_fetch_at": self.source.last_fetch_at.isoformat() if self.source.last_fetch_at else None,
+                    "error": self.source.last_error},
+            "hosts": hosts,
+            "registry": {"url": self.registry.base_url, "reachable": registry_ok,
+                         "error": self.observed.registry_error if self.observed else None},
+            "jobs_in_flight": sorted(self._inflight),
+        }
+
+
+def _observed_method(observed: ObservedState, action: Action) -> str:
+    facts = observed.hosts.get(action.host)
+    for inst in facts.instances if facts else []:
+        if inst.service == action.service:
+            return inst.method
+    return "docker"
+
+
+def _owned(observed: ObservedState, service: str) -> bool:
+    entry = (observed.registry or {}).get(service)
+    return bool(entry and (entry.metadata or {}).get("managed_by") == "deployerd")
+

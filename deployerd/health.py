@@ -1,0 +1,62 @@
+"""Verify Health: poll the service's health path through the host's SSH connection until it answers 2xx.
+
+The probe goes through the SSH connection to the host's loopback (no port needs to be open to the daemon's
+network), or to the URL the manifest gives. Between probes the runtime is asked whether the release still
+runs, so a container that exits or a unit that fails ends the wait at once instead of after the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from deployerd.connection import Connection
+from deployerd.desired import ServiceSpec
+from deployerd.observed import RunState
+from deployerd.runtimes.base import Runtime, StartError
+
+
+@dataclass
+class HealthResult:
+    url: str
+    status_code: int
+    attempts: int
+    seconds: float
+
+
+async def wait_healthy(conn: Connection, runtime: Runtime, spec: ServiceSpec, release: str) -> HealthResult:
+    """Return once the release answers 2xx on its health path; raise StartError with its logs otherwise."""
+    if spec.health.url:
+        base_url, shown = spec.health.url, spec.health.url
+    else:
+        local = await conn.forward_port(spec.port)
+        base_url = f"http://127.0.0.1:{local}{spec.health.path}"
+        shown = f"http://{runtime.host.name}:{spec.port}{spec.health.path} (via SSH)"
+    start = time.monotonic()
+    deadline = start + spec.health.timeout_s
+    attempts, last = 0, "no answer yet"
+    async with httpx.AsyncClient(timeout=min(5.0, spec.health.timeout_s)) as client:
+        while True:
+            attempts += 1
+            state = await runtime.state(spec.name, release)
+            if state is not RunState.RUNNING:
+                logs = await runtime.logs(spec.name, release)
+                what = "is gone" if state is None else f"is {state.value}"
+                raise StartError(f"{spec.name} release {release} {what} while waiting for health", logs)
+            try:
+                resp = await client.get(base_url)
+                if 200 <= resp.status_code < 300:
+                    return HealthResult(shown, resp.status_code, attempts, round(time.monotonic() - start, 3))
+                last = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as e:
+                last = type(e).__name__
+            if time.monotonic() + spec.health.interval_s > deadline:
+                logs = await runtime.logs(spec.name, release)
+                raise StartError(
+                    f"{shown} not healthy within {spec.health.timeout_s:g} s ({attempts} probes, last: {last})",
+                    logs,
+                )
+            await asyncio.sleep(spec.health.interval_s)

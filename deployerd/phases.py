@@ -1,0 +1,303 @@
+"""The six phases of one deploy, their record, and the automatic rollback.
+
+Validation -> Transfer -> Build -> Start Service -> Verify Health -> Register with Registry.
+Each phase is recorded (status, start, end, duration, details, error) and the job is saved at every phase
+boundary. The kind of failure decides what follows:
+
+- a terminal failure in Build, Start, Verify Health or Register restores the last good release, verifies its
+  health, re-registers it, and quarantines the failed release until the service's desired state changes;
+- a transient failure (host or Registry unreachable) never rolls back: the job fails, nothing is
+  quarantined, and the next reconcile tries again;
+- a newer commit for the same service stops the job at the next phase boundary (``superseded``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from deployerd.connection import HostUnreachable
+from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
+from deployerd.health import wait_healthy
+from deployerd.metrics import Metrics
+from deployerd.registry_client import RegistryClient, RegistryError
+from deployerd.runtimes import HostHandle, ReleaseContext, Runtime
+from deployerd.store import (
+    PHASES,
+    Job,
+    JobStatus,
+    PhaseRecord,
+    PhaseStatus,
+    Quarantine,
+    ReleaseRecord,
+    Store,
+    utcnow,
+)
+from deployerd.transfer import transfer
+from deployerd.tree import Tree
+
+log = logging.getLogger(__name__)
+
+VALIDATION, TRANSFER, BUILD, START, HEALTH, REGISTER = PHASES
+ROLLBACK_PHASES = {BUILD, START, HEALTH, REGISTER}
+
+
+class PhaseFailed(Exception):
+    def __init__(self, phase: str, cause: BaseException) -> None:
+        super().__init__(f"{phase}: {cause}")
+        self.phase = phase
+        self.cause = cause
+        self.logs: list[str] = getattr(cause, "logs", [])
+
+    @property
+    def transient(self) -> bool:
+        if isinstance(self.cause, HostUnreachable):
+            return True
+        return isinstance(self.cause, RegistryError) and self.cause.transient
+
+
+class Superseded(Exception):
+    pass
+
+
+def release_record(ctx: ReleaseContext, status: str) -> ReleaseRecord:
+    now = utcnow()
+    return ReleaseRecord(
+        service=ctx.spec.name,
+        release=ctx.release.id,
+        host=ctx.host.name,
+        method=ctx.spec.method,
+        commit=ctx.commit,
+        status=status,
+        created_at=now,
+        last_good_at=now if status == "good" else None,
+        spec={
+            "service": ctx.spec.model_dump(mode="json"),
+            "host": ctx.host.model_dump(mode="json"),
+            "inputs": ctx.release.inputs,
+            "managed_by": ctx.managed_by,
+        },
+    )
+
+
+def context_from_record(rec: ReleaseRecord) -> ReleaseContext:
+    """Rebuild a past release's context from the store, to restore it without git."""
+    spec = ServiceSpec.model_validate(rec.spec["service"])
+    return ReleaseContext(
+        spec=spec,
+        host=HostSpec.model_validate(rec.spec["host"]),
+        release=Release(id=rec.release, inputs=rec.spec.get("inputs", {})),
+        commit=rec.commit,
+        managed_by=rec.spec.get("managed_by", "git"),
+        env=dict(spec.env),
+    )
+
+
+class Deployer:
+    """Runs jobs. Holds no per-service state: everything durable goes through the store."""
+
+    def __init__(self, store: Store, registry: RegistryClient, metrics: Metrics, keep_releases: int = 3) -> None:
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.keep_releases = keep_releases
+
+    @asynccontextmanager
+    async def _phase(self, job: Job, name: str) -> AsyncIterator[PhaseRecord]:
+        rec = job.phase(name)
+        rec.status, rec.started_at, rec.error = PhaseStatus.RUNNING, utcnow(), None
+        t0 = time.monotonic()
+        await self.store.save_job(job)
+        try:
+            yield rec
+        except Exception as e:
+            rec.status, rec.error = PhaseStatus.FAILED, str(e)
+            raise PhaseFailed(name, e) from e
+        else:
+            if rec.status is PhaseStatus.RUNNING:
+                rec.status = PhaseStatus.SUCCEEDED
+        finally:
+            rec.completed_at = utcnow()
+            rec.duration_seconds = round(time.monotonic() - t0, 3)
+            self.metrics.phase_duration.labels(phase=name, method=job.method).observe(rec.duration_seconds)
+            await self.store.save_job(job)
+
+    @staticmethod
+    def _skip(rec: PhaseRecord, why: str) -> None:
+        rec.status = PhaseStatus.SKIPPED
+        rec.details["skipped"] = why
+
+    async def _begin(self, job: Job, phases: tuple[str, ...]) -> float:
+        job.status, job.started_at = JobStatus.RUNNING, utcnow()
+        for name in phases:
+            job.phase(name)
+        await self.store.save_job(job)
+        return time.monotonic()
+
+    async def _finish(self, job: Job, t0: float) -> Job:
+        job.completed_at = utcnow()
+        job.duration_seconds = round(time.monotonic() - t0, 3)
+        await self.store.save_job(job)
+        self.metrics.jobs.labels(kind=job.kind, status=job.status.value).inc()
+        log.info("job %s %s %s: %s%s", job.id, job.kind, job.service, job.status.value,
+                 f" ({job.error})" if job.error else "")
+        return job
+
+    async def deploy(
+        self,
+        job: Job,
+        ctx: ReleaseContext,
+        handle: HostHandle,
+        tree: Tree,
+        previous: str | None,
+        superseded: Callable[[], bool] = lambda: False,
+    ) -> Job:
+        """Run the six phases for ``ctx``; roll back on a terminal failure after the build started."""
+        runtime = handle.runtime(ctx.spec.method)
+        t0 = await self._begin(job, PHASES)
+
+        def boundary() -> None:
+            if superseded():
+                raise Superseded()
+
+        try:
+            async with self._phase(job, VALIDATION) as rec:
+                rec.details.update(release=ctx.release.id, inputs=ctx.release.inputs, reasons=job.reasons,
+                                   commit=ctx.commit, previous_release=previous)
+                await handle.conn.makedirs(ctx.service_dir)
+            boundary()
+            built = await runtime.has_artifact(ctx)
+            async with self._phase(job, TRANSFER) as rec:
+                if built:
+                    self._skip(rec, "release already built on the host (kept release, no rebuild)")
+                else:
+                    rec.details.update(await transfer(handle.conn, tree, ctx, previous))
+            boundary()
+            async with self._phase(job, BUILD) as rec:
+                if built:
+                    self._skip(rec, "image already on the host")
+                else:
+                    rec.details.update(await runtime.build(ctx))
+            boundary()
+            async with self._phase(job, START) as rec:
+                rec.details.update(await runtime.start(ctx))
+            boundary()
+            async with self._phase(job, HEALTH) as rec:
+                result = await wait_healthy(handle.conn, runtime, ctx.spec, ctx.release.id)
+                rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
+                                   seconds=result.seconds)
+            await self.store.save_release(release_record(ctx, "good"))
+            await self.store.lift_quarantine(ctx.spec.name)
+            async with self._phase(job, REGISTER) as rec:
+                if ctx.spec.register:
+                    job.registration = await self._register(ctx)
+                    rec.details.update(job.registration)
+                else:
+                    self._skip(rec, "register: false in the manifest")
+            job.status = JobStatus.SUCCEEDED
+            await self._retain(runtime, ctx)
+        except Superseded:
+            job.status, job.error = JobStatus.SUPERSEDED, "a newer commit changed this service; stopped at a phase boundary"
+        except PhaseFailed as failure:
+            job.error = str(failure)
+            job.logs = failure.logs
+            if failure.transient:
+                job.status, job.transient = JobStatus.FAILED, True  # an outage: retried by the next reconcile, never rolled back
+            else:
+                await self._quarantine(job, ctx, failure)
+                if failure.phase in ROLLBACK_PHASES:
+                    await self._rollback(job, ctx, handle, failure)
+                else:
+                    job.status = JobStatus.FAILED
+        return await self._finish(job, t0)
+
+    async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
+        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release)
+        entry = await self.registry.register(ctx.spec.name, want["endpoint"], want["metadata"], ctx.spec.droplet_id)
+        return {
+            "droplet_id": entry.id,
+            "service_name": entry.name,
+            "endpoint": entry.endpoint,
+            "registered_at": utcnow(),
+        }
+
+    async def _quarantine(self, job: Job, ctx: ReleaseContext, failure: PhaseFailed) -> None:
+        await self.store.save_release(release_record(ctx, "failed"))
+        await self.store.quarantine(
+            Quarantine(service=ctx.spec.name, release=ctx.release.id, job_id=job.id,
+                       reason=f"{failure.phase} failed: {failure.cause}", created_at=utcnow())
+        )
+
+    async def _rollback(self, job: Job, ctx: ReleaseContext, handle: HostHandle, failure: PhaseFailed) -> None:
+        """Restore the last good release (its kept container or unit), verify it, register it again."""
+        runtime = handle.runtime(ctx.spec.method)
+        t0 = time.monotonic()
+        await runtime.discard(ctx.spec.name, ctx.release.id)
+        prev = await self.store.last_good(ctx.spec.name, exclude=ctx.release.id)
+        if prev is None or prev.host != ctx.host.name:
+            job.status = JobStatus.FAILED
+            job.rollback = {"release": None, "reason": "no earlier good release of this service on this host"}
+            return
+        prev_ctx = context_from_record(prev)
+        try:
+            started = await runtime.start(prev_ctx)
+            health = await wait_healthy(handle.conn, runtime, prev_ctx.spec, prev.release)
+            registration = await self._register(prev_ctx) if prev_ctx.spec.register else None
+        except Exception as e:  # the rollback itself failed: say so, keep the job's original error too
+            job.status = JobStatus.FAILED
+            job.rollback = {"release": prev.release, "error": str(e)}
+            return
+        await self.store.save_release(release_record(prev_ctx, "good"))
+        job.status = JobStatus.ROLLED_BACK
+        job.registration = registration
+        job.rollback = {
+            "release": prev.release,
+            "commit": prev.commit,
+            "reason": str(failure),
+            "seconds": round(time.monotonic() - t0, 3),
+            "health_seconds": health.seconds,
+            "container_reused": started.get("reused_container"),
+        }
+        self.metrics.rollbacks.labels(service=ctx.spec.name, reason=failure.phase).inc()
+
+    async def _retain(self, runtime: Runtime, ctx: ReleaseContext) -> None:
+        good = [r.release for r in await self.store.releases(ctx.spec.name) if r.status == "good"]
+        keep = [ctx.release.id] + [r for r in good if r != ctx.release.id][: self.keep_releases - 1]
+        try:
+            await runtime.retain(ctx.spec.name, keep)
+        except Exception as e:  # retention is housekeeping: a failure here must not fail a good deploy
+            log.warning("retention for %s on %s failed: %s", ctx.spec.name, ctx.host.name, e)
+
+    async def register_only(self, job: Job, ctx: ReleaseContext) -> Job:
+        t0 = await self._begin(job, (REGISTER,))
+        try:
+            async with self._phase(job, REGISTER) as rec:
+                job.registration = await self._register(ctx)
+                rec.details.update(job.registration)
+            job.status = JobStatus.SUCCEEDED
+        except PhaseFailed as failure:
+            job.status, job.error = JobStatus.FAILED, str(failure)
+        return await self._finish(job, t0)
+
+    async def prune(self, job: Job, handle: HostHandle | None, method: str | None, deregister: bool) -> Job:
+        """Remove a service that left git: its instances, artifacts and files, then its Registry entry."""
+        t0 = await self._begin(job, ("Stop and Remove", "Deregister"))
+        try:
+            async with self._phase(job, "Stop and Remove") as rec:
+                if handle is None or method is None:
+                    self._skip(rec, "nothing deployed")
+                else:
+                    rec.details.update(await handle.runtime(method).remove_service(job.service))
+            async with self._phase(job, "Deregister") as rec:
+                if deregister:
+                    rec.details["deregistered"] = await self.registry.deregister(job.service)
+                else:
+                    self._skip(rec, "no deployerd-managed Registry entry")
+            await self.store.lift_quarantine(job.service)
+            job.status = JobStatus.SUCCEEDED
+        except PhaseFailed as failure:
+            job.status, job.error = JobStatus.FAILED, str(failure)
+        return await self._finish(job, t0)

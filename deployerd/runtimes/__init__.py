@@ -1,0 +1,34 @@
+"""Deployment methods behind one interface (see ``base.Runtime``), and one host's handle on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deployerd.connection import Connection
+from deployerd.desired import HostSpec
+from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
+from deployerd.runtimes.docker import DockerRuntime
+
+RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime}
+
+__all__ = ["HostHandle", "ReleaseContext", "Runtime", "RUNTIMES", "StartError"]
+
+
+@dataclass
+class HostHandle:
+    """One host's live SSH connection and a runtime per method, all sharing that connection."""
+
+    spec: HostSpec
+    conn: Connection
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+
+    @classmethod
+    def for_connection(cls, spec: HostSpec, conn: Connection) -> "HostHandle":
+        return cls(spec, conn, {name: rt(conn, spec) for name, rt in RUNTIMES.items()})
+
+    def runtime(self, method: str) -> Runtime:
+        return self.runtimes[method]
+
+    async def close(self) -> None:
+        for rt in self.runtimes.values():
+            await rt.close()

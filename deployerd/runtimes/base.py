@@ -1,0 +1,122 @@
+"""The one interface the phases drive, whatever runs the service (a Docker container or a systemd unit).
+
+The planner, the phase runner, rollback and metrics never ask which method they drive: they call these
+methods. Each implementation reads its facts in a constant number of round trips per host (not per service),
+so a reconcile that finds nothing to do stays cheap as services grow.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployerd.connection import Connection
+from deployerd.desired import HostSpec, Release, ServiceSpec
+from deployerd.observed import Instance, RunState
+
+LABEL_PREFIX = "deployerd."
+
+
+@dataclass(frozen=True)
+class ReleaseContext:
+    """Everything one release of one service needs on its host; where its files live there."""
+
+    spec: ServiceSpec
+    host: HostSpec
+    release: Release
+    commit: str
+    managed_by: str = "git"
+    env: dict[str, str] = field(default_factory=dict)  # resolved values (secrets included): never logged
+
+    @property
+    def service_dir(self) -> str:
+        return posixpath.join(self.host.base_dir, self.spec.name)
+
+    @property
+    def release_dir(self) -> str:
+        return posixpath.join(self.service_dir, "releases", self.release.id)
+
+    @property
+    def env_file(self) -> str:
+        """Outside the release dir, so a Dockerfile's ``COPY .`` can never bake secrets into an image."""
+        return posixpath.join(self.service_dir, "env", f"{self.release.id}.env")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host.public_address or self.host.address}:{self.spec.port}"
+
+    def labels(self) -> dict[str, str]:
+        import json
+
+        return {
+            f"{LABEL_PREFIX}service": self.spec.name,
+            f"{LABEL_PREFIX}release": self.release.id,
+            f"{LABEL_PREFIX}commit": self.commit,
+            f"{LABEL_PREFIX}managed_by": self.managed_by,
+            f"{LABEL_PREFIX}port": str(self.spec.port),
+            f"{LABEL_PREFIX}inputs": json.dumps(self.release.inputs, sort_keys=True),
+        }
+
+
+def env_file_text(env: dict[str, str]) -> bytes:
+    """systemd EnvironmentFile / docker --env-file syntax; values were validated to hold no newline."""
+    return "".join(f"{k}={v}\n" for k, v in sorted(env.items())).encode()
+
+
+class StartError(Exception):
+    """The release could not be started or stopped running; ``logs`` holds its last output lines."""
+
+    def __init__(self, message: str, logs: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.logs = logs or []
+
+
+class Runtime(ABC):
+    """A deployment method on one host, over that host's single SSH connection."""
+
+    method: str
+
+    def __init__(self, conn: Connection, host: HostSpec) -> None:
+        self.conn = conn
+        self.host = host
+
+    async def close(self) -> None:
+        """Release what the runtime holds beyond the connection (API clients)."""
+
+    @abstractmethod
+    async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
+        """All deployerd instances on the host, and per service the release ids kept there (newest first)."""
+
+    @abstractmethod
+    async def has_artifact(self, ctx: ReleaseContext) -> bool:
+        """Is the release already built on the host (image or environment)? Then Build is skipped."""
+
+    @abstractmethod
+    async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
+        """Build the release from its transferred files while the current release keeps serving."""
+
+    @abstractmethod
+    async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
+        """Make ``ctx``'s release the one that runs; the previous one is kept stopped for rollback."""
+
+    @abstractmethod
+    async def state(self, service: str, release: str) -> RunState | None:
+        """Run state of one release (None: it does not exist)."""
+
+    @abstractmethod
+    async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
+        """Last output lines of one release, attached to a failed job."""
+
+    @abstractmethod
+    async def discard(self, service: str, release: str) -> None:
+        """Stop and remove a failed release's running instance (its files stay until retention)."""
+
+    @abstractmethod
+    async def remove_service(self, service: str) -> dict[str, Any]:
+        """Prune: stop and remove every instance, artifact and file of a service."""
+
+    @abstractmethod
+    async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
+        """Remove the releases of ``service`` not in ``keep`` (instances, artifacts, release dirs)."""

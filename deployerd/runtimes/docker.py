@@ -1,0 +1,267 @@
+"""Docker on a host, driven through the host's engine socket forwarded over the one SSH connection.
+
+A release is an image ``deployerd/<service>:<release>`` and a container ``deployerd-<service>-<release>``
+labelled with service, release, commit and input digests: the labels are the observed facts, so drift
+(a container removed or stopped by hand) is seen without any agent on the host. The image is built once,
+on the host, from the transferred release directory, while the previous container keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from deployerd.connection import CommandError
+from deployerd.observed import Instance, RunState
+from deployerd.runtimes.base import LABEL_PREFIX, ReleaseContext, Runtime, StartError, env_file_text
+
+SERVICE_LABEL = f"{LABEL_PREFIX}service"
+
+
+def image_tag(service: str, release: str) -> str:
+    return f"deployerd/{service}:{release}"
+
+
+def container_name(service: str, release: str) -> str:
+    return f"deployerd-{service}-{release}"
+
+
+def _run_state(summary: dict[str, Any]) -> RunState:
+    """Map a container summary (``State`` and ``Status`` of the list call) onto a run state."""
+    state = summary.get("State", "")
+    if state == "running":
+        return RunState.RUNNING
+    if state == "restarting":
+        return RunState.FAILED  # a restart loop
+    status = summary.get("Status", "")  # e.g. "Exited (1) 3 seconds ago"
+    if state == "exited" and not status.startswith("Exited (0)"):
+        return RunState.FAILED
+    return RunState.STOPPED
+
+
+class DockerRuntime(Runtime):
+    method = "docker"
+
+    _client: aiodocker.Docker | None = None
+    _client_sock: str | None = None
+
+    async def _docker(self) -> aiodocker.Docker:
+        sock = await self.conn.docker_socket()
+        if self._client is None or self._client_sock != sock:
+            if self._client is not None:
+                await self._client.close()
+            self._client = aiodocker.Docker(url=f"unix://{sock}")
+            self._client_sock = sock
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def _containers(self, service: str | None = None) -> list[dict[str, Any]]:
+        label = SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"
+        d = await self._docker()
+        found = await d.containers.list(all=True, filters=json.dumps({"label": [label]}))
+        return sorted((c._container for c in found), key=lambda c: c.get("Created", 0), reverse=True)
+
+    async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
+        containers = await self._containers()
+        instances: list[Instance] = []
+        kept: dict[str, list[str]] = {}
+        running_services = {
+            c["Labels"][SERVICE_LABEL] for c in containers if _run_state(c) is RunState.RUNNING
+        }
+        seen_current: set[str] = set()
+        for c in containers:  # newest first
+            labels = c.get("Labels") or {}
+            service = labels[SERVICE_LABEL]
+            release = labels.get(f"{LABEL_PREFIX}release", "")
+            state = _run_state(c)
+            # The serving instance: the running one; when none runs, the newest (stopped by hand or crashed).
+            current = (state is RunState.RUNNING) if service in running_services else service not in seen_current
+            if current:
+                seen_current.add(service)
+            try:
+                inputs = json.loads(labels.get(f"{LABEL_PREFIX}inputs", "{}"))
+            except ValueError:
+                inputs = {}
+            port = labels.get(f"{LABEL_PREFIX}port")
+            instances.append(
+                Instance(
+                    service=service,
+                    host=self.host.name,
+                    method=self.method,
+                    release=release,
+                    commit=labels.get(f"{LABEL_PREFIX}commit", ""),
+                    state=state,
+                    ref=c.get("Id", "")[:12],
+                    port=int(port) if port and port.isdigit() else None,
+                    managed_by=labels.get(f"{LABEL_PREFIX}managed_by", "git"),
+                    current=current,
+                    inputs=inputs,
+                    healthy=_docker_health(c),
+                )
+            )
+            kept.setdefault(service, [])
+            if release and release not in kept[service]:
+                kept[service].append(release)
+        return instances, kept
+
+    async def has_artifact(self, ctx: ReleaseContext) -> bool:
+        d = await self._docker()
+        try:
+            await d.images.inspect(image_tag(ctx.spec.name, ctx.release.id))
+            return True
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
+        tag = image_tag(ctx.spec.name, ctx.release.id)
+        argv = ["docker", "build", "--quiet", "--tag", tag]
+        for key, value in ctx.labels().items():
+            argv += ["--label", f"{key}={value}"]
+        for key, value in sorted(ctx.spec.docker.build_args.items()):
+            argv += ["--build-arg", f"{key}={value}"]
+        argv += ["--file", posixpath.join(ctx.release_dir, ctx.spec.docker.dockerfile), ctx.release_dir]
+        try:
+            done = await self.conn.run(argv, timeout=15 * 60)
+        except CommandError as e:
+            raise StartError(f"docker build of {tag} failed on {self.host.name}", _tail(e.stderr)) from e
+        return {"image": tag, "image_id": done.stdout.strip()[:19]}
+
+    def _config(self, ctx: ReleaseContext) -> dict[str, Any]:
+        cport = ctx.spec.docker.container_port or ctx.spec.port
+        restart: dict[str, Any] = {"Name": "" if ctx.spec.docker.restart == "no" else ctx.spec.docker.restart}
+        if ctx.spec.docker.restart == "on-failure":
+            restart["MaximumRetryCount"] = 5
+        return {
+            "Image": image_tag(ctx.spec.name, ctx.release.id),
+            "Env": [f"{k}={v}" for k, v in sorted(ctx.env.items())],
+            "Labels": ctx.labels(),
+            "ExposedPorts": {f"{cport}/tcp": {}},
+            "HostConfig": {
+                "PortBindings": {f"{cport}/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(ctx.spec.port)}]},
+                "RestartPolicy": restart,
+                "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            },
+        }
+
+    async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
+        d = await self._docker()
+        name = container_name(ctx.spec.name, ctx.release.id)
+        # The env file is the host-side record of what the release runs with (0600, outside the build context).
+        await self.conn.run(["install", "-d", "-m", "0700", "--", posixpath.dirname(ctx.env_file)])
+        await self.conn.put_bytes(ctx.env_file, env_file_text(ctx.env), mode=0o600)
+        existing = {c["Names"][0].lstrip("/"): c for c in await self._containers(ctx.spec.name)}
+        stopped = []
+        for cname, c in existing.items():  # free the port: the previous release is kept, stopped
+            if cname != name and c.get("State") in ("running", "restarting"):
+                await d.containers.container(c["Id"]).stop(t=10)
+                stopped.append(cname)
+        reused = name in existing
+        try:
+            if not reused:
+                container = await d.containers.create(self._config(ctx), name=name)
+            else:
+                container = d.containers.container(existing[name]["Id"])
+            await container.start()
+        except DockerError as e:
+            raise StartError(f"container {name} did not start on {self.host.name}: {e.message}") from e
+        return {"container": name, "reused_container": reused, "stopped": stopped}
+
+    async def state(self, service: str, release: str) -> RunState | None:
+        d = await self._docker()
+        try:
+            info = await d.containers.container(container_name(service, release)).show()
+        except DockerError as e:
+            if e.status == 404:
+                return None
+            raise
+        st = info["State"]
+        if st.get("Restarting") or (not st.get("Running") and st.get("ExitCode", 0) != 0):
+            return RunState.FAILED
+        return RunState.RUNNING if st.get("Running") else RunState.STOPPED
+
+    async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
+        d = await self._docker()
+        try:
+            out = await d.containers.container(container_name(service, release)).log(
+                stdout=True, stderr=True, tail=lines
+            )
+        except DockerError:
+            return []
+        return [line.rstrip("\n") for line in out][-lines:]
+
+    async def discard(self, service: str, release: str) -> None:
+        d = await self._docker()
+        try:
+            await d.containers.container(container_name(service, release)).delete(force=True)
+        except DockerError as e:
+            if e.status != 404:
+                raise
+
+    async def remove_service(self, service: str) -> dict[str, Any]:
+        releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
+        removed = await self.retain(service, keep=[])
+        await self.conn.run(["rm", "-rf", "--", posixpath.join(self.host.base_dir, service)])
+        return {"removed_releases": sorted(releases | set(removed["removed_releases"]))}
+
+    async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
+        d = await self._docker()
+        containers = await self._containers(service)
+        images = await d.images.list(filters=json.dumps({"label": [f"{SERVICE_LABEL}={service}"]}))
+        removed: set[str] = set()
+        for c in containers:
+            release = c["Labels"].get(f"{LABEL_PREFIX}release", "")
+            if release not in keep:
+                await d.containers.container(c["Id"]).delete(force=True)
+                removed.add(release)
+        for img in images:
+            release = (img.get("Labels") or {}).get(f"{LABEL_PREFIX}release", "")
+            if release not in keep:
+                try:
+                    await d.images.delete(img["Id"], force=True)
+                except DockerError as e:
+                    if e.status != 404:
+                        raise
+                removed.add(release)
+        dirs = await self.conn.run(
+            ["ls", "-1", posixpath.join(self.host.base_dir, service, "releases")], check=False
+        )
+        for entry in dirs.stdout.split():
+            release = entry.removesuffix(".manifest.json")
+            if release not in keep:
+                removed.add(release)
+        stale = sorted(r for r in removed if r)
+        if stale:
+            base = posixpath.join(self.host.base_dir, service)
+            paths = []
+            for r in stale:
+                paths += [
+                    posixpath.join(base, "releases", r),
+                    posixpath.join(base, "releases", f"{r}.manifest.json"),
+                    posixpath.join(base, "env", f"{r}.env"),
+                ]
+            await self.conn.run(["rm", "-rf", "--", *paths])
+        return {"removed_releases": stale}
+
+
+def _docker_health(summary: dict[str, Any]) -> bool | None:
+    """Docker's own HEALTHCHECK verdict when the image defines one (shown in the list call's Status)."""
+    status = summary.get("Status", "")
+    if "(unhealthy)" in status:
+        return False
+    if "(healthy)" in status:
+        return True
+    return None
+
+
+def _tail(text: str, lines: int = 40) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][-lines:]
