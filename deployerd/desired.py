@@ -534,7 +534,7 @@ def load_desired(tree: Tree, revision: str) -> DesiredState:
     except _Invalid as exc:
         errors.extend(exc.errors)
         hosts_ok = False
-    except TreeError as exc:
+    except (TreeError, OSError) as exc:
         errors.append(ManifestError(file=HOSTS_FILE, reason=str(exc)))
         hosts_ok = False
 
@@ -555,7 +555,7 @@ def load_desired(tree: Tree, revision: str) -> DesiredState:
         except _Invalid as exc:
             errors.extend(exc.errors)
             broken.add(stem)
-        except TreeError as exc:
+        except (TreeError, OSError) as exc:
             errors.append(ManifestError(file=file, reason=str(exc)))
             broken.add(stem)
 
@@ -572,7 +572,7 @@ def load_desired(tree: Tree, revision: str) -> DesiredState:
             errors.extend(exc.errors)
             broken.add(stem)
             continue
-        except TreeError as exc:
+        except (TreeError, OSError) as exc:
             errors.append(ManifestError(file=file, field="source", reason=str(exc)))
             broken.add(stem)
             continue
