@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEPLOYERD_", extra="forbid")
 
     repo_url: str = Field(default="", description="git URL or local path of the desired-state repository")
+    instance: str = Field(
+        default="default", pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$",
+        description="name of this daemon's deployments on shared hosts: it sees and prunes only its own",
+    )
     branch: str = "main"
     state_dir: Path = Path("/var/lib/deployerd")
     poll_interval_s: float = Field(default=60.0, gt=0)

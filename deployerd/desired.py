@@ -490,12 +490,18 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
     return Release(id=hashlib.sha256(combined.encode()).hexdigest()[:12], inputs=inputs)
 
 
-def expected_registry_entry(spec: ServiceSpec, host: HostSpec, release: Release) -> dict[str, Any]:
-    """The Registry record a healthy deployment should have; used by plan (compare) and Register (write)."""
+def expected_registry_entry(
+    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default"
+) -> dict[str, Any]:
+    """The Registry record a healthy deployment should have; used by plan (compare) and Register (write).
+
+    ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's.
+    """
     return {
         "endpoint": f"http://{_url_host(host.public_address or host.address)}:{spec.port}",
         "status": "active",
-        "metadata": {"managed_by": "deployerd", "release": release.id, "host": host.name, "method": spec.method},
+        "metadata": {"managed_by": "deployerd", "instance": instance, "release": release.id, "host": host.name,
+                     "method": spec.method},
     }
 
 

@@ -23,7 +23,7 @@ from deployerd.desired import DesiredState, HostSpec, ServiceSpec, compute_relea
 from deployerd.connection import HostUnreachable
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts, observe
-from deployerd.observed import ObservedState, RunState
+from deployerd.observed import ObservedState, RegistryEntry, RunState
 from deployerd.phases import Deployer
 from deployerd.plan import Action, ActionKind, plan
 from deployerd.registry_client import RegistryClient
@@ -35,6 +35,7 @@ from deployerd.tree import DirTree, GitTree, Tree
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 5.0, 300.0
+_NO_ENTRY = RegistryEntry(id=0, name="", endpoint="", status="")
 
 
 class Conflict(Exception):
@@ -84,7 +85,7 @@ class Engine:
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.source = GitSource(settings.repo_url, settings.branch, settings.repo_cache)
-        self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s)
+        self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s, settings.instance)
         self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases)
         self.kick = Kick()
         self.started_at = time.time()
@@ -213,7 +214,7 @@ class Engine:
             s: q.release for s, q in (await self.store.quarantined()).items()
             if force is None or (force and s not in force)
         }
-        actions = plan(desired, observed, quarantined)
+        actions = plan(desired, observed, quarantined, instance=self.settings.instance)
         self.desired, self.observed = desired, observed
         return desired, observed, actions
 
@@ -272,12 +273,12 @@ class Engine:
             facts = observed.hosts.get(action.host)
             method = _observed_method(observed, action) if facts and facts.reachable else None
             handle = await self.hosts.handle(desired.hosts[action.host]) if method else None
-            owned = observed.registry is not None and _owned(observed, action.service)
+            owned = _owned(observed, action.service, self.settings.instance)
             return await self.deployer.prune(job, handle, method, deregister=owned)
         spec = desired.services[action.service]
         host = desired.hosts[action.host]
         ctx = ReleaseContext(spec=spec, host=host, release=desired.releases[spec.name], commit=desired.revision,
-                             env=dict(spec.env))
+                             instance=self.settings.instance, env=dict(spec.env))
         if action.kind is ActionKind.REGISTER:
             return await self.deployer.register_only(job, ctx)
         handle = await self.hosts.handle(host)
@@ -300,7 +301,8 @@ class Engine:
         tree = DirTree(source_dir)
         entries = await asyncio.to_thread(tree.entries, "")
         release = compute_release(spec, host, entries)
-        ctx = ReleaseContext(spec=spec, host=host, release=release, commit="", managed_by="api", env=dict(spec.env))
+        ctx = ReleaseContext(spec=spec, host=host, release=release, commit="", managed_by="api",
+                             instance=self.settings.instance, env=dict(spec.env))
         job = Job(service=spec.name, host=host.name, method=spec.method, trigger="api", managed_by="api",
                   release=release.id, reasons=["POST /deploy"], service_port=spec.port, droplet_id=spec.droplet_id,
                   service_url=ctx.endpoint, service_path=ctx.release_dir)
@@ -396,7 +398,7 @@ def _observed_method(observed: ObservedState, action: Action) -> str:
     return "docker"
 
 
-def _owned(observed: ObservedState, service: str) -> bool:
-    entry = (observed.registry or {}).get(service)
-    return bool(entry and (entry.metadata or {}).get("managed_by") == "deployerd")
+def _owned(observed: ObservedState, service: str, instance: str) -> bool:
+    meta = ((observed.registry or {}).get(service) or _NO_ENTRY).metadata or {}
+    return meta.get("managed_by") == "deployerd" and meta.get("instance", "default") == instance
 

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 class Hosts:
     """The daemon's hosts: one pooled SSH connection each, and a handle (runtimes) bound to it."""
 
-    def __init__(self, key_path: Path | None, known_hosts: Path, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, key_path: Path | None, known_hosts: Path, connect_timeout: float = 10.0, instance: str = "default"
+    ) -> None:
+        self.instance = instance
         self.key_path = key_path
         self.known_hosts = known_hosts
         self.pool = ConnectionPool(connect_timeout=connect_timeout)
@@ -46,7 +49,7 @@ class Hosts:
         if handle is None or handle.conn is not conn or handle.spec != spec:
             if handle is not None:
                 await handle.close()
-            handle = self._handles[spec.name] = HostHandle.for_connection(spec, conn)
+            handle = self._handles[spec.name] = HostHandle.for_connection(spec, conn, self.instance)
         return handle
 
     async def facts(self, spec: HostSpec) -> HostFacts:

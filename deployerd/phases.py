@@ -79,6 +79,7 @@ def release_record(ctx: ReleaseContext, status: str) -> ReleaseRecord:
             "host": ctx.host.model_dump(mode="json"),
             "inputs": ctx.release.inputs,
             "managed_by": ctx.managed_by,
+            "instance": ctx.instance,
         },
     )
 
@@ -92,6 +93,7 @@ def context_from_record(rec: ReleaseRecord) -> ReleaseContext:
         release=Release(id=rec.release, inputs=rec.spec.get("inputs", {})),
         commit=rec.commit,
         managed_by=rec.spec.get("managed_by", "git"),
+        instance=rec.spec.get("instance", "default"),
         env=dict(spec.env),
     )
 
@@ -215,7 +217,9 @@ class Deployer:
         return await self._finish(job, t0)
 
     async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
-        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release)
+        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance)
+        if ctx.managed_by != "git":  # out-of-band: never counted as git's, so never pruned by a reconcile
+            want["metadata"]["managed_by"] = f"deployerd-{ctx.managed_by}"
         entry = await self.registry.register(ctx.spec.name, want["endpoint"], want["metadata"], ctx.spec.droplet_id)
         return {
             "droplet_id": entry.id,

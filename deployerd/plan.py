@@ -59,11 +59,15 @@ def plan(
     observed: ObservedState,
     quarantined: Mapping[str, str] | None = None,
     force: bool = False,
+    instance: str = "default",
 ) -> list[Action]:
-    """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`."""
+    """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`.
+
+    ``instance`` is the daemon's name: only Registry entries it owns are compared or pruned.
+    """
     quarantined = quarantined or {}
     managed = _managed_instances(observed)
-    registry_owned = _registry_owned(observed)
+    registry_owned = _registry_owned(observed, instance)
 
     if not desired.services and not desired.broken and desired.complete and (managed or registry_owned):
         names = sorted({i.service for i in managed} | set(registry_owned))
@@ -72,7 +76,7 @@ def plan(
     actions: list[Action] = []
     for name, spec in desired.services.items():
         actions.extend(_plan_service(spec, desired.releases[name], desired, observed, managed,
-                                     quarantined.get(name), force))
+                                     quarantined.get(name), force, instance))
     for name in sorted(desired.broken):
         actions.extend(_plan_broken(name, desired, observed))
     actions.extend(_plan_removed(desired, observed, managed, registry_owned))
@@ -88,12 +92,13 @@ def _managed_instances(observed: ObservedState) -> list[Instance]:
             for i in facts.instances if i.managed_by == "git"]
 
 
-def _registry_owned(observed: ObservedState) -> dict[str, str]:
-    """Registry entries deployerd created: name -> the host recorded in their metadata."""
+def _registry_owned(observed: ObservedState, instance: str) -> dict[str, str]:
+    """Registry entries this deployerd instance created: name -> the host recorded in their metadata."""
     if observed.registry is None:
         return {}
     return {name: str((e.metadata or {}).get("host", "")) for name, e in observed.registry.items()
-            if (e.metadata or {}).get("managed_by") == "deployerd"}
+            if (e.metadata or {}).get("managed_by") == "deployerd"
+            and (e.metadata or {}).get("instance", "default") == instance}
 
 
 def _unreachable(observed: ObservedState, host: str) -> str | None:
@@ -123,14 +128,14 @@ def _changed(inst: Instance, release: Release) -> list[str]:
 
 
 def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: ObservedState,
-                      release: Release) -> str | None:
+                      release: Release, instance: str) -> str | None:
     """Why the Registry entry needs writing, or None when it is right (or not ours to check)."""
     if not spec.register or observed.registry is None:
         return None
     entry = observed.registry.get(spec.name)
     if entry is None:
         return "registry entry missing"
-    expected = expected_registry_entry(spec, desired.hosts[spec.host], release)
+    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance)
     wrong = [f for f in ("endpoint", "status", "metadata") if getattr(entry, f) != expected[f]]
     if spec.droplet_id is not None and entry.id != spec.droplet_id:
         wrong.append("id")
@@ -141,7 +146,8 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
 
 
 def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
-                  managed: list[Instance], quarantined: str | None, force: bool) -> list[Action]:
+                  managed: list[Instance], quarantined: str | None, force: bool,
+                  instance: str) -> list[Action]:
     host = spec.host
     base = {"service": spec.name, "host": host, "release": release.id}
     elsewhere = sorted({i.host for i in managed if i.service == spec.name and i.host != host})
@@ -176,11 +182,11 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
                                                                       or inst.state is not RunState.RUNNING)
         if kept:
             reasons.append("kept release, no rebuild")
-        reg = _registry_problem(spec, desired, observed, release)
+        reg = _registry_problem(spec, desired, observed, release, instance)
         if reg == "registry entry missing":
             reasons.append(reg)  # the Register phase of the deploy writes it
         actions.append(Action(kind=ActionKind.DEPLOY, current_release=current, reasons=reasons, kept=kept, **base))
-    elif (reg := _registry_problem(spec, desired, observed, release)) is not None:
+    elif (reg := _registry_problem(spec, desired, observed, release, instance)) is not None:
         actions.append(Action(kind=ActionKind.REGISTER, current_release=current, reasons=[reg], **base))
     else:
         actions.append(Action(kind=ActionKind.NOOP, current_release=current, reasons=["in sync"], **base))

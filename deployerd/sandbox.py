@@ -43,6 +43,7 @@ ENGINE_RUN_DIR = Path("/run/deployerd-sandbox")
 ENGINE_DIR = Path("/var/lib/deployerd-sandbox/engine")
 ENGINE_SOCKET = ENGINE_RUN_DIR / "docker.sock"
 ENGINE_PIDFILE = ENGINE_RUN_DIR / "docker.pid"
+ENGINE_USERS_LOCK = ENGINE_DIR / "users.lock"  # held shared by every `up` in progress
 # Distinct from the hosts' inner bridges (172.29/16, pools in 172.30/16, see sandbox_image/daemon.json):
 # an overlap would route SSH replies into the host's own inner bridge.
 ENGINE_BIP = "172.28.0.1/16"
@@ -218,14 +219,15 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def _file_lock(path: Path, what: str, timeout: float = 3600.0):  # type: ignore[no-untyped-def]
-    """An exclusive flock shared with other processes (a demo and a test run may start at once)."""
+async def _file_lock(path: Path, what: str, timeout: float = 3600.0,  # type: ignore[no-untyped-def]
+                     shared: bool = False):
+    """A flock across processes (a demo and a test run may start at once); exclusive unless ``shared``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         for i in range(int(timeout)):
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if i == 0:
@@ -691,6 +693,18 @@ async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
     pubkey = (state_dir / "id_ed25519.pub").read_text()
     old = load_info(state_dir)
     await _stop_registry(state_dir, old)
+    try:
+        async with _file_lock(ENGINE_USERS_LOCK, "engine users", shared=True):
+            return await _up_locked(hosts, state_dir, sid, key_path, pubkey, old, t0)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await down_async(state_dir)  # outside the users lock, so an engine we started can stop again
+        raise
+
+
+async def _up_locked(hosts: int, state_dir: Path, sid: str, key_path: Path, pubkey: str,
+                     old: SandboxInfo | None, t0: float) -> SandboxInfo:
+    """The body of `up`, run while this process counts as a user of the engine (so no `down` stops it)."""
     engine_info = await find_engine(start=True)
     assert engine_info is not None
     if old and old.engine.started and old.engine.url == engine_info.url:
@@ -722,8 +736,6 @@ async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
         _save_info(info)
     except BaseException:
         await _diagnose(engine, info)
-        with contextlib.suppress(Exception):
-            await down_async(state_dir)
         raise
     log.info("sandbox %s up in %.1f s (state %s)", sid, time.monotonic() - t0, state_dir)
     return info
@@ -754,12 +766,26 @@ async def down_async(state_dir: Path | None = None) -> None:
             if sid:
                 await _remove_ours(engine, sid, state_dir)
             if engine_info.private and engine_info.started:
-                if await engine.labelled("container", LABEL):
-                    log.info("private engine left running: other sandboxes still use it")
-                else:
-                    await _terminate(engine_info.pid or _private_engine_pid(), "dockerd", timeout=30)
-                    log.info("private engine stopped")
+                await _stop_engine_if_unused(engine, engine_info)
     (state_dir / "sandbox.json").unlink(missing_ok=True)
+
+
+async def _stop_engine_if_unused(engine: Engine, engine_info: EngineInfo) -> None:
+    """Stop the private engine unless a sandbox host remains in it or another `up` is under way."""
+    fd = os.open(ENGINE_USERS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("private engine left running: another sandbox is coming up in it")
+            return
+        if await engine.labelled("container", LABEL):
+            log.info("private engine left running: other sandboxes still use it")
+            return
+        await _terminate(engine_info.pid or _private_engine_pid(), "dockerd", timeout=30)
+        log.info("private engine stopped")
+    finally:
+        os.close(fd)
 
 
 async def status_async(state_dir: Path | None = None) -> SandboxStatus:

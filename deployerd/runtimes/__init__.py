@@ -23,8 +23,8 @@ class HostHandle:
     runtimes: dict[str, Runtime] = field(default_factory=dict)
 
     @classmethod
-    def for_connection(cls, spec: HostSpec, conn: Connection) -> "HostHandle":
-        return cls(spec, conn, {name: rt(conn, spec) for name, rt in RUNTIMES.items()})
+    def for_connection(cls, spec: HostSpec, conn: Connection, instance: str = "default") -> "HostHandle":
+        return cls(spec, conn, {name: rt(conn, spec, instance) for name, rt in RUNTIMES.items()})
 
     def runtime(self, method: str) -> Runtime:
         return self.runtimes[method]

@@ -28,6 +28,7 @@ class ReleaseContext:
     release: Release
     commit: str
     managed_by: str = "git"
+    instance: str = "default"  # the daemon instance that owns it (several may share a host)
     env: dict[str, str] = field(default_factory=dict)  # resolved values (secrets included): never logged
 
     @property
@@ -51,6 +52,7 @@ class ReleaseContext:
         import json
 
         return {
+            f"{LABEL_PREFIX}instance": self.instance,
             f"{LABEL_PREFIX}service": self.spec.name,
             f"{LABEL_PREFIX}release": self.release.id,
             f"{LABEL_PREFIX}commit": self.commit,
@@ -78,9 +80,10 @@ class Runtime(ABC):
 
     method: str
 
-    def __init__(self, conn: Connection, host: HostSpec) -> None:
+    def __init__(self, conn: Connection, host: HostSpec, instance: str = "default") -> None:
         self.conn = conn
         self.host = host
+        self.instance = instance  # only this daemon instance's deployments are observed and touched
 
     async def close(self) -> None:
         """Release what the runtime holds beyond the connection (API clients)."""

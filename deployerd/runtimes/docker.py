@@ -20,6 +20,7 @@ from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import LABEL_PREFIX, ReleaseContext, Runtime, StartError, env_file_text
 
 SERVICE_LABEL = f"{LABEL_PREFIX}service"
+INSTANCE_LABEL = f"{LABEL_PREFIX}instance"
 
 
 def image_tag(service: str, release: str) -> str:
@@ -63,10 +64,13 @@ class DockerRuntime(Runtime):
             await self._client.close()
             self._client = None
 
+    def _filters(self, service: str | None) -> str:
+        labels = [f"{INSTANCE_LABEL}={self.instance}", SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"]
+        return json.dumps({"label": labels})
+
     async def _containers(self, service: str | None = None) -> list[dict[str, Any]]:
-        label = SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"
         d = await self._docker()
-        found = await d.containers.list(all=True, filters=json.dumps({"label": [label]}))
+        found = await d.containers.list(all=True, filters=self._filters(service))
         return sorted((c._container for c in found), key=lambda c: c.get("Created", 0), reverse=True)
 
     async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
@@ -216,7 +220,7 @@ class DockerRuntime(Runtime):
     async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
         d = await self._docker()
         containers = await self._containers(service)
-        images = await d.images.list(filters=json.dumps({"label": [f"{SERVICE_LABEL}={service}"]}))
+        images = await d.images.list(filters=self._filters(service))
         removed: set[str] = set()
         for c in containers:
             release = c["Labels"].get(f"{LABEL_PREFIX}release", "")

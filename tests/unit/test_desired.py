@@ -336,9 +336,10 @@ def test_env_values_never_appear_in_release(tmp_path: Path) -> None:
 def test_expected_registry_entry_shape() -> None:
     spec = ServiceSpec.model_validate(WEB)
     host = HostSpec(name="prod-1", address="10.0.0.1")
-    assert expected_registry_entry(spec, host, Release(id="abc123abc123", inputs={})) == {
+    assert expected_registry_entry(spec, host, Release(id="abc123abc123", inputs={}), "staging") == {
         "endpoint": "http://10.0.0.1:8080", "status": "active",
-        "metadata": {"managed_by": "deployerd", "release": "abc123abc123", "host": "prod-1", "method": "docker"}}
+        "metadata": {"managed_by": "deployerd", "instance": "staging", "release": "abc123abc123", "host": "prod-1",
+                     "method": "docker"}}
 
 
 # --------------------------------------------------------------------------- fuzzing

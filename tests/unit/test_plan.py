@@ -215,3 +215,16 @@ def test_describe() -> None:
     assert text.startswith("DEPLOY")
     assert "web@prod-1" in text and "rel000000000 -> rel000000001" in text and "changed: port" in text
     assert describe([]) == "nothing to do"
+
+
+def test_registry_entries_of_another_instance_are_neither_pruned_nor_owned() -> None:
+    """Two daemons sharing a Registry (staging and prod, say) never prune each other's entries."""
+    web = spec("web")
+    theirs = RegistryEntry(id=7, name="other", endpoint="http://x:1", status="active",
+                           metadata={"managed_by": "deployerd", "instance": "prod", "host": "prod-1"})
+    mine = RegistryEntry(id=8, name="gone", endpoint="http://x:2", status="active",
+                         metadata={"managed_by": "deployerd", "instance": "staging", "host": "prod-1"})
+    seen = observed(inst("web"), registry={"other": theirs, "gone": mine})
+    actions = plan(desired(web), seen, instance="staging")
+    assert [(a.service, a.kind) for a in actions if a.kind is ActionKind.PRUNE] == [("gone", ActionKind.PRUNE)]
+    assert all(a.service != "other" for a in actions)
