@@ -1,0 +1,328 @@
+"""The reconcile loop end to end: real git, real OpenSSH, real Docker engines on sandbox hosts, real Registry.
+
+Each scenario of the reconcile issue is a test here: deploy, change, failed releases rolled back and
+quarantined, git revert without rebuild, prune, healing of hand-made drift, restart, and the older API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiodocker
+import pytest
+
+from deployerd.plan import ActionKind
+from deployerd.sandbox import SandboxInfo
+from deployerd.store import JobStatus, PhaseStatus
+
+from daemon_harness import DesiredRepo, git, http_get, registry_client, running_daemon, settings_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+
+def phase(job, name):  # type: ignore[no-untyped-def]
+    return next(p for p in job.phases if p.phase == name)
+
+
+async def containers(daemon, service: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The service's containers on sbx-1, read straight from the host's engine (not through deployerd)."""
+    handle = await daemon.engine.hosts.handle(daemon.engine.desired.hosts["sbx-1"])
+    sock = await handle.conn.docker_socket()
+    async with aiodocker.Docker(url=f"unix://{sock}") as d:
+        found = await d.containers.list(all=True, filters=json.dumps({"label": [f"deployerd.service={service}"]}))
+        return [c._container for c in found]
+
+
+def url(sandbox: SandboxInfo, port: int, path: str = "/") -> str:
+    return f"http://{sandbox.hosts[0].internal_address}:{port}{path}"
+
+
+async def test_deploy_change_and_leave_others_alone(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("web-a", 8101)
+    repo.service("web-b", 8102)
+    first = repo.commit("two services")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        actions = await d.reconcile()
+        assert {a.service: a.kind for a in actions} == {"web-a": ActionKind.DEPLOY, "web-b": ActionKind.DEPLOY}
+        job = await d.last_job("web-a")
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        assert [p.phase for p in job.phases] == ["Validation", "Transfer", "Build", "Start Service",
+                                                 "Verify Health", "Register with Registry"]
+        assert all(p.status is PhaseStatus.SUCCEEDED for p in job.phases)
+        assert "web-a v1" in (await http_get(url(sandbox, 8101))).text
+        async with registry_client(sandbox) as reg:
+            entry = await reg.get_by_name("web-a")
+        assert entry is not None and entry.endpoint == f"http://{sandbox.hosts[0].internal_address}:8101"
+        assert entry.metadata["release"] == job.release
+
+        # /services and /metrics show it
+        await d.reconcile()
+        services = (await d.http.get("/services")).json()["services"]
+        row = next(s for s in services if s["name"] == "web-a")
+        assert (row["sync_status"], row["health_status"], row["running_release"]) == ("Synced", "Healthy", job.release)
+        metrics = (await d.http.get("/metrics")).text
+        assert 'deployerd_service_info{commit="%s"' % first[:12] in metrics
+        assert 'service="web-a"' in metrics and 'sync_status="Synced"' in metrics
+
+        # change web-a's source: a new release replaces it; web-b is left alone
+        b_jobs_before = len(await d.jobs("web-b"))
+        repo.write("services/web-a/www/index.html", "<h1>web-a v2</h1>\n")
+        repo.commit("web-a v2")
+        actions = await d.reconcile()
+        changed = [a for a in actions if a.kind is ActionKind.DEPLOY]
+        assert [(a.service, a.reasons) for a in changed] == [("web-a", ["changed: source files"])]
+        job2 = await d.last_job("web-a")
+        assert job2.status is JobStatus.SUCCEEDED and job2.release != job.release
+        assert phase(job2, "Transfer").details["files_sent"] == 1  # only the changed file crossed the network
+        assert "web-a v2" in (await http_get(url(sandbox, 8101))).text
+        assert len(await d.jobs("web-b")) == b_jobs_before
+        cs = await containers(d, "web-a")
+        states = {c["Labels"]["deployerd.release"]: c["State"] for c in cs}
+        assert states == {job2.release: "running", job.release: "exited"}  # previous kept, stopped
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["build", "exits", "unhealthy"],
+)
+async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo, tmp_path: Path, breakage: str) -> None:
+    port = {"build": 8111, "exits": 8112, "unhealthy": 8113}[breakage]
+    name = f"fail-{breakage}"
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service(name, port, health_timeout_s=6)
+    good_commit = repo.commit("good")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        good = await d.last_job(name)
+        assert good.status is JobStatus.SUCCEEDED, good.error
+
+        if breakage == "build":
+            repo.write(f"services/{name}/Dockerfile", "FROM busybox:latest\nRUN echo building-badly && exit 7\n")
+        elif breakage == "exits":
+            repo.write(f"services/{name}/Dockerfile",
+                       'FROM busybox:latest\nCMD ["sh", "-c", "echo fatal: config missing; exit 3"]\n')
+        else:
+            repo.remove(f"services/{name}/www/health")
+        repo.commit(f"break {name}")
+        await d.reconcile()
+        job = await d.last_job(name)
+        assert job.status is JobStatus.ROLLED_BACK, (job.status, job.error)
+        assert job.rollback and job.rollback["release"] == good.release
+        failed_phase = {"build": "Build", "exits": "Verify Health", "unhealthy": "Verify Health"}[breakage]
+        assert phase(job, failed_phase).status is PhaseStatus.FAILED
+        if breakage == "build":
+            assert any("building-badly" in line for line in job.logs), job.logs
+        elif breakage == "exits":
+            assert any("fatal: config missing" in line for line in job.logs), job.logs
+            # the exit ended the wait at once, not the health timeout
+            assert "while waiting for health" in (phase(job, "Verify Health").error or "")
+        # the old release serves and is registered
+        assert "v1" in (await http_get(url(sandbox, port))).text
+        async with registry_client(sandbox) as reg:
+            entry = await reg.get_by_name(name)
+        assert entry is not None and entry.metadata["release"] == good.release
+
+        # not retried on later reconciles
+        for _ in range(2):
+            actions = await d.reconcile()
+            mine = [a for a in actions if a.service == name]
+            assert [a.kind for a in mine] == [ActionKind.BLOCKED]
+            assert "quarantined" in mine[0].reasons[0]
+        assert (await d.last_job(name)).id == job.id
+
+        # the API shows the failed job with its phases and logs
+        body = (await d.http.get(f"/deploy/{job.id}")).json()
+        assert body["status"] == "rolled_back" and body["success"] is False
+        assert body["logs"] == job.logs
+
+        # git changes (back to good): quarantine no longer applies
+        git(repo.path, "revert", "--no-edit", "HEAD")
+        actions = await d.reconcile()
+        assert all(a.kind is not ActionKind.BLOCKED for a in actions if a.service == name)
+        assert git(repo.path, "rev-parse", "HEAD") != good_commit
+
+
+async def test_revert_restores_kept_release_without_rebuild(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("revert-me", 8121)
+    repo.commit("v1")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        v1 = await d.last_job("revert-me")
+        repo.service("revert-me", 8121, version="2")
+        repo.commit("v2")
+        await d.reconcile()
+        v2 = await d.last_job("revert-me")
+        assert v2.status is JobStatus.SUCCEEDED and v2.release != v1.release
+        git(repo.path, "revert", "--no-edit", "HEAD")
+        actions = await d.reconcile()
+        deploy = next(a for a in actions if a.service == "revert-me")
+        assert deploy.kind is ActionKind.DEPLOY and deploy.kept and deploy.release == v1.release
+        back = await d.last_job("revert-me")
+        assert back.status is JobStatus.SUCCEEDED and back.release == v1.release
+        assert phase(back, "Build").status is PhaseStatus.SKIPPED
+        assert phase(back, "Transfer").status is PhaseStatus.SKIPPED
+        assert phase(back, "Start Service").details["reused_container"] is True
+        assert "revert-me v1" in (await http_get(url(sandbox, 8121))).text
+
+
+async def test_delete_manifest_prunes_and_drift_is_healed(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("keeper", 8131)
+    repo.service("goner", 8132)
+    repo.commit("two")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d, registry_client(sandbox) as reg:
+        await d.reconcile()
+        assert await reg.get_by_name("goner") is not None
+
+        # drift by hand: the container removed and the Registry entry deleted
+        for c in await containers(d, "keeper"):
+            handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+            await handle.conn.run(["docker", "rm", "-f", c["Id"]])
+        assert await reg.deregister("keeper")
+        actions = await d.reconcile()
+        heal = next(a for a in actions if a.service == "keeper")
+        assert heal.kind is ActionKind.DEPLOY
+        assert (await d.last_job("keeper")).status is JobStatus.SUCCEEDED
+        assert "keeper v1" in (await http_get(url(sandbox, 8131))).text
+        assert await reg.get_by_name("keeper") is not None
+
+        # a stopped container is healed too
+        for c in await containers(d, "keeper"):
+            if c["State"] == "running":
+                handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+                await handle.conn.run(["docker", "stop", c["Id"]])
+        actions = await d.reconcile()
+        assert next(a for a in actions if a.service == "keeper").kind is ActionKind.DEPLOY
+        assert "keeper v1" in (await http_get(url(sandbox, 8131))).text
+
+        # delete a manifest: container and Registry entry gone
+        repo.remove("services/goner.yaml")
+        repo.remove("services/goner")
+        repo.commit("remove goner")
+        actions = await d.reconcile()
+        assert [a.kind for a in actions if a.service == "goner"] == [ActionKind.PRUNE]
+        assert await containers(d, "goner") == []
+        assert await reg.get_by_name("goner") is None
+        assert await reg.get_by_name("keeper") is not None
+
+        # a commit that empties the repository prunes nothing
+        repo.remove("services")
+        repo.commit("oops, everything")
+        actions = await d.reconcile()
+        assert [a.kind for a in actions] == [ActionKind.BLOCKED]
+        assert [c["State"] for c in await containers(d, "keeper")] == ["running"]
+
+
+async def test_broken_manifest_fails_alone(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("solid", 8141)
+    repo.service("shaky", 8142)
+    repo.commit("two")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        repo.write("services/shaky.yaml", "name: shaky\nhost: sbx-1\nport: 99999\nsource: services/shaky\n")
+        repo.write("services/solid/www/index.html", "<h1>solid v2</h1>\n")
+        repo.commit("break shaky, change solid")
+        actions = await d.reconcile()
+        shaky = next(a for a in actions if a.service == "shaky")
+        assert shaky.kind is ActionKind.BLOCKED
+        assert "services/shaky.yaml: port" in shaky.reasons[0]
+        assert (await d.last_job("solid")).status is JobStatus.SUCCEEDED
+        assert "solid v2" in (await http_get(url(sandbox, 8141))).text
+        assert "shaky v1" in (await http_get(url(sandbox, 8142))).text  # still running, untouched
+
+
+async def test_restart_keeps_history_releases_and_quarantine(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("durable", 8151, health_timeout_s=4)
+    repo.commit("v1")
+    settings = settings_for(tmp_path, sandbox, repo)
+    async with running_daemon(settings) as d:
+        await d.reconcile()
+        repo.remove("services/durable/www/health")
+        repo.commit("break")
+        await d.reconcile()
+        failed = await d.last_job("durable")
+        assert failed.status is JobStatus.ROLLED_BACK
+    async with running_daemon(settings) as d:
+        history = (await d.http.get("/services/durable/history")).json()
+        assert [j["deploy_job_id"] for j in history["jobs"]][0] == failed.id
+        assert history["quarantine"]["release"] == failed.release
+        assert any(r["status"] == "good" for r in history["releases"])
+        actions = await d.reconcile()
+        assert [a.kind for a in actions if a.service == "durable"] == [ActionKind.BLOCKED]
+        # sync --force retries the quarantined release (and it fails again, rolled back again)
+        resp = await d.http.post("/sync", json={"service": "durable", "force": True}, headers=d.auth)
+        assert resp.status_code == 200
+        await d.engine.drain()
+        assert (await d.last_job("durable")).id != failed.id
+
+
+async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("in-git", 8161)
+    repo.commit("one")
+    settings = settings_for(tmp_path, sandbox, repo)
+    src = settings.api_source_root / "legacy-svc"
+    (src / "www").mkdir(parents=True)
+    (src / "Dockerfile").write_text(
+        'FROM busybox:latest\nCOPY www /www\nCMD ["busybox", "httpd", "-f", "-p", "8162", "-h", "/www"]\n')
+    (src / "www" / "health").write_text('{"status": "active"}')
+    async with running_daemon(settings) as d:
+        await d.reconcile()
+        body = {"service_name": "legacy-svc", "service_path": str(src), "service_port": 8162, "droplet_id": 4242}
+        assert (await d.http.post("/deploy", json=body)).status_code == 401  # no token
+        resp = await d.http.post("/deploy", json=body, headers=d.auth)
+        assert resp.status_code == 202, resp.text
+        created = resp.json()
+        assert set(created) == {"deploy_job_id", "service_name", "status", "created_at"}
+        assert created["deploy_job_id"].startswith("deploy-") and len(created["deploy_job_id"]) == 15
+        await d.engine.drain()
+        job = (await d.http.get(f"/deploy/{created['deploy_job_id']}")).json()
+        for key in ("deploy_job_id", "service_name", "service_path", "status", "droplet_id", "service_port",
+                    "service_url", "phases", "registration", "started_at", "completed_at", "duration_seconds",
+                    "success"):
+            assert key in job
+        assert job["success"] is True, job
+        assert [p["phase"] for p in job["phases"]][-1] == "Register with Registry"
+        assert set(job["registration"]) >= {"droplet_id", "service_name", "endpoint", "registered_at"}
+        assert job["registration"]["droplet_id"] == 4242
+        # a name git manages is refused; an outside path is refused; a reconcile leaves the out-of-band one alone
+        clash = {**body, "service_name": "in-git"}
+        assert (await d.http.post("/deploy", json=clash, headers=d.auth)).status_code == 409
+        outside = {**body, "service_path": "/etc"}
+        assert (await d.http.post("/deploy", json=outside, headers=d.auth)).status_code == 422
+        actions = await d.reconcile()
+        assert all(a.service != "legacy-svc" for a in actions if a.kind is ActionKind.PRUNE)
+        assert (await http_get(url(sandbox, 8162, "/health"))).status_code == 200
+        assert (await d.http.get("/deploy/deploy-00000000")).status_code == 404
+
+
+async def test_commit_seen_by_watch_deploys(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """The real loop: a commit to a local repository is seen by the watch and deployed, no reconcile call."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("watched", 8171)
+    repo.commit("first")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo), loop=True) as d:
+        for _ in range(240):  # bounded: up to 120 s
+            jobs = await d.jobs("watched")
+            if jobs and jobs[0].status.finished:
+                break
+            await asyncio.sleep(0.5)
+        assert (await d.last_job("watched")).status is JobStatus.SUCCEEDED
+        first = await d.last_job("watched")
+        repo.write("services/watched/www/index.html", "<h1>watched v2</h1>\n")
+        repo.commit("second")
+        for _ in range(240):
+            job = await d.last_job("watched")
+            if job.id != first.id and job.status.finished:
+                break
+            await asyncio.sleep(0.5)
+        assert job.id != first.id and job.status is JobStatus.SUCCEEDED
+        assert "watched v2" in (await http_get(url(sandbox, 8171))).text
+        health = (await d.http.get("/health")).json()
+        assert health["status"] == "active" and health["hosts"]["sbx-1"]["reachable"] is True
