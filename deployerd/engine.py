@@ -178,6 +178,9 @@ class Engine:
         kind = "git" if revision_changed else "resync"
         tree = GitTree(self.source.repo_path, desired.revision)
         now = time.monotonic()
+        # A service moving host is deployed on the new host first; the old one is pruned by a later
+        # reconcile, once the new one serves (never a window with neither).
+        deploying = {a.service for a in actions if a.kind is ActionKind.DEPLOY}
         for action in actions:
             if action.release:
                 self._wanted[action.service] = action.release
@@ -185,6 +188,8 @@ class Engine:
                 continue
             if action.service in self._inflight:
                 continue  # the running job sees the newer wanted release at its next phase boundary
+            if action.kind is ActionKind.PRUNE and action.service in deploying:
+                continue
             backoff = self._backoff.get(action.service)
             if backoff and backoff.until > now and not revision_changed:
                 continue
@@ -273,7 +278,8 @@ class Engine:
             facts = observed.hosts.get(action.host)
             method = _observed_method(observed, action) if facts and facts.reachable else None
             handle = await self.hosts.handle(desired.hosts[action.host]) if method else None
-            owned = _owned(observed, action.service, self.settings.instance)
+            # a service that moved host keeps its Registry entry: the new host's deploy wrote it
+            owned = action.service not in desired.services and _owned(observed, action.service, self.settings.instance)
             return await self.deployer.prune(job, handle, method, deregister=owned)
         spec = desired.services[action.service]
         host = desired.hosts[action.host]

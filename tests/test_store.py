@@ -1,0 +1,52 @@
+"""The store on a real SQLite file: what a restart must keep, and what it marks as interrupted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deployerd.store import PHASES, Job, JobStatus, PhaseStatus, Quarantine, ReleaseRecord, Store, utcnow
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def release(rel: str, status: str, good_at: str | None) -> ReleaseRecord:
+    return ReleaseRecord(service="web", release=rel, host="h", method="docker", commit="c" * 40, status=status,
+                         created_at=utcnow(), last_good_at=good_at)
+
+
+async def test_jobs_releases_and_quarantine_survive_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "deployerd.db"
+    store = await Store.open(db)
+    job = Job(service="web", host="h", reasons=["not deployed on h"])
+    for name in PHASES:
+        job.phase(name)
+    job.phase("Validation").status = PhaseStatus.SUCCEEDED
+    job.status = JobStatus.RUNNING
+    await store.save_job(job)
+    done = Job(service="web", host="h", status=JobStatus.SUCCEEDED)
+    await store.save_job(done)
+    await store.save_release(release("aaa", "good", "2026-01-01T00:00:00.000000Z"))
+    await store.save_release(release("bbb", "good", "2026-01-02T00:00:00.000000Z"))
+    await store.save_release(release("ccc", "failed", None))
+    await store.quarantine(Quarantine(service="web", release="ccc", job_id=done.id, reason="Build failed",
+                                      created_at=utcnow()))
+    await store.close()
+
+    store = await Store.open(db)  # a restart
+    assert await store.mark_interrupted() == [job.id]
+    back = await store.job(job.id)
+    assert back is not None and back.status is JobStatus.INTERRUPTED
+    assert back.phase("Validation").status is PhaseStatus.SUCCEEDED
+    assert (await store.job(done.id)).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    assert (await store.last_good("web")).release == "bbb"  # type: ignore[union-attr]
+    assert (await store.last_good("web", exclude="bbb")).release == "aaa"  # type: ignore[union-attr]
+    assert (await store.quarantined())["web"].release == "ccc"
+    # a release that failed once and later succeeded keeps its good time (COALESCE), and vice versa
+    await store.save_release(release("aaa", "failed", None))
+    assert (await store.last_good("web", exclude="bbb")) is None
+    await store.lift_quarantine("web")
+    assert await store.quarantined() == {}
+    assert [j.id for j in await store.jobs("web")] and await store.jobs("other") == []
+    await store.close()
