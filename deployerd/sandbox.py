@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -44,8 +45,10 @@ ENGINE_DIR = Path("/var/lib/deployerd-sandbox/engine")
 ENGINE_SOCKET = ENGINE_RUN_DIR / "docker.sock"
 ENGINE_PIDFILE = ENGINE_RUN_DIR / "docker.pid"
 ENGINE_USERS_LOCK = ENGINE_DIR / "users.lock"  # held shared by every `up` in progress
-# Distinct from the hosts' inner bridges (172.29/16, pools in 172.30/16, see sandbox_image/daemon.json):
-# an overlap would route SSH replies into the host's own inner bridge.
+# Our own bridge, not docker0: any other engine on this machine would reconfigure a shared docker0 and cut
+# the hosts off. Its subnet is distinct from the hosts' inner bridges (172.29/16, pools in 172.30/16, see
+# sandbox_image/daemon.json): an overlap would route SSH replies into the host's own inner bridge.
+ENGINE_BRIDGE = "deployerd0"
 ENGINE_BIP = "172.28.0.1/16"
 DEFAULT_DOCKER_SOCKET = Path("/var/run/docker.sock")
 
@@ -279,8 +282,9 @@ async def _start_private_engine() -> EngineInfo:
     (ENGINE_DIR / "data").mkdir(parents=True, exist_ok=True)
     logpath = ENGINE_DIR / "dockerd.log"
     argv = ["dockerd", "--host", f"unix://{ENGINE_SOCKET}", "--data-root", str(ENGINE_DIR / "data"),
-            "--exec-root", str(ENGINE_RUN_DIR / "exec"), "--pidfile", str(ENGINE_PIDFILE), "--bip", ENGINE_BIP]
+            "--exec-root", str(ENGINE_RUN_DIR / "exec"), "--pidfile", str(ENGINE_PIDFILE), "--bridge", ENGINE_BRIDGE]
     t0 = time.monotonic()
+    await _ensure_bridge()
 
     def spawn() -> int:
         with open(logpath, "ab") as logf:
@@ -299,6 +303,28 @@ async def _start_private_engine() -> EngineInfo:
             break
         await asyncio.sleep(0.2)
     raise SandboxError(f"private Docker engine did not answer; see {logpath}")
+
+
+async def _ensure_bridge() -> None:
+    """Create our engine's bridge (idempotent); an earlier version of ours put the same subnet on docker0."""
+    if (await _run(["ip", "link", "show", "dev", ENGINE_BRIDGE], check=False)).rc != 0:
+        await _run(["ip", "link", "add", "name", ENGINE_BRIDGE, "type", "bridge"])
+    if ENGINE_BIP in (await _run(["ip", "-o", "-4", "addr", "show", "dev", "docker0"], check=False)).out:
+        await _run(["ip", "addr", "del", ENGINE_BIP, "dev", "docker0"], check=False)
+    if ENGINE_BIP not in (await _run(["ip", "-o", "-4", "addr", "show", "dev", ENGINE_BRIDGE])).out:
+        await _run(["ip", "addr", "add", ENGINE_BIP, "dev", ENGINE_BRIDGE])
+    await _run(["ip", "link", "set", "dev", ENGINE_BRIDGE, "up"])
+
+
+async def _remove_bridge() -> None:
+    """Delete our bridge and the iptables rules dockerd left naming it (it never removes them itself)."""
+    for table in ("filter", "nat"):
+        res = await _run(["iptables", "-t", table, "-S"], check=False)
+        for line in res.out.splitlines():
+            words = shlex.split(line)
+            if words[:1] == ["-A"] and ENGINE_BRIDGE in words:
+                await _run(["iptables", "-t", table, "-D", *words[1:]], check=False)
+    await _run(["ip", "link", "del", "dev", ENGINE_BRIDGE], check=False)
 
 
 def _private_engine_pid() -> int | None:
@@ -783,6 +809,7 @@ async def _stop_engine_if_unused(engine: Engine, engine_info: EngineInfo) -> Non
             log.info("private engine left running: other sandboxes still use it")
             return
         await _terminate(engine_info.pid or _private_engine_pid(), "dockerd", timeout=30)
+        await _remove_bridge()
         log.info("private engine stopped")
     finally:
         os.close(fd)
