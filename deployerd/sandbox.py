@@ -34,7 +34,7 @@ from pathlib import Path
 
 import asyncssh
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 log = logging.getLogger("deployerd.sandbox")
 
@@ -121,9 +121,18 @@ class SandboxStatus(BaseModel):
     state_dir: str
     engine_url: str | None
     engine_answers: bool
+    expected_hosts: int = 0  # hosts recorded in sandbox.json
     hosts: list[HostStatus] = Field(default_factory=list)
     registry_url: str | None = None
     registry_running: bool = False
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def healthy(self) -> bool:
+        """Everything recorded is running: callers (the demo) reuse the sandbox instead of a new `up`."""
+        return (self.id is not None and self.engine_answers and len(self.hosts) == self.expected_hosts
+                and all(h.state == "running" for h in self.hosts)
+                and (self.registry_url is None or self.registry_running))
 
 
 # --- small process helpers ------------------------------------------------------------------------------------
@@ -820,7 +829,8 @@ async def status_async(state_dir: Path | None = None) -> SandboxStatus:
     state_dir = Path(state_dir or default_state_dir()).resolve()
     info = load_info(state_dir)
     st = SandboxStatus(id=info.id if info else None, state_dir=str(state_dir),
-                       engine_url=info.engine.url if info else None, engine_answers=False)
+                       engine_url=info.engine.url if info else None, engine_answers=False,
+                       expected_hosts=len(info.hosts) if info else 0)
     if info is None:
         return st
     engine = Engine(info.engine.url)
@@ -853,9 +863,11 @@ def status(state_dir: Path | None = None) -> SandboxStatus:
 
 def host_memory_bytes(container_id: str) -> int | None:
     """Memory a host uses now (cgroup v1; `docker stats` reports 0 for these hosts)."""
-    f = Path(f"/sys/fs/cgroup/memory/docker/{container_id}/memory.usage_in_bytes")
-    with contextlib.suppress(OSError, ValueError):
-        return int(f.read_text())
+    mem = Path("/sys/fs/cgroup/memory")
+    for f in (mem / "docker" / container_id / "memory.usage_in_bytes",  # cgroupfs driver (our engine)
+              mem / "system.slice" / f"docker-{container_id}.scope" / "memory.usage_in_bytes"):  # systemd driver
+        with contextlib.suppress(OSError, ValueError):
+            return int(f.read_text())
     return None
 
 

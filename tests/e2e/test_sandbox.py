@@ -37,15 +37,19 @@ async def test_up_cleans_leftovers_and_down_leaves_nothing(sandbox: sbx.SandboxI
     assert old_container not in containers and len(containers) == 1
     assert sbx.load_info(state) == info
     st = await sbx.status_async(state)
-    assert [h.state for h in st.hosts] == ["running"]
+    assert [h.state for h in st.hosts] == ["running"] and st.healthy
     assert len(await engine.labelled("volume", f"{sbx.LABEL}={info.id}")) == 1
+    host_init = (await engine.inspect(info.hosts[0].container))["State"]["Pid"]
+    assert _alive(host_init)
 
     await sbx.down_async(state)
+    assert not _alive(host_init)  # the host's systemd, and with it its sshd and dockerd, are gone
     assert await engine.labelled("container", f"{sbx.LABEL}={info.id}") == []
     assert await engine.labelled("volume", f"{sbx.LABEL}={info.id}") == []
     if info.registry:
         assert not _alive(info.registry.pid)
     assert sbx.load_info(state) is None
+    assert not (await sbx.status_async(state)).healthy
     await sbx.down_async(state)  # idempotent
 
     # The session's sandbox (another id, same engine) is untouched, and so is the engine.

@@ -148,3 +148,12 @@ async def test_systemd_unit_over_sftp(sandbox: sbx.SandboxInfo) -> None:
             await conn.run(shlex.join(["systemctl", "disable", "--now", unit]))
             await conn.run(shlex.join(["rm", "-rf", f"/etc/systemd/system/{unit}", root]))
             await conn.run("systemctl daemon-reload")
+
+
+async def test_idle_host_memory_is_measurable(sandbox: sbx.SandboxInfo) -> None:
+    """`docker stats` says 0 B for these hosts; the cgroup says what they really use (reported by the tests)."""
+    engine = sbx.Engine(sandbox.engine.url)
+    cid = (await engine.inspect(sandbox.hosts[0].container))["Id"]
+    used = sbx.host_memory_bytes(cid)
+    assert used is not None and 10 * 2**20 < used < 2**30, used
+    print(f"host {sandbox.hosts[0].name}: {used / 2**20:.0f} MiB")
