@@ -446,6 +446,9 @@ async def build_image(engine: Engine, ref: str, tarball: Path) -> None:
         await _pipe(["docker", "save", ref], ["zstd", "-3", "-T2", "-q", "-f", "-o", str(partial)],
                     env=engine.env, logfile=buildlog)
         partial.rename(tarball)
+        for stale in tarball.parent.glob(f"{IMAGE_REPO}-*.tar.zst"):
+            if stale != tarball:  # an older recipe's image: never loaded again
+                stale.unlink(missing_ok=True)
         log.info("host image built and cached in %.0f s", time.monotonic() - t0)
     finally:
         await _run(["rm", "-rf", "--one-file-system", str(work)], check=False)
