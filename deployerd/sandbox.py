@@ -16,18 +16,14 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import secrets
 import shlex
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +31,9 @@ from pathlib import Path
 import asyncssh
 import httpx
 from pydantic import BaseModel, Field, computed_field
+
+from deployerd.sandbox_image import cache_dir, ensure_image, image_ref, image_version  # noqa: F401 - public here too
+from deployerd.sandbox_image._proc import SandboxError, file_lock, pid_alive, run, terminate
 
 log = logging.getLogger("deployerd.sandbox")
 
@@ -52,14 +51,6 @@ ENGINE_BRIDGE = "deployerd0"
 ENGINE_BIP = "172.28.0.1/16"
 DEFAULT_DOCKER_SOCKET = Path("/var/run/docker.sock")
 
-IMAGE_REPO = "deployerd-testhost"
-IMAGE_DIR = Path(__file__).with_name("sandbox_image")
-SUITE = "bookworm"
-BASE_PACKAGES = ("systemd", "systemd-sysv", "openssh-server", "python3", "python3-venv", "dbus", "iproute2")
-CHROOT_PACKAGES = ("docker.io", "busybox-static")
-# Bump when the build steps below change in a way the helper files do not show.
-RECIPE_REVISION = "1"
-
 LABEL = "deployerd.sandbox"  # value: sandbox id
 LABEL_STATE_DIR = "deployerd.sandbox.state-dir"
 LABEL_HOST = "deployerd.sandbox.host"
@@ -67,10 +58,6 @@ LABEL_HOST = "deployerd.sandbox.host"
 BOOT_TIMEOUT = 180.0  # seconds for one host to reach "running" with its engine and busybox image
 ENGINE_TIMEOUT = 60.0
 REGISTRY_TIMEOUT = 30.0
-
-
-class SandboxError(RuntimeError):
-    """The sandbox could not be brought up or inspected (the message names the step)."""
 
 
 # --- models (the sandbox.json edge) ---------------------------------------------------------------------------
@@ -138,81 +125,6 @@ class SandboxStatus(BaseModel):
 # --- small process helpers ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-async def _run(argv: list[str], *, env: dict[str, str] | None = None, stdin: bytes | None = None,
-               check: bool = True, timeout: float | None = 600.0) -> Result:
-    """Run a local command (argv, no shell); raise SandboxError naming it when ``check`` and it fails."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise SandboxError(f"{argv[0]} {argv[1] if len(argv) > 1 else ''}: timed out after {timeout} s") from None
-    res = Result(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
-    if check and res.rc != 0:
-        raise SandboxError(f"{' '.join(argv[:3])}... failed ({res.rc}): {res.err.strip()[-800:]}")
-    return res
-
-
-async def _pipe(producer: list[str], consumer: list[str], *, logfile: Path,
-                env: dict[str, str] | None = None) -> None:
-    """``producer | consumer`` without a shell; both must succeed (their messages go to ``logfile``)."""
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    r, w = os.pipe()
-    err = open(logfile, "ab")  # noqa: SIM115 - closed below
-    try:
-        p1 = await asyncio.create_subprocess_exec(*producer, stdout=w, stderr=err, env=env)
-        os.close(w)
-        w = -1
-        p2 = await asyncio.create_subprocess_exec(*consumer, stdin=r, stdout=err, stderr=err, env=env)
-        os.close(r)
-        r = -1
-        rc1, rc2 = await asyncio.gather(p1.wait(), p2.wait())
-    finally:
-        for fd in (r, w):
-            if fd >= 0:
-                os.close(fd)
-        err.close()
-    if rc1 or rc2:
-        raise SandboxError(f"{producer[0]} | {consumer[0]} {consumer[1]} failed ({rc1}, {rc2}); see {logfile}")
-
-
-def _pid_alive(pid: int | None, needle: str) -> bool:
-    """Is ``pid`` running and really ours (its command line holds ``needle``)? Guards against pid reuse."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return needle in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def _terminate(pid: int | None, needle: str, timeout: float = 20.0) -> None:
-    """SIGTERM a recorded process of ours, then SIGKILL if it outlives ``timeout``."""
-    if not _pid_alive(pid, needle):
-        return
-    assert pid is not None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    for _ in range(int(timeout / 0.1)):
-        if not _pid_alive(pid, needle):
-            return
-        await asyncio.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def _write_private(path: Path, data: str) -> None:
     """Write a secret file created with mode 0600 (never briefly world-readable)."""
     path.unlink(missing_ok=True)
@@ -230,28 +142,6 @@ def _free_port() -> int:
 # --- the engine -----------------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _file_lock(path: Path, what: str, timeout: float = 3600.0,  # type: ignore[no-untyped-def]
-                     shared: bool = False):
-    """A flock across processes (a demo and a test run may start at once); exclusive unless ``shared``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        for i in range(int(timeout)):
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if i == 0:
-                    log.info("waiting for another process holding the %s lock (%s)", what, path)
-                await asyncio.sleep(1.0)
-        else:
-            raise SandboxError(f"{what} lock {path} still held after {timeout} s")
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 @dataclass(frozen=True)
 class Engine:
     """A Docker engine driven through the docker CLI (argv lists, DOCKER_HOST in the environment)."""
@@ -264,7 +154,7 @@ class Engine:
 
     async def docker(self, *args: str, stdin: bytes | None = None, check: bool = True,
                      timeout: float | None = 300.0) -> Result:
-        return await _run(["docker", *args], env=self.env, stdin=stdin, check=check, timeout=timeout)
+        return await run(["docker", *args], env=self.env, stdin=stdin, check=check, timeout=timeout)
 
     async def answers(self) -> bool:
         try:
@@ -308,7 +198,7 @@ async def _start_private_engine() -> EngineInfo:
         if await engine.answers():
             log.info("started private Docker engine (pid %d) in %.1f s, log %s", pid, time.monotonic() - t0, logpath)
             return EngineInfo(url=engine.url, private=True, started=True, pid=pid)
-        if not _pid_alive(pid, "dockerd"):
+        if not pid_alive(pid, "dockerd"):
             break
         await asyncio.sleep(0.2)
     raise SandboxError(f"private Docker engine did not answer; see {logpath}")
@@ -316,24 +206,24 @@ async def _start_private_engine() -> EngineInfo:
 
 async def _ensure_bridge() -> None:
     """Create our engine's bridge (idempotent); an earlier version of ours put the same subnet on docker0."""
-    if (await _run(["ip", "link", "show", "dev", ENGINE_BRIDGE], check=False)).rc != 0:
-        await _run(["ip", "link", "add", "name", ENGINE_BRIDGE, "type", "bridge"])
-    if ENGINE_BIP in (await _run(["ip", "-o", "-4", "addr", "show", "dev", "docker0"], check=False)).out:
-        await _run(["ip", "addr", "del", ENGINE_BIP, "dev", "docker0"], check=False)
-    if ENGINE_BIP not in (await _run(["ip", "-o", "-4", "addr", "show", "dev", ENGINE_BRIDGE])).out:
-        await _run(["ip", "addr", "add", ENGINE_BIP, "dev", ENGINE_BRIDGE])
-    await _run(["ip", "link", "set", "dev", ENGINE_BRIDGE, "up"])
+    if (await run(["ip", "link", "show", "dev", ENGINE_BRIDGE], check=False)).rc != 0:
+        await run(["ip", "link", "add", "name", ENGINE_BRIDGE, "type", "bridge"])
+    if ENGINE_BIP in (await run(["ip", "-o", "-4", "addr", "show", "dev", "docker0"], check=False)).out:
+        await run(["ip", "addr", "del", ENGINE_BIP, "dev", "docker0"], check=False)
+    if ENGINE_BIP not in (await run(["ip", "-o", "-4", "addr", "show", "dev", ENGINE_BRIDGE])).out:
+        await run(["ip", "addr", "add", ENGINE_BIP, "dev", ENGINE_BRIDGE])
+    await run(["ip", "link", "set", "dev", ENGINE_BRIDGE, "up"])
 
 
 async def _remove_bridge() -> None:
     """Delete our bridge and the iptables rules dockerd left naming it (it never removes them itself)."""
     for table in ("filter", "nat"):
-        res = await _run(["iptables", "-t", table, "-S"], check=False)
+        res = await run(["iptables", "-t", table, "-S"], check=False)
         for line in res.out.splitlines():
             words = shlex.split(line)
             if words[:1] == ["-A"] and ENGINE_BRIDGE in words:
-                await _run(["iptables", "-t", table, "-D", *words[1:]], check=False)
-    await _run(["ip", "link", "del", "dev", ENGINE_BRIDGE], check=False)
+                await run(["iptables", "-t", table, "-D", *words[1:]], check=False)
+    await run(["ip", "link", "del", "dev", ENGINE_BRIDGE], check=False)
 
 
 def _private_engine_pid() -> int | None:
@@ -353,190 +243,13 @@ async def find_engine(*, start: bool) -> EngineInfo | None:
     private = Engine(f"unix://{ENGINE_SOCKET}")
     if not start:
         return EngineInfo(url=private.url, private=True, pid=_private_engine_pid()) if ENGINE_SOCKET.exists() else None
-    async with _file_lock(ENGINE_DIR / "engine.lock", "engine", timeout=ENGINE_TIMEOUT * 2):
+    async with file_lock(ENGINE_DIR / "engine.lock", "engine", timeout=ENGINE_TIMEOUT * 2):
         if ENGINE_SOCKET.exists() and await private.answers():
             return EngineInfo(url=private.url, private=True, started=False, pid=_private_engine_pid())
         return await _start_private_engine()
 
 
 # --- the image ------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DEPLOYERD_CACHE_DIR") or Path.home() / ".cache" / "deployerd")
-
-
-def debian_mirror() -> str:
-    """The Debian mirror this machine's apt uses (deb822 ``URIs:`` or one-line ``deb`` form)."""
-    if env := os.environ.get("DEPLOYERD_DEBIAN_MIRROR"):
-        return env
-    src = Path("/etc/apt/sources.list.d")
-    for f in sorted([*src.glob("*.sources"), *src.glob("*.list"), Path("/etc/apt/sources.list")]):
-        with contextlib.suppress(OSError):
-            for line in f.read_text().splitlines():
-                words = line.split()
-                if words[:1] == ["URIs:"] or words[:1] == ["deb"]:
-                    for w in words[1:]:
-                        if w.startswith("http") and w.rstrip("/").endswith("/debian"):
-                            return w.rstrip("/")
-    return "http://deb.debian.org/debian"
-
-
-def image_version() -> str:
-    """A digest of the recipe: packages, build revision and every helper file, so any change rebuilds."""
-    h = hashlib.sha256()
-    h.update(f"{SUITE}|{','.join(BASE_PACKAGES)}|{','.join(CHROOT_PACKAGES)}|{RECIPE_REVISION}".encode())
-    for f in sorted(IMAGE_DIR.iterdir()):
-        if f.is_file() and f.suffix != ".py":
-            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def image_ref() -> str:
-    return f"{IMAGE_REPO}:{image_version()}"
-
-
-async def ensure_image(engine: Engine) -> str:
-    """The host image in ``engine``: already there, else loaded from the cached tarball, else built and cached."""
-    ref = image_ref()
-    if (await engine.docker("image", "inspect", ref, check=False)).rc == 0:
-        return ref
-    async with _file_lock(cache_dir() / "image.lock", "image build"):
-        return await _load_or_build(engine, ref)
-
-
-async def _load_or_build(engine: Engine, ref: str) -> str:
-    if (await engine.docker("image", "inspect", ref, check=False)).rc == 0:
-        return ref  # another process loaded or built it while we waited
-    tarball = cache_dir() / f"{IMAGE_REPO}-{image_version()}.tar.zst"
-    if tarball.exists():
-        t0 = time.monotonic()
-        log.info("loading cached image %s from %s", ref, tarball)
-        await _pipe(["zstd", "-dc", str(tarball)], ["docker", "load", "-q"], env=engine.env,
-                    logfile=cache_dir() / "load.log")
-        log.info("image loaded in %.1f s", time.monotonic() - t0)
-        return ref
-    await build_image(engine, ref, tarball)
-    return ref
-
-
-async def build_image(engine: Engine, ref: str, tarball: Path) -> None:
-    """Build the host image with debootstrap + chroot apt (minutes, needs the mirror) and save it as ``tarball``."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    buildlog = cache_dir() / "build.log"
-    work = Path(tempfile.mkdtemp(prefix="deployerd-image-", dir=cache_dir()))
-    rootfs = work / "rootfs"
-    mirror = debian_mirror()
-    t0 = time.monotonic()
-    log.info("building host image %s from %s (first time: several minutes; log %s)", ref, mirror, buildlog)
-    try:
-        await _logged(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-                       SUITE, str(rootfs), mirror], buildlog)
-        log.info("debootstrap done after %.0f s; installing %s in chroot", time.monotonic() - t0,
-                 " ".join(CHROOT_PACKAGES))
-        await _chroot_install(rootfs, buildlog)
-        _configure_rootfs(rootfs)
-        log.info("importing root filesystem into the engine")
-        await _pipe(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
-                    ["docker", "import", "--change", 'CMD ["/sbin/init"]', "--change", "ENV container=docker",
-                     "--change", f"LABEL deployerd.sandbox.image={image_version()}", "-", ref],
-                    env=engine.env, logfile=buildlog)
-        log.info("saving image to %s", tarball)
-        partial = work / "image.tar.zst"
-        await _pipe(["docker", "save", ref], ["zstd", "-3", "-T2", "-q", "-f", "-o", str(partial)],
-                    env=engine.env, logfile=buildlog)
-        partial.rename(tarball)
-        for stale in tarball.parent.glob(f"{IMAGE_REPO}-*.tar.zst"):
-            if stale != tarball:  # an older recipe's image: never loaded again
-                stale.unlink(missing_ok=True)
-        log.info("host image built and cached in %.0f s", time.monotonic() - t0)
-    finally:
-        await _run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-
-
-async def _logged(argv: list[str], logfile: Path, timeout: float = 1800.0) -> None:
-    with open(logfile, "ab") as f:
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=f, stderr=f,
-                                                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        try:
-            rc = await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise SandboxError(f"{argv[0]} timed out; see {logfile}") from None
-    if rc != 0:
-        raise SandboxError(f"{' '.join(argv[:3])}... failed ({rc}); see {logfile}")
-
-
-async def _chroot_install(rootfs: Path, buildlog: Path) -> None:
-    """apt-get inside the chroot, with proc/sys/dev mounted and always unmounted again."""
-    policy = rootfs / "usr/sbin/policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")  # no service starts inside the chroot
-    policy.chmod(0o755)
-    shutil.copyfile("/etc/resolv.conf", rootfs / "etc/resolv.conf")
-    mounts = [(["-t", "proc", "proc"], "proc"), (["-t", "sysfs", "sys"], "sys"),
-              (["--bind", "/dev"], "dev"), (["--bind", "/dev/pts"], "dev/pts")]
-    done: list[Path] = []
-    try:
-        for args, where in mounts:
-            target = rootfs / where
-            await _run(["mount", *args, str(target)])
-            done.append(target)
-        await _logged(["chroot", str(rootfs), "apt-get", "update"], buildlog)
-        await _logged(["chroot", str(rootfs), "apt-get", "install", "-y", "--no-install-recommends",
-                       *CHROOT_PACKAGES], buildlog)
-        await _logged(["chroot", str(rootfs), "apt-get", "clean"], buildlog)
-    finally:
-        for target in reversed(done):
-            if (await _run(["umount", str(target)], check=False)).rc != 0:
-                await _run(["umount", "-l", str(target)], check=False)
-        policy.unlink(missing_ok=True)
-
-
-def _configure_rootfs(rootfs: Path) -> None:
-    """Put the helper files in place and strip what must be unique per host (host keys, machine-id)."""
-    files = {
-        "daemon.json": ("etc/docker/daemon.json", 0o644),
-        "busybox-image.sh": ("usr/local/sbin/deployerd-busybox-image", 0o755),
-        "deployerd-busybox-image.service": ("etc/systemd/system/deployerd-busybox-image.service", 0o644),
-        "deployerd-ssh-keygen.service": ("etc/systemd/system/deployerd-ssh-keygen.service", 0o644),
-        "sshd-deployerd.conf": ("etc/ssh/sshd_config.d/deployerd.conf", 0o644),
-    }
-    for name, (dest, mode) in files.items():
-        target = rootfs / dest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(IMAGE_DIR / name, target)
-        target.chmod(mode)
-    # Enable units the way `systemctl enable` would (symlinks into the .wants dirs named by [Install]).
-    wants = {"deployerd-busybox-image.service": ["multi-user.target"],
-             "deployerd-ssh-keygen.service": ["multi-user.target", "ssh.service"]}
-    for unit, targets in wants.items():
-        for t in targets:
-            d = rootfs / "etc/systemd/system" / f"{t}.wants"
-            d.mkdir(parents=True, exist_ok=True)
-            link = d / unit
-            link.unlink(missing_ok=True)
-            link.symlink_to(f"/etc/systemd/system/{unit}")
-    # Units that cannot work in a container and would leave the system "degraded".
-    for unit in IMAGE_MASKED_UNITS:
-        link = rootfs / "etc/systemd/system" / unit
-        link.unlink(missing_ok=True)
-        link.symlink_to("/dev/null")
-    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
-    (rootfs / "etc/machine-id").write_text("")
-    (rootfs / "var/lib/dbus/machine-id").unlink(missing_ok=True)
-    for d in ("var/lib/apt/lists", "var/cache/apt/archives", "var/log/apt"):
-        p = rootfs / d
-        for child in p.glob("*"):
-            if child.is_file() or child.is_symlink():
-                child.unlink()
-    (rootfs / "etc/resolv.conf").write_text("")
-    root_ssh = rootfs / "root/.ssh"
-    root_ssh.mkdir(mode=0o700, exist_ok=True)
-
-
-IMAGE_MASKED_UNITS: tuple[str, ...] = ()
 
 
 # --- hosts ----------------------------------------------------------------------------------------------------
@@ -663,10 +376,10 @@ async def _start_registry(state_dir: Path) -> RegistryInfo | None:
                 await client.get(f"{url}/droplets", headers={"Authorization": f"Bearer {token}"})
                 log.info("registry answering at %s (pid %d)", url, pid)
                 return RegistryInfo(url=url, token_path=str(token_path), pid=pid, db=str(db))
-            if not _pid_alive(pid, "deployerd.registry"):
+            if not pid_alive(pid, "deployerd.registry"):
                 break
             await asyncio.sleep(0.2)
-    await _terminate(pid, "deployerd.registry")
+    await terminate(pid, "deployerd.registry")
     raise SandboxError(f"registry did not answer at {url}; see {logpath}")
 
 
@@ -675,7 +388,7 @@ async def _stop_registry(state_dir: Path, info: SandboxInfo | None) -> None:
     with contextlib.suppress(OSError, ValueError):
         pids.add(int((state_dir / "registry.pid").read_text().strip()))
     for pid in pids:
-        await _terminate(pid, "deployerd.registry")
+        await terminate(pid, "deployerd.registry")
     (state_dir / "registry.pid").unlink(missing_ok=True)
 
 
@@ -732,7 +445,7 @@ async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
     old = load_info(state_dir)
     await _stop_registry(state_dir, old)
     try:
-        async with _file_lock(ENGINE_USERS_LOCK, "engine users", shared=True):
+        async with file_lock(ENGINE_USERS_LOCK, "engine users", shared=True):
             return await _up_locked(hosts, state_dir, sid, key_path, pubkey, old, t0)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -753,7 +466,7 @@ async def _up_locked(hosts: int, state_dir: Path, sid: str, key_path: Path, pubk
     info = SandboxInfo(id=sid, state_dir=str(state_dir), engine=engine_info)
     _save_info(info)  # from here on, `down` can clean up whatever follows
     try:
-        info.image = await ensure_image(engine)
+        info.image = await ensure_image(engine.env)
         t1 = time.monotonic()
         started = await asyncio.gather(*(_start_host(engine, info.image, sid, state_dir, i, pubkey)
                                          for i in range(1, hosts + 1)))
@@ -820,7 +533,7 @@ async def _stop_engine_if_unused(engine: Engine, engine_info: EngineInfo) -> Non
         if await engine.labelled("container", LABEL):
             log.info("private engine left running: other sandboxes still use it")
             return
-        await _terminate(engine_info.pid or _private_engine_pid(), "dockerd", timeout=30)
+        await terminate(engine_info.pid or _private_engine_pid(), "dockerd", timeout=30)
         await _remove_bridge()
         log.info("private engine stopped")
     finally:
@@ -845,7 +558,7 @@ async def status_async(state_dir: Path | None = None) -> SandboxStatus:
                                        name=(data["Config"]["Labels"] or {}).get(LABEL_HOST, "")))
     if info.registry:
         st.registry_url = info.registry.url
-        st.registry_running = _pid_alive(info.registry.pid, "deployerd.registry")
+        st.registry_running = pid_alive(info.registry.pid, "deployerd.registry")
     return st
 
 
