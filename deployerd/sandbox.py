@@ -272,7 +272,8 @@ def _ensure_client_key(state_dir: Path) -> Path:
     return key_path
 
 
-async def _start_host(engine: Engine, image: str, sid: str, state_dir: Path, index: int, pubkey: str) -> tuple:
+async def _start_host(engine: Engine, image: str, sid: str, state_dir: Path, index: int,
+                      pubkey: str) -> tuple[str, str]:
     """docker run one host (flags per testbed.md), give root our key; returns (name, container id)."""
     name = f"sbx-{index}"
     container = f"deployerd-sbx-{sid}-{index}"
@@ -433,7 +434,11 @@ async def _remove_ours(engine: Engine, sid: str, state_dir: Path) -> int:
 
 
 async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
-    """Bring up ``hosts`` test hosts and the Registry; write and return ``<state_dir>/sandbox.json``."""
+    """Bring up ``hosts`` fresh test hosts and the Registry; write and return ``<state_dir>/sandbox.json``.
+
+    Hosts this state dir already had are replaced (a clean slate per `up`); to reuse a running sandbox,
+    check ``status(state_dir).healthy`` and ``load_info`` first.
+    """
     if hosts < 0:
         raise ValueError("hosts must be >= 0")
     state_dir = Path(state_dir or default_state_dir()).resolve()
