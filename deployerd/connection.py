@@ -211,7 +211,12 @@ class Connection:
     """One live SSH connection to one host, with its cached SFTP client and tunnels."""
 
     def __init__(
-        self, host: HostAddress, conn: asyncssh.SSHClientConnection, stats: HostStats | None = None
+        self,
+        host: HostAddress,
+        conn: asyncssh.SSHClientConnection,
+        stats: HostStats | None = None,
+        *,
+        max_sessions: int = 8,
     ) -> None:
         self.host = host
         self._conn = conn
@@ -223,6 +228,8 @@ class Connection:
         self._docker_socket: str | None = None
         self._listeners: list[asyncssh.SSHListener] = []
         self._ports: dict[tuple[str, int], int] = {}
+        # OpenSSH refuses more than MaxSessions (default 10) session channels at once; queue instead.
+        self._sessions = asyncio.Semaphore(max_sessions)
         self._closed = False
         self._broken = False  # a connection-level error was seen: the pool replaces us on next get()
 
@@ -235,6 +242,7 @@ class Connection:
         connect_timeout: float = 15.0,
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 3,
+        max_sessions: int = 8,
     ) -> Connection:
         """Connect, verifying the host key against ``host.known_hosts``; raise HostUnreachable & co."""
         stats = stats if stats is not None else HostStats()
@@ -271,7 +279,7 @@ class Connection:
             stats.failures += 1
             raise _translate(host.name, exc) from None
         stats.connects += 1
-        return cls(host, conn, stats)
+        return cls(host, conn, stats, max_sessions=max_sessions)
 
     @property
     def is_closed(self) -> bool:
@@ -283,10 +291,13 @@ class Connection:
         await self._conn.wait_closed()
 
     def _lost(self, exc: BaseException) -> HostUnreachable:
-        self._broken = True
+        """Translate a connection-level failure; a refused channel on a live connection is not one."""
         self.stats.failures += 1
         if self._conn.is_closed():
+            self._broken = True
             return HostUnreachable(self.host.name, "connection lost")
+        if not isinstance(exc, asyncssh.ChannelOpenError):
+            self._broken = True
         return _translate(self.host.name, exc)
 
     # -- commands
@@ -299,13 +310,18 @@ class Connection:
         check: bool = True,
         timeout: float | None = 60,
     ) -> Completed:
-        """Run ``argv`` on the host (quoted with shlex.join); raise CommandError on failure if ``check``."""
+        """Run ``argv`` on the host (quoted with shlex.join); raise CommandError on failure if ``check``.
+
+        At most ``max_sessions`` commands run at once per connection (others wait their turn);
+        ``timeout`` counts from the command's start, not from the wait.
+        """
         if isinstance(argv, (str, bytes)) or not argv:
             raise TypeError("argv must be a non-empty sequence of strings, not a shell string")
         command = shlex.join(argv)
         self.stats.commands += 1
         try:
-            result = await self._conn.run(command, input=input, check=False, timeout=timeout, encoding=None)
+            async with self._sessions:
+                result = await self._conn.run(command, input=input, check=False, timeout=timeout, encoding=None)
         except asyncssh.TimeoutError as exc:
             raise CommandTimeout(self.host.name, argv[0], timeout or 0, _decode(exc.stderr)) from None
         except _CONNECTION_ERRORS as exc:
@@ -491,7 +507,9 @@ class ConnectionPool:
         connect_timeout: float = 15.0,
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 3,
+        max_sessions: int = 8,
     ) -> None:
+        self._max_sessions = max_sessions
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive_interval
         self._keepalive_count_max = keepalive_count_max
@@ -516,6 +534,7 @@ class ConnectionPool:
                 connect_timeout=self._connect_timeout,
                 keepalive_interval=self._keepalive_interval,
                 keepalive_count_max=self._keepalive_count_max,
+                max_sessions=self._max_sessions,
             )
             return slot.conn
 

@@ -142,6 +142,14 @@ async def test_command_timeout_and_string_argv(conn: Connection) -> None:
     assert (await conn.run(["echo", "still usable"])).stdout == "still usable\n"
 
 
+async def test_many_concurrent_commands_share_one_connection(pool: ConnectionPool, host: HostAddress) -> None:
+    # More than OpenSSH's MaxSessions (10) at once: they must queue, not fail or break the connection.
+    conn = await pool.get(host)
+    outs = await asyncio.gather(*(conn.run(["echo", str(i)]) for i in range(25)))
+    assert [o.stdout for o in outs] == [f"{i}\n" for i in range(25)]
+    assert not conn.is_closed and await pool.get(host) is conn
+
+
 # ---------------------------------------------------------------------------------------------- SFTP
 
 
