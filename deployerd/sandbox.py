@@ -603,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--state-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("asyncssh", "httpx"):  # one line per SSH channel or request drowns the progress lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.cmd == "up":
             print(up(args.hosts, args.state_dir).model_dump_json(indent=2))
