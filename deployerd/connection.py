@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import secrets
 import shlex
@@ -48,7 +49,11 @@ __all__ = [
 ]
 
 REMOTE_DOCKER_SOCKET = "/var/run/docker.sock"
+
+# asyncssh logs every full command line at INFO; keep it to warnings so argv never reaches the logs.
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
 _STDERR_TAIL = 400  # characters of stderr kept in a CommandError message
+_CHANNEL_RETRY_DELAYS = (0.05, 0.2, 0.5)  # seconds between attempts when sshd refuses a channel
 _CHUNK = 256 * 1024  # local file read size for put_file (read off the event loop)
 
 
@@ -216,7 +221,7 @@ class Connection:
         conn: asyncssh.SSHClientConnection,
         stats: HostStats | None = None,
         *,
-        max_sessions: int = 8,
+        max_sessions: int = 6,
     ) -> None:
         self.host = host
         self._conn = conn
@@ -228,7 +233,8 @@ class Connection:
         self._docker_socket: str | None = None
         self._listeners: list[asyncssh.SSHListener] = []
         self._ports: dict[tuple[str, int], int] = {}
-        # OpenSSH refuses more than MaxSessions (default 10) session channels at once; queue instead.
+        # OpenSSH refuses more than MaxSessions (default 10) session channels at once; queue instead,
+        # leaving room for the SFTP channel and for slots sshd has not freed yet.
         self._sessions = asyncio.Semaphore(max_sessions)
         self._closed = False
         self._broken = False  # a connection-level error was seen: the pool replaces us on next get()
@@ -242,7 +248,7 @@ class Connection:
         connect_timeout: float = 15.0,
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 3,
-        max_sessions: int = 8,
+        max_sessions: int = 6,
     ) -> Connection:
         """Connect, verifying the host key against ``host.known_hosts``; raise HostUnreachable & co."""
         stats = stats if stats is not None else HostStats()
@@ -321,7 +327,7 @@ class Connection:
         self.stats.commands += 1
         try:
             async with self._sessions:
-                result = await self._conn.run(command, input=input, check=False, timeout=timeout, encoding=None)
+                result = await self._run_channel(command, input, timeout)
         except asyncssh.TimeoutError as exc:
             raise CommandTimeout(self.host.name, argv[0], timeout or 0, _decode(exc.stderr)) from None
         except _CONNECTION_ERRORS as exc:
@@ -336,6 +342,23 @@ class Connection:
         if check and status != 0:
             raise CommandError(self.host.name, argv[0], status, done.stderr)
         return done
+
+    async def _run_channel(
+        self, command: str, input: bytes | None, timeout: float | None
+    ) -> asyncssh.SSHCompletedProcess:
+        """Run one command, retrying a refused channel on a live connection a few times.
+
+        sshd frees a session slot a moment after the client saw it end, so a burst can briefly exceed
+        MaxSessions even below our own limit; a short bounded backoff absorbs that.
+        """
+        for delay in _CHANNEL_RETRY_DELAYS:
+            try:
+                return await self._conn.run(command, input=input, check=False, timeout=timeout, encoding=None)
+            except asyncssh.ChannelOpenError:
+                if self._conn.is_closed():
+                    raise
+            await asyncio.sleep(delay)
+        return await self._conn.run(command, input=input, check=False, timeout=timeout, encoding=None)
 
     # -- SFTP
 
@@ -507,7 +530,7 @@ class ConnectionPool:
         connect_timeout: float = 15.0,
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 3,
-        max_sessions: int = 8,
+        max_sessions: int = 6,
     ) -> None:
         self._max_sessions = max_sessions
         self._connect_timeout = connect_timeout
@@ -517,7 +540,9 @@ class ConnectionPool:
 
     async def get(self, host: HostAddress) -> Connection:
         """The live connection for ``host``, connecting once even if many callers ask at the same time."""
-        slot = self._slots.setdefault(host.name, _Slot())
+        slot = self._slots.get(host.name)
+        if slot is None:
+            slot = self._slots[host.name] = _Slot()
         conn = slot.conn
         if conn is not None and conn.host == host and not conn.is_closed:
             return conn

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import os
 import socket
 import stat
@@ -347,6 +348,37 @@ async def test_unreachable_port_names_the_host(host: HostAddress) -> None:
     assert info.value.host == "ghost-host" and "ghost-host" in str(info.value)
     assert info.value.reason == "connection refused" and info.value.transient
     assert (pool.stats()["ghost-host"].connects, pool.stats()["ghost-host"].failures) == (0, 1)
+
+
+async def test_silent_server_times_out_as_unreachable(host: HostAddress) -> None:
+    # A port that accepts TCP but never speaks SSH (like a host still booting): bounded by connect_timeout.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mute = dataclasses.replace(host, name="mute-host", address="127.0.0.1", port=port)
+        with pytest.raises(HostUnreachable) as info:
+            await Connection.open(mute, connect_timeout=1)
+        assert info.value.host == "mute-host" and info.value.reason == "timed out"
+        assert accepted  # the TCP connect did happen: it is the SSH handshake that timed out
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_command_lines_stay_out_of_logs(conn: Connection, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    marker = "not-for-logs-" + os.urandom(6).hex()
+    await conn.run(["echo", marker])
+    with pytest.raises(CommandError) as info:
+        await conn.run(["sh", "-c", "exit 1", marker])
+    assert marker not in caplog.text and marker not in str(info.value)
 
 
 def test_host_address_requires_known_hosts() -> None:
