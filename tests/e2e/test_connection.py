@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from deployerd.connection import (
+    AuthenticationRejected,
     CommandError,
     CommandTimeout,
     Connection,
@@ -337,6 +338,20 @@ async def test_wrong_host_key_is_rejected(host: HostAddress, tmp_path: Path) -> 
         assert (await (await pool.get(host)).run(["true"])).ok
     finally:
         await pool.close_all()
+
+
+async def test_unknown_client_key_is_refused(host: HostAddress, tmp_path: Path) -> None:
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    key = tmp_path / "id_stranger"
+    stranger.write_private_key(str(key))
+    key.chmod(0o600)
+    with pytest.raises(AuthenticationRejected) as info:
+        await Connection.open(dataclasses.replace(host, key_path=str(key)), connect_timeout=20)
+    assert info.value.host == host.name and not info.value.transient
+    secret = stranger.export_private_key().decode()
+    assert secret.splitlines()[1] not in str(info.value)
+    with pytest.raises(AuthenticationRejected):
+        await Connection.open(dataclasses.replace(host, key_path=str(tmp_path / "missing")), connect_timeout=20)
 
 
 async def test_unreachable_port_names_the_host(host: HostAddress) -> None:
