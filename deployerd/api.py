@@ -140,7 +140,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def post_deploy(req: DeployRequest) -> dict[str, Any]:
         root = settings.api_source_root.resolve()
         source = Path(req.service_path).resolve()
-        if not source.is_relative_to(root) or not source.is_dir():
+        if not source.is_relative_to(root) or source == root or not source.is_dir():
             raise HTTPException(422, f"service_path must be a directory under {root}")
         desired = engine.desired
         host = req.host or (sorted(desired.hosts)[0] if desired and desired.hosts else None)
@@ -149,14 +149,17 @@ def create_app(engine: Engine) -> FastAPI:
         try:
             spec = ServiceSpec(
                 name=req.service_name, droplet_id=req.droplet_id, host=host, method=req.deployment_method,
-                port=req.service_port, source=".", health=HealthSpec(path=req.health_path), env=req.env,
+                port=req.service_port, source=source.relative_to(root).as_posix(),
+                health=HealthSpec(path=req.health_path), env=req.env,
             )
         except ValidationError as e:
             raise HTTPException(422, [{"loc": err["loc"], "msg": err["msg"]} for err in e.errors()]) from e
         try:
-            job = await engine.deploy_out_of_band(spec, source)
+            job = await engine.deploy_out_of_band(spec, root)
         except Conflict as e:
             raise HTTPException(409, str(e)) from e
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
         return {"deploy_job_id": job.id, "service_name": job.service, "status": job.status.value,
                 "created_at": job.created_at}
 

@@ -457,6 +457,19 @@ def _check_source(tree: Tree, file: str, spec: ServiceSpec) -> list[Entry]:
     return entries
 
 
+def source_release(tree: Tree, spec: ServiceSpec, host: HostSpec, file: str) -> Release:
+    """Check a service's source folder in ``tree`` by the manifest rules and compute its release.
+
+    For sources that do not come from a manifest (the older ``POST /deploy``); ``file`` names the origin
+    in errors. Raises ValueError listing every problem.
+    """
+    try:
+        entries = _check_source(tree, file, spec)
+    except _Invalid as e:
+        raise ValueError("; ".join(str(err) for err in e.errors)) from None
+    return compute_release(spec, host, entries)
+
+
 # --------------------------------------------------------------------------- releases
 
 

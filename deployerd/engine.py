@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import git
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from deployerd.config import Settings
-from deployerd.desired import DesiredState, HostSpec, ServiceSpec, compute_release, load_desired
+from deployerd.desired import DesiredState, ServiceSpec, load_desired, source_release
 from deployerd.connection import HostUnreachable
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts, observe
@@ -100,6 +99,8 @@ class Engine:
         self._slots = asyncio.Semaphore(settings.max_parallel)
         self._reconcile_lock = asyncio.Lock()
         self._last_revision: str | None = None
+        self._tree: GitTree | None = None  # the pinned commit's files, shared by the jobs it starts
+        self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -141,8 +142,18 @@ class Engine:
         while self._inflight:
             await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
 
+    def _close_retired(self) -> None:
+        if not self._inflight:
+            for tree in self._retired:
+                tree.close()
+            self._retired.clear()
+
     async def close(self) -> None:
         await self.drain()
+        self._close_retired()
+        if self._tree is not None:
+            self._tree.close()
+            self._tree = None
         await self.hosts.close()
 
     # ------------------------------------------------------------------ one reconcile
@@ -176,7 +187,8 @@ class Engine:
         revision_changed = desired.revision != self._last_revision
         self._last_revision = desired.revision
         kind = "git" if revision_changed else "resync"
-        tree = GitTree(self.source.repo_path, desired.revision)
+        tree = self._tree
+        assert tree is not None
         now = time.monotonic()
         # A service moving host is deployed on the new host first; the old one is pruned by a later
         # reconcile, once the new one serves (never a window with neither).
@@ -208,10 +220,14 @@ class Engine:
                 raise
             revision = self.source.revision  # keep reconciling the last good revision while git is down
             log.warning("git fetch failed, using %s: %s", revision[:12], e)
-        tree = GitTree(self.source.repo_path, revision)
+        if self._tree is None or self._tree.revision != revision:
+            if self._tree is not None:
+                self._retired.append(self._tree)
+            self._tree = await asyncio.to_thread(GitTree, self.source.repo_path, revision)
+            self._close_retired()
+        tree = self._tree
         desired = await asyncio.to_thread(load_desired, tree, revision)
-        committed = await asyncio.to_thread(lambda: git.Repo(self.source.repo_path).commit(revision).committed_date)
-        self.metrics.last_applied_commit.set(committed)
+        self.metrics.last_applied_commit.set(tree.committed_date)
         observed = await observe(self.hosts, desired.hosts, self.registry)
         for name, facts in observed.hosts.items():
             self.metrics.host_up.labels(host=name).set(1 if facts.reachable else 0)
@@ -254,6 +270,7 @@ class Engine:
                 finally:
                     self._inflight.pop(job.service, None)
                     self._inflight_jobs.pop(job.service, None)
+                    self._close_retired()
                     self._after_job(job)
 
         self._inflight_jobs[job.service] = job
@@ -295,8 +312,9 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ out-of-band deploys (older API)
-    async def deploy_out_of_band(self, spec: ServiceSpec, source_dir: Path) -> Job:
-        """Deploy a directory of the daemon's machine as a service git does not manage (``POST /deploy``)."""
+    async def deploy_out_of_band(self, spec: ServiceSpec, root: Path) -> Job:
+        """Deploy ``spec.source`` under ``root`` (a folder of the daemon's machine) as a service git does not
+        manage (the older ``POST /deploy``). Raises Conflict, or ValueError for a source the rules refuse."""
         if self.desired is not None and (spec.name in self.desired.services or spec.name in self.desired.broken):
             raise Conflict(f"service {spec.name} is managed by git; commit to the desired-state repository instead")
         if self.desired is None or spec.host not in self.desired.hosts:
@@ -304,9 +322,8 @@ class Engine:
         if spec.name in self._inflight:
             raise Conflict(f"a job for {spec.name} is already running")
         host = self.desired.hosts[spec.host]
-        tree = DirTree(source_dir)
-        entries = await asyncio.to_thread(tree.entries, "")
-        release = compute_release(spec, host, entries)
+        tree = DirTree(root)
+        release = await asyncio.to_thread(source_release, tree, spec, host, f"POST /deploy {spec.source}")
         ctx = ReleaseContext(spec=spec, host=host, release=release, commit="", managed_by="api",
                              instance=self.settings.instance, env=dict(spec.env))
         job = Job(service=spec.name, host=host.name, method=spec.method, trigger="api", managed_by="api",

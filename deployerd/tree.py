@@ -11,6 +11,7 @@ import hashlib
 import os
 import posixpath
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -80,7 +81,10 @@ class GitTree:
     """The tree of one commit of a (bare or non-bare) repository; never touches the working copy."""
 
     def __init__(self, repo_path: Path, commit: str) -> None:
+        # gitpython talks to one long-lived `git cat-file` process, which is not safe across threads (jobs
+        # transfer files concurrently): the lock serializes object access. close() ends that process.
         self._repo = git.Repo(repo_path)
+        self._lock = threading.Lock()
         try:
             self._commit = self._repo.commit(commit)
             self._commit.tree  # noqa: B018 - resolve now: a full-length unknown sha is otherwise lazy
@@ -90,11 +94,20 @@ class GitTree:
         self._index: dict[str, tuple[Entry, bytes]] | None = None  # path -> (entry, binsha)
         self._dirs: set[str] = {""}
 
+    @property
+    def committed_date(self) -> int:
+        """The commit's time (seconds since the epoch)."""
+        return int(self._commit.committed_date)
+
     def close(self) -> None:
         """Stop gitpython's helper processes."""
         self._repo.close()
 
     def _load(self) -> dict[str, tuple[Entry, bytes]]:
+        with self._lock:
+            return self._load_locked()
+
+    def _load_locked(self) -> dict[str, tuple[Entry, bytes]]:
         if self._index is not None:
             return self._index
         index: dict[str, tuple[Entry, bytes]] = {}
@@ -124,7 +137,8 @@ class GitTree:
         found = self._load().get(clean_path(path))
         if found is None or found[0].kind == "other":
             raise TreeError(f"{path}: not a file in commit {self.revision[:12]}")
-        return self._repo.odb.stream(found[1]).read()
+        with self._lock:
+            return self._repo.odb.stream(found[1]).read()
 
     def exists(self, path: str) -> bool:
         path = clean_path(path)

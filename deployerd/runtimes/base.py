@@ -19,6 +19,12 @@ from deployerd.observed import Instance, RunState
 LABEL_PREFIX = "deployerd."
 
 
+def qualified_name(service: str, instance: str) -> str:
+    """The service's name on a host: plain for the default instance, prefixed by any other instance's name,
+    so two daemons sharing a host never collide on container, image, unit or directory names."""
+    return service if instance == "default" else f"{instance}-{service}"
+
+
 @dataclass(frozen=True)
 class ReleaseContext:
     """Everything one release of one service needs on its host; where its files live there."""
@@ -32,8 +38,12 @@ class ReleaseContext:
     env: dict[str, str] = field(default_factory=dict)  # resolved values (secrets included): never logged
 
     @property
+    def qualified_name(self) -> str:
+        return qualified_name(self.spec.name, self.instance)
+
+    @property
     def service_dir(self) -> str:
-        return posixpath.join(self.host.base_dir, self.spec.name)
+        return posixpath.join(self.host.base_dir, self.qualified_name)
 
     @property
     def release_dir(self) -> str:
@@ -84,6 +94,9 @@ class Runtime(ABC):
         self.conn = conn
         self.host = host
         self.instance = instance  # only this daemon instance's deployments are observed and touched
+
+    def qualified(self, service: str) -> str:
+        return qualified_name(service, self.instance)
 
     async def close(self) -> None:
         """Release what the runtime holds beyond the connection (API clients)."""

@@ -64,13 +64,13 @@ class DockerRuntime(Runtime):
             await self._client.close()
             self._client = None
 
-    def _filters(self, service: str | None) -> str:
+    def _filters(self, service: str | None) -> dict[str, list[str]]:
         labels = [f"{INSTANCE_LABEL}={self.instance}", SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"]
-        return json.dumps({"label": labels})
+        return {"label": labels}
 
     async def _containers(self, service: str | None = None) -> list[dict[str, Any]]:
         d = await self._docker()
-        found = await d.containers.list(all=True, filters=self._filters(service))
+        found = await d.containers.list(all=True, filters=json.dumps(self._filters(service)))
         return sorted((c._container for c in found), key=lambda c: c.get("Created", 0), reverse=True)
 
     async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
@@ -119,7 +119,7 @@ class DockerRuntime(Runtime):
     async def has_artifact(self, ctx: ReleaseContext) -> bool:
         d = await self._docker()
         try:
-            await d.images.inspect(image_tag(ctx.spec.name, ctx.release.id))
+            await d.images.inspect(image_tag(ctx.qualified_name, ctx.release.id))
             return True
         except DockerError as e:
             if e.status == 404:
@@ -127,7 +127,7 @@ class DockerRuntime(Runtime):
             raise
 
     async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
-        tag = image_tag(ctx.spec.name, ctx.release.id)
+        tag = image_tag(ctx.qualified_name, ctx.release.id)
         argv = ["docker", "build", "--quiet", "--tag", tag]
         for key, value in ctx.labels().items():
             argv += ["--label", f"{key}={value}"]
@@ -146,7 +146,7 @@ class DockerRuntime(Runtime):
         if ctx.spec.docker.restart == "on-failure":
             restart["MaximumRetryCount"] = 5
         return {
-            "Image": image_tag(ctx.spec.name, ctx.release.id),
+            "Image": image_tag(ctx.qualified_name, ctx.release.id),
             "Env": [f"{k}={v}" for k, v in sorted(ctx.env.items())],
             "Labels": ctx.labels(),
             "ExposedPorts": {f"{cport}/tcp": {}},
@@ -159,7 +159,7 @@ class DockerRuntime(Runtime):
 
     async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
         d = await self._docker()
-        name = container_name(ctx.spec.name, ctx.release.id)
+        name = container_name(ctx.qualified_name, ctx.release.id)
         # The env file is the host-side record of what the release runs with (0600, outside the build context).
         await self.conn.run(["install", "-d", "-m", "0700", "--", posixpath.dirname(ctx.env_file)])
         await self.conn.put_bytes(ctx.env_file, env_file_text(ctx.env), mode=0o600)
@@ -183,7 +183,7 @@ class DockerRuntime(Runtime):
     async def state(self, service: str, release: str) -> RunState | None:
         d = await self._docker()
         try:
-            info = await d.containers.container(container_name(service, release)).show()
+            info = await d.containers.container(container_name(self.qualified(service), release)).show()
         except DockerError as e:
             if e.status == 404:
                 return None
@@ -196,7 +196,7 @@ class DockerRuntime(Runtime):
     async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
         d = await self._docker()
         try:
-            out = await d.containers.container(container_name(service, release)).log(
+            out = await d.containers.container(container_name(self.qualified(service), release)).log(
                 stdout=True, stderr=True, tail=lines
             )
         except DockerError:
@@ -206,7 +206,7 @@ class DockerRuntime(Runtime):
     async def discard(self, service: str, release: str) -> None:
         d = await self._docker()
         try:
-            await d.containers.container(container_name(service, release)).delete(force=True)
+            await d.containers.container(container_name(self.qualified(service), release)).delete(force=True)
         except DockerError as e:
             if e.status != 404:
                 raise
@@ -214,7 +214,7 @@ class DockerRuntime(Runtime):
     async def remove_service(self, service: str) -> dict[str, Any]:
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
         removed = await self.retain(service, keep=[])
-        await self.conn.run(["rm", "-rf", "--", posixpath.join(self.host.base_dir, service)])
+        await self.conn.run(["rm", "-rf", "--", posixpath.join(self.host.base_dir, self.qualified(service))])
         return {"removed_releases": sorted(releases | set(removed["removed_releases"]))}
 
     async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
@@ -237,7 +237,7 @@ class DockerRuntime(Runtime):
                         raise
                 removed.add(release)
         dirs = await self.conn.run(
-            ["ls", "-1", posixpath.join(self.host.base_dir, service, "releases")], check=False
+            ["ls", "-1", posixpath.join(self.host.base_dir, self.qualified(service), "releases")], check=False
         )
         for entry in dirs.stdout.split():
             release = entry.removesuffix(".manifest.json")
@@ -245,7 +245,7 @@ class DockerRuntime(Runtime):
                 removed.add(release)
         stale = sorted(r for r in removed if r)
         if stale:
-            base = posixpath.join(self.host.base_dir, service)
+            base = posixpath.join(self.host.base_dir, self.qualified(service))
             paths = []
             for r in stale:
                 paths += [

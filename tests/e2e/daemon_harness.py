@@ -151,6 +151,7 @@ async def running_daemon(settings: Settings, loop: bool = False) -> AsyncIterato
     try:
         yield daemon
     finally:
+        await _remove_instance(engine)
         stop.set()
         if loop_task is not None:
             await loop_task
@@ -158,6 +159,26 @@ async def running_daemon(settings: Settings, loop: bool = False) -> AsyncIterato
         await serving
         await daemon.http.aclose()
         await close_engine(engine)
+
+
+async def _remove_instance(engine: Engine) -> None:
+    """Leave the shared sandbox as found: this test daemon's containers, images and Registry entries go."""
+    await engine.drain()
+    label = f"label=deployerd.instance={engine.settings.instance}"
+    for spec in (engine.desired.hosts.values() if engine.desired else []):
+        try:
+            conn = (await engine.hosts.handle(spec)).conn
+        except Exception:
+            continue
+        ids = (await conn.run(["docker", "ps", "-aq", "--filter", label])).stdout.split()
+        if ids:
+            await conn.run(["docker", "rm", "-f", *ids])
+        images = (await conn.run(["docker", "images", "-q", "--filter", label])).stdout.split()
+        if images:
+            await conn.run(["docker", "rmi", "-f", *sorted(set(images))], check=False)
+    for name, entry in (await engine.registry.list()).items():
+        if (entry.metadata or {}).get("instance") == engine.settings.instance:
+            await engine.registry.deregister(name)
 
 
 def registry_client(sandbox: SandboxInfo) -> RegistryClient:
