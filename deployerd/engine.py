@@ -101,6 +101,7 @@ class Engine:
         self._last_revision: str | None = None
         self._tree: GitTree | None = None  # the pinned commit's files, shared by the jobs it starts
         self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -143,17 +144,23 @@ class Engine:
             await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
 
     def _close_retired(self) -> None:
-        if not self._inflight:
-            for tree in self._retired:
-                tree.close()
-            self._retired.clear()
+        """Close older commits' trees (ending their git helper processes) once no job can read them."""
+        if not self._inflight and self._retired:
+            trees, self._retired = self._retired, []
+            self._background(asyncio.to_thread(lambda: [t.close() for t in trees]))
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         await self.drain()
-        self._close_retired()
         if self._tree is not None:
-            self._tree.close()
+            self._retired.append(self._tree)
             self._tree = None
+        self._close_retired()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hosts.close()
 
     # ------------------------------------------------------------------ one reconcile

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -19,6 +20,10 @@ from deployerd.observed import RunState
 from deployerd.runtimes.base import Runtime, StartError
 
 
+class HealthInterrupted(Exception):
+    """The caller asked to stop waiting (a newer commit superseded the release)."""
+
+
 @dataclass
 class HealthResult:
     url: str
@@ -27,8 +32,13 @@ class HealthResult:
     seconds: float
 
 
-async def wait_healthy(conn: Connection, runtime: Runtime, spec: ServiceSpec, release: str) -> HealthResult:
-    """Return once the release answers 2xx on its health path; raise StartError with its logs otherwise."""
+async def wait_healthy(
+    conn: Connection, runtime: Runtime, spec: ServiceSpec, release: str, stop: Callable[[], bool] = lambda: False
+) -> HealthResult:
+    """Return once the release answers 2xx on its health path; raise StartError with its logs otherwise.
+
+    ``stop`` is asked between probes: when it says so, the wait ends with HealthInterrupted.
+    """
     if spec.health.url:
         base_url, shown = spec.health.url, spec.health.url
     else:
@@ -40,6 +50,8 @@ async def wait_healthy(conn: Connection, runtime: Runtime, spec: ServiceSpec, re
     attempts, last = 0, "no answer yet"
     async with httpx.AsyncClient(timeout=min(5.0, spec.health.timeout_s)) as client:
         while True:
+            if stop():
+                raise HealthInterrupted(f"stopped waiting for {shown} after {attempts} probes")
             attempts += 1
             state = await runtime.state(spec.name, release)
             if state is not RunState.RUNNING:

@@ -21,7 +21,7 @@ from typing import Any
 
 from deployerd.connection import HostUnreachable
 from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
-from deployerd.health import wait_healthy
+from deployerd.health import HealthInterrupted, wait_healthy
 from deployerd.metrics import Metrics
 from deployerd.registry_client import RegistryClient, RegistryError
 from deployerd.runtimes import HostHandle, ReleaseContext, Runtime
@@ -115,6 +115,9 @@ class Deployer:
         await self.store.save_job(job)
         try:
             yield rec
+        except HealthInterrupted as e:  # a newer commit: not a failure of this release
+            rec.status, rec.error = PhaseStatus.FAILED, f"superseded: {e}"
+            raise Superseded() from e
         except Exception as e:
             rec.status, rec.error = PhaseStatus.FAILED, str(e)
             raise PhaseFailed(name, e) from e
@@ -188,7 +191,7 @@ class Deployer:
                 rec.details.update(await runtime.start(ctx))
             boundary()
             async with self._phase(job, HEALTH) as rec:
-                result = await wait_healthy(handle.conn, runtime, ctx.spec, ctx.release.id)
+                result = await wait_healthy(handle.conn, runtime, ctx.spec, ctx.release.id, stop=superseded)
                 rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
                                    seconds=result.seconds)
             await self.store.save_release(release_record(ctx, "good"))

@@ -134,8 +134,12 @@ def settings_for(tmp: Path, sandbox: SandboxInfo, repo: DesiredRepo, **overrides
 
 
 @asynccontextmanager
-async def running_daemon(settings: Settings, loop: bool = False) -> AsyncIterator[Daemon]:
-    """Open the daemon (store, Registry client, engine) and serve its API; with ``loop`` also run its loop."""
+async def running_daemon(settings: Settings, loop: bool = False, cleanup: bool = True) -> AsyncIterator[Daemon]:
+    """Open the daemon (store, Registry client, engine) and serve its API; with ``loop`` also run its loop.
+
+    With ``cleanup`` (the default) its deployments are removed at the end; a test that restarts the
+    daemon passes False for the first run so the second finds them.
+    """
     engine = await open_engine(settings)
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=settings.listen_port,
                                            log_level="warning"))
@@ -151,7 +155,8 @@ async def running_daemon(settings: Settings, loop: bool = False) -> AsyncIterato
     try:
         yield daemon
     finally:
-        await _remove_instance(engine)
+        if cleanup:
+            await _remove_instance(engine)
         stop.set()
         if loop_task is not None:
             await loop_task

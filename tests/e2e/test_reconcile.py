@@ -241,7 +241,7 @@ async def test_restart_keeps_history_releases_and_quarantine(sandbox: SandboxInf
     repo.service("durable", 8151, health_timeout_s=4)
     repo.commit("v1")
     settings = settings_for(tmp_path, sandbox, repo)
-    async with running_daemon(settings) as d:
+    async with running_daemon(settings, cleanup=False) as d:
         await d.reconcile()
         repo.remove("services/durable/www/health")
         repo.commit("break")
@@ -259,7 +259,9 @@ async def test_restart_keeps_history_releases_and_quarantine(sandbox: SandboxInf
         resp = await d.http.post("/sync", json={"service": "durable", "force": True}, headers=d.auth)
         assert resp.status_code == 200
         await d.engine.drain()
-        assert (await d.last_job("durable")).id != failed.id
+        retried = await d.last_job("durable")
+        assert retried.id != failed.id and retried.release == failed.release
+        assert retried.status is JobStatus.ROLLED_BACK, (retried.status, retried.error, retried.rollback)
 
 
 async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
@@ -326,3 +328,70 @@ async def test_commit_seen_by_watch_deploys(sandbox: SandboxInfo, tmp_path: Path
         assert "watched v2" in (await http_get(url(sandbox, 8171))).text
         health = (await d.http.get("/health")).json()
         assert health["status"] == "active" and health["hosts"]["sbx-1"]["reachable"] is True
+
+
+async def test_newer_commit_supersedes_a_deploy_waiting_for_health(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("impatient", 8181, health_timeout_s=300)
+    repo.commit("v1")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        repo.remove("services/impatient/www/health")  # v2 never gets healthy (and would wait 300 s)
+        repo.commit("v2: broken health")
+        await d.engine.reconcile(["test"])  # launches the v2 job without waiting for it
+        for _ in range(200):  # bounded: until the job is waiting in Verify Health
+            job = await d.last_job("impatient")
+            if any(p.phase == "Verify Health" and p.status is PhaseStatus.RUNNING for p in job.phases):
+                break
+            await asyncio.sleep(0.2)
+        repo.service("impatient", 8181, version="3", health_timeout_s=300)
+        repo.commit("v3: fixed")
+        await d.engine.reconcile(["test"])  # records v3 as wanted; the v2 job stops at its next probe
+        await d.engine.drain()
+        v2 = await d.engine.store.job(job.id)
+        assert v2 is not None and v2.status is JobStatus.SUPERSEDED
+        assert "superseded" in (phase(v2, "Verify Health").error or "")
+        await d.reconcile()
+        v3 = await d.last_job("impatient")
+        assert v3.status is JobStatus.SUCCEEDED and v3.id != v2.id
+        assert "impatient v3" in (await http_get(url(sandbox, 8181))).text
+        assert "impatient" not in await d.engine.store.quarantined()
+
+
+async def test_api_guards_webhook_and_health(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("guarded", 8191)
+    repo.commit("one")
+    settings = settings_for(tmp_path, sandbox, repo)
+    async with running_daemon(settings) as d:
+        # every route that changes anything wants the token
+        for path, body in (("/sync", {}), ("/deploy", {}), ("/message", {})):
+            assert (await d.http.post(path, json=body)).status_code == 401
+            bad = {"Authorization": "Bearer not-the-token"}
+            assert (await d.http.post(path, json=body, headers=bad)).status_code == 401
+        # /health answers before any reconcile, without waiting on a host
+        h = (await d.http.get("/health")).json()
+        assert h["service"] == "deployerd" and h["state"] == "starting" and h["last_reconcile"] is None
+        # webhook: wrong signature refused (nothing fetched), right one accepted
+        secret = settings.secret("webhook_secret") or ""
+        push = json.dumps({"ref": "refs/heads/main", "after": "a" * 40}).encode()
+        wrong = {"X-Hub-Signature-256": "sha256=" + "0" * 64, "Content-Type": "application/json"}
+        assert (await d.http.post("/webhook", content=push, headers=wrong)).status_code == 401
+        assert d.engine.source.revision is None and not d.engine.kick.is_set()
+        sig = "sha256=" + hmac.new(secret.encode(), push, hashlib.sha256).hexdigest()
+        ok = await d.http.post("/webhook", content=push, headers={**wrong, "X-Hub-Signature-256": sig})
+        assert ok.status_code == 200 and ok.json()["accepted"] is True and d.engine.kick.is_set()
+        big = b"{" + b" " * (2 << 20) + b"}"
+        assert (await d.http.post("/webhook", content=big, headers=wrong)).status_code == 413
+        # after a reconcile: health says active, with the hosts and the Registry reachable
+        await d.reconcile()
+        h = (await d.http.get("/health")).json()
+        assert h["status"] == "active" and h["registry"]["reachable"] is True
+        assert all(v["reachable"] for v in h["hosts"].values())
+        for path in ("/capabilities", "/state", "/dependencies"):
+            assert (await d.http.get(path)).status_code == 200
+        deps = (await d.http.get("/dependencies")).json()
+        assert deps["missing"] == []
