@@ -8,8 +8,9 @@ from deployerd.connection import Connection
 from deployerd.desired import HostSpec
 from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 from deployerd.runtimes.docker import DockerRuntime
+from deployerd.runtimes.systemd import SystemdRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime}
+RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime, SystemdRuntime.method: SystemdRuntime}
 
 __all__ = ["HostHandle", "ReleaseContext", "Runtime", "RUNTIMES", "StartError"]
 
