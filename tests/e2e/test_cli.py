@@ -1,0 +1,76 @@
+"""The command line as a user runs it: validate, plan, status, history, sync (real daemon, real hosts)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployerd.sandbox import SandboxInfo
+
+from daemon_harness import DesiredRepo, running_daemon, settings_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    """Run ``python -m deployerd ARGS`` as a subprocess (without blocking the in-process daemon)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deployerd", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_validate_bundled_and_broken(tmp_path: Path) -> None:
+    code, out = await cli("validate", str(ROOT / "desired_state"))
+    assert code == 0, out
+    assert "ok: hello-web (docker on sbx-1:8010)" in out and "ok: hello-api" in out
+
+    broken = tmp_path / "ds"
+    (broken / "services" / "bad").mkdir(parents=True)
+    (broken / "hosts.yaml").write_text("hosts:\n  h1: {address: 127.0.0.1}\n")
+    (broken / "services" / "bad.yaml").write_text("name: bad\nhost: h1\nport: 80\nsource: services/bad\ncolor: red\n")
+    (broken / "services" / "lost.yaml").write_text("name: lost\nhost: h2\nport: 81\nsource: services/bad\n")
+    code, out = await cli("validate", str(broken))
+    assert code == 1
+    assert "services/bad.yaml: color: unknown field" in out
+    assert "services/lost.yaml: host:" in out and "h2" in out
+
+
+async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("cli-web", 8401)
+    repo.commit("one")
+    settings = settings_for(tmp_path, sandbox, repo)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+
+    code, out = await cli("plan", "--config", str(config))
+    assert code == 0, out
+    assert "deploy" in out.lower() and "cli-web" in out and "not deployed on sbx-1" in out
+
+    async with running_daemon(settings) as d:
+        code, out = await cli("sync", "--config", str(config))
+        assert code == 0, out
+        assert "cli-web@sbx-1: not deployed on sbx-1" in out
+        await d.engine.drain()
+        await d.reconcile()
+        code, out = await cli("status", "--config", str(config))
+        assert code == 0, out
+        line = next(line for line in out.splitlines() if line.startswith("cli-web"))
+        assert "Synced" in line and "Healthy" in line
+        code, out = await cli("history", "cli-web", "--config", str(config))
+        assert code == 0 and "succeeded" in out, out
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("nope")
+        wrong.chmod(0o600)
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "api_token_file": str(wrong)}))
+        code, out = await cli("sync", "--config", str(bad))
+        assert code == 1 and "401" in out
