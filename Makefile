@@ -48,7 +48,7 @@ sandbox-down: venv
 	$(PY) -m deployerd sandbox down
 
 bench: deps
-	$(PY) bench/run.py
+	$(PY) bench/reconcile_bench.py
 
 clean: sandbox-down
 	rm -rf $(VENV) .pytest_cache

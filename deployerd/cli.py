@@ -36,6 +36,8 @@ def _settings(config: Optional[Path]) -> Settings:
 def _logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("asyncssh", "httpx", "apscheduler"):  # per-request lines; warnings still show
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _api(settings: Settings, url: Optional[str]) -> str:
