@@ -76,7 +76,7 @@ async def main() -> None:
             shutil.copytree(entry, dest) if entry.is_dir() else shutil.copy(entry, dest)
         repo.service("bench-web", 8201, health_timeout_s=5)
         repo.commit("example services + bench-web")
-        settings = settings_for(tmp / "daemon", info, repo, poll_interval_s=3600, resync_interval_s=3600)
+        settings = settings_for(tmp / "daemon", info, repo)
         async with running_daemon(settings, loop=True) as d:
             first = await wait_job(d, "bench-web", None)
             assert first.status is JobStatus.SUCCEEDED, first.error
