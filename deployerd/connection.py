@@ -28,7 +28,8 @@ import shlex
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -379,35 +380,35 @@ class Connection:
         assert isinstance(exc, asyncssh.SFTPError)
         return RemoteFileError(self.host.name, op, path, exc.code, exc.reason)
 
-    async def put_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Write ``data`` atomically: temp file in the same dir (created 0600), chmod, then rename over."""
+    async def _put_atomic(self, path: str, mode: int, write: Callable[[Any], Awaitable[Any]]) -> None:
+        """Write through ``write(file)`` to a 0600 temp name beside ``path``, chmod, then rename over it:
+        readers never see a partial file, and a secret is never readable while it is being written."""
         self.stats.sftp_ops += 1
         sftp = await self.sftp()
         tmp = _temp_name(path)
         try:
             async with sftp.open(tmp, "wb", asyncssh.SFTPAttrs(permissions=0o600), encoding=None) as f:
-                await f.write(data)
+                await write(f)
                 await f.chmod(mode)
             await sftp.posix_rename(tmp, path)
         except (*_CONNECTION_ERRORS, asyncssh.SFTPError) as exc:
             await self._discard(sftp, tmp)
             raise self._sftp_error("put", path, exc) from None
 
+    async def put_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` atomically with ``mode``."""
+        await self._put_atomic(path, mode, lambda f: f.write(data))
+
     async def put_file(self, local: str | os.PathLike[str], remote: str, mode: int = 0o644) -> None:
         """Upload a local file atomically (like put_bytes), reading it in chunks off the event loop."""
-        self.stats.sftp_ops += 1
-        sftp = await self.sftp()
-        tmp = _temp_name(remote)
         src = await asyncio.to_thread(open, local, "rb")
+
+        async def copy(f: Any) -> None:
+            while chunk := await asyncio.to_thread(src.read, _CHUNK):
+                await f.write(chunk)
+
         try:
-            async with sftp.open(tmp, "wb", asyncssh.SFTPAttrs(permissions=0o600), encoding=None) as f:
-                while chunk := await asyncio.to_thread(src.read, _CHUNK):
-                    await f.write(chunk)
-                await f.chmod(mode)
-            await sftp.posix_rename(tmp, remote)
-        except (*_CONNECTION_ERRORS, asyncssh.SFTPError) as exc:
-            await self._discard(sftp, tmp)
-            raise self._sftp_error("put", remote, exc) from None
+            await self._put_atomic(remote, mode, copy)
         finally:
             await asyncio.to_thread(src.close)
 

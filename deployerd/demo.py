@@ -92,13 +92,19 @@ def _pid() -> int | None:
         return None
 
 
-def _start_daemon(config: Path) -> int:
+def _stop_daemon() -> int | None:
+    """SIGTERM the demo's daemon and wait (bounded) for it to go; returns its pid if one ran."""
     if (pid := _pid()) is not None:
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
             if _pid() is None:
                 break
             time.sleep(0.1)
+    return pid
+
+
+def _start_daemon(config: Path) -> int:
+    _stop_daemon()
     log = open(ROOT / "deployerd.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "deployerd", "run", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -153,12 +159,7 @@ def up() -> int:
 
 
 def down() -> int:
-    if (pid := _pid()) is not None:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if _pid() is None:
-                break
-            time.sleep(0.1)
+    if (pid := _stop_daemon()) is not None:
         print(f"stopped deployerd (pid {pid})")
     sandbox.down(ROOT / "sandbox")
     return 0
