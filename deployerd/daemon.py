@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 
 import uvicorn
 
@@ -32,6 +34,33 @@ async def close_engine(engine: Engine) -> None:
     await engine.store.close()
 
 
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) about our state; a no-op when not started by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+    return True
+
+
+async def _watchdog(server: uvicorn.Server) -> None:
+    """READY=1 once the API listens, then WATCHDOG=1 at half the unit's WatchdogSec while the loop runs:
+    a blocked event loop stops the pings and systemd restarts the daemon."""
+    while not server.started:
+        await asyncio.sleep(0.05)
+    sd_notify("READY=1\nSTATUS=reconciling")
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec <= 0:
+        return
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(usec / 2e6)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM: uvicorn owns the signals; when it stops, the loop drains and stops."""
     engine = await open_engine(settings)
@@ -41,11 +70,14 @@ async def serve(settings: Settings) -> None:
         access_log=False,
     ))
     loop_task = asyncio.create_task(engine.run(stop))
+    watchdog = asyncio.create_task(_watchdog(server))
     log.info("deployerd listening on http://%s:%d, watching %s (%s)", settings.listen_host, settings.listen_port,
              engine.source.display_url, settings.branch)
     try:
         await server.serve()
     finally:
+        sd_notify("STOPPING=1")
+        watchdog.cancel()
         stop.set()
         await loop_task
         await close_engine(engine)

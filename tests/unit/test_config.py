@@ -34,3 +34,4 @@ def test_secret_files_must_be_private(tmp_path: Path) -> None:
     token.chmod(0o600)
     assert s.secret("api_token") == "s3cret"
     assert s.secret("webhook_secret") is None
+
