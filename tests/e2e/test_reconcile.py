@@ -168,6 +168,22 @@ async def test_revert_restores_kept_release_without_rebuild(sandbox: SandboxInfo
         assert phase(back, "Start Service").details["reused_container"] is True
         assert "revert-me v1" in (await http_get(url(sandbox, 8121))).text
 
+        # retention: 3 releases kept (the serving one and the 2 most recently good); older ones removed
+        releases = {}
+        for version in ("3", "4"):
+            repo.service("revert-me", 8121, version=version)
+            repo.commit(f"v{version}")
+            await d.reconcile()
+            releases[version] = (await d.last_job("revert-me")).release
+        kept = {c["Labels"]["deployerd.release"] for c in await containers(d, "revert-me")}
+        assert kept == {releases["4"], releases["3"], v1.release}
+        conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+        base = f"/opt/fpai/services/{d.engine.settings.instance}-revert-me"
+        dirs = (await conn.run(["ls", "-1", f"{base}/releases"])).stdout.split()
+        assert v2.release not in " ".join(dirs) and releases["4"] in dirs
+        images = (await conn.run(["docker", "images", "-q", f"deployerd/{d.engine.settings.instance}-revert-me"])).stdout.split()
+        assert len(images) == 3
+
 
 async def test_delete_manifest_prunes_and_drift_is_healed(sandbox: SandboxInfo, tmp_path: Path) -> None:
     repo = DesiredRepo(tmp_path / "repo", sandbox)
