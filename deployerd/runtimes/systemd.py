@@ -233,6 +233,8 @@ def run_state(props: dict[str, str]) -> RunState | None:
         return RunState.FAILED
     if active in ("active", "reloading", "activating"):
         return RunState.RUNNING
+    if active == "inactive" and props.get("Result", "success") not in ("success", ""):
+        return RunState.FAILED  # ended by a failure (e.g. its start limit) and the failed state was reset
     return RunState.STOPPED
 
 
@@ -310,7 +312,9 @@ class SystemdRuntime(Runtime):
         await self.conn.run(["rm", "-rf", "--", venv])
         await self.conn.run(["install", "-d", "-m", "0755", "--", posixpath.dirname(venv)])
         try:
-            await self.conn.run(["python3", "-m", "venv", "--", venv], timeout=5 * 60)
+            # pip only when there is something to install: ensurepip is most of a venv's build time
+            await self.conn.run(["python3", "-m", "venv", *([] if has_req else ["--without-pip"]), "--", venv],
+                                timeout=5 * 60)
             if has_req:
                 argv = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
                         "--no-input", "--progress-bar", "off"]
