@@ -27,10 +27,9 @@ import posixpath
 import shlex
 from typing import Any
 
-from deployerd.connection import CommandError, Connection
-from deployerd.desired import HostSpec
+from deployerd.connection import CommandError
 from deployerd.observed import Instance, RunState
-from deployerd.runtimes.base import ReleaseContext, Runtime, StartError, qualified_name
+from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 
 UNIT_DIR = "/etc/systemd/system"
 META_PREFIX = "X-Deployerd-"
@@ -278,9 +277,6 @@ def _tail(text: str, lines: int = 40) -> list[str]:
 class SystemdRuntime(Runtime):
     method = "systemd"
 
-    def __init__(self, conn: Connection, host: HostSpec, instance: str = "default") -> None:
-        super().__init__(conn, host, instance)
-
     def _service_dir(self, service: str) -> str:
         return posixpath.join(self.host.base_dir, self.qualified(service))
 
@@ -441,4 +437,4 @@ class SystemdRuntime(Runtime):
 
 
 __all__ = ["SystemdRuntime", "render_unit", "command_argv", "parse_probe", "run_state", "unit_quote",
-           "systemd_env_file_text", "default_user", "unit_name", "qualified_name"]
+           "systemd_env_file_text", "default_user", "unit_name"]

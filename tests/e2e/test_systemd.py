@@ -246,6 +246,14 @@ async def test_deploy_change_revert_as_a_hardened_unit(sandbox: SandboxInfo, tmp
         assert (await facts(sandbox, 8301))["version"] == "1"
         assert await sh(d, "readlink", f"{sdir}/current") == f"releases/{v1.release}"
 
+        # retention: what is not kept goes (source, venv, env file, manifest); `current` never does
+        removed = await rt.retain("sd-web", keep=[])
+        assert removed == {"removed_releases": [v2.release]}
+        assert (await sh(d, "ls", "-1", f"{sdir}/releases")).split() == [v1.release, f"{v1.release}.manifest.json"]
+        assert (await sh(d, "ls", "-1", f"{sdir}/venvs")).split() == [v1.release]
+        assert (await sh(d, "ls", "-1", f"{sdir}/env")).split() == [f"{v1.release}.env"]
+        assert (await facts(sandbox, 8301))["version"] == "1"
+
 
 @pytest.mark.parametrize("breakage", ["crash", "unhealthy"])
 async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo, tmp_path: Path, breakage: str) -> None:
