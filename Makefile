@@ -6,9 +6,19 @@ PY := $(VENV)/bin/python
 # image recipe's tools (debootstrap, zstd, busybox-static), git, and systemd-analyze for the unit tests.
 APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv
 
-.PHONY: deps apt venv test test-unit demo demo-down sandbox-up sandbox-down bench clean
+.PHONY: deps apt venv wheelhouse test test-unit demo demo-down sandbox-up sandbox-down bench clean
 
 deps: apt venv
+
+# deployerd and its dependencies as wheels: the test that installs deployerd on a test host (which has no
+# network) installs from here. Rebuilt when the code or the dependencies change.
+WHEELHOUSE := .wheelhouse
+wheelhouse: $(WHEELHOUSE)/.built
+
+$(WHEELHOUSE)/.built: $(VENV)/.installed $(shell find deployerd -name '*.py' -o -name '*.service' -o -name '*.sh' -o -name '*.json' -o -name '*.conf' 2>/dev/null)
+	rm -rf $(WHEELHOUSE)
+	$(PY) -m pip wheel -q --wheel-dir $(WHEELHOUSE) .
+	touch $@
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -29,8 +39,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: deps
-	$(VENV)/bin/pytest -q -rs
+test: deps wheelhouse
+	DEPLOYERD_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(VENV)/bin/pytest -q -rs
 
 test-unit: venv
 	$(VENV)/bin/pytest -q tests/unit
@@ -51,4 +61,4 @@ bench: deps
 	$(PY) bench/reconcile_bench.py
 
 clean: sandbox-down
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(WHEELHOUSE)

@@ -68,8 +68,9 @@ class Settings(BaseSettings):
         if path is None:
             return None
         mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise PermissionError(f"{path}: {name} file must not be readable by group or others (mode {mode:o})")
+        if mode & 0o027:  # 0600, or 0640 for a root-owned file the daemon's group reads
+            raise PermissionError(f"{path}: {name} file must not be readable by others nor writable by group "
+                                  f"(mode {mode:o}; use 0600 or 0640)")
         return path.read_text().strip() or None
 
     @property

@@ -31,7 +31,11 @@ def test_secret_files_must_be_private(tmp_path: Path) -> None:
     s = load_settings(tmp_path / "absent.yaml", api_token_file=token)
     with pytest.raises(PermissionError, match="api.token"):
         s.secret("api_token")
-    token.chmod(0o600)
-    assert s.secret("api_token") == "s3cret"
+    token.chmod(0o660)
+    with pytest.raises(PermissionError):
+        s.secret("api_token")
+    for ok in (0o600, 0o640):
+        token.chmod(ok)
+        assert s.secret("api_token") == "s3cret"
     assert s.secret("webhook_secret") is None
 
