@@ -98,6 +98,37 @@ class Runtime(ABC):
     def qualified(self, service: str) -> str:
         return qualified_name(service, self.instance)
 
+    def service_dir(self, service: str) -> str:
+        return posixpath.join(self.host.base_dir, self.qualified(service))
+
+    async def host_releases(self, service: str) -> set[str]:
+        """Release ids that have files on the host (release dirs, partial transfers, manifests, venvs)."""
+        sdir = self.service_dir(service)
+        listed = await self.conn.run(
+            ["ls", "-1", "--", posixpath.join(sdir, "releases"), posixpath.join(sdir, "venvs")], check=False
+        )
+        return {
+            entry.removesuffix(".manifest.json").removesuffix(".partial")
+            for entry in listed.stdout.split()
+            if not entry.endswith(":")  # ls prints a header per folder when given two
+        } - {""}
+
+    async def remove_release_files(self, service: str, releases: list[str]) -> None:
+        """Delete every file of these releases on the host, whichever method made them, in one command."""
+        if not releases:
+            return
+        sdir = self.service_dir(service)
+        paths = []
+        for r in releases:
+            paths += [
+                posixpath.join(sdir, "releases", r),
+                posixpath.join(sdir, "releases", f"{r}.partial"),
+                posixpath.join(sdir, "releases", f"{r}.manifest.json"),
+                posixpath.join(sdir, "venvs", r),
+                posixpath.join(sdir, "env", f"{r}.env"),
+            ]
+        await self.conn.run(["rm", "-rf", "--", *paths])
+
     async def close(self) -> None:
         """Release what the runtime holds beyond the connection (API clients)."""
 

@@ -217,7 +217,7 @@ class DockerRuntime(Runtime):
     async def remove_service(self, service: str) -> dict[str, Any]:
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
         removed = await self.retain(service, keep=[])
-        await self.conn.run(["rm", "-rf", "--", posixpath.join(self.host.base_dir, self.qualified(service))])
+        await self.conn.run(["rm", "-rf", "--", self.service_dir(service)])
         return {"removed_releases": sorted(releases | set(removed["removed_releases"]))}
 
     async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
@@ -239,24 +239,9 @@ class DockerRuntime(Runtime):
                     if e.status != 404:
                         raise
                 removed.add(release)
-        dirs = await self.conn.run(
-            ["ls", "-1", posixpath.join(self.host.base_dir, self.qualified(service), "releases")], check=False
-        )
-        for entry in dirs.stdout.split():
-            release = entry.removesuffix(".manifest.json")
-            if release not in keep:
-                removed.add(release)
+        removed |= {r for r in await self.host_releases(service) if r not in keep}
         stale = sorted(r for r in removed if r)
-        if stale:
-            base = posixpath.join(self.host.base_dir, self.qualified(service))
-            paths = []
-            for r in stale:
-                paths += [
-                    posixpath.join(base, "releases", r),
-                    posixpath.join(base, "releases", f"{r}.manifest.json"),
-                    posixpath.join(base, "env", f"{r}.env"),
-                ]
-            await self.conn.run(["rm", "-rf", "--", *paths])
+        await self.remove_release_files(service, stale)
         return {"removed_releases": stale}
 
 

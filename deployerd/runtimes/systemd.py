@@ -277,9 +277,6 @@ def _tail(text: str, lines: int = 40) -> list[str]:
 class SystemdRuntime(Runtime):
     method = "systemd"
 
-    def _service_dir(self, service: str) -> str:
-        return posixpath.join(self.host.base_dir, self.qualified(service))
-
     async def _probe(self, *qualified: str) -> list[dict[str, Any]]:
         done = await self.conn.run(
             ["python3", "-c", PROBE, UNIT_DIR, self.host.base_dir, self.instance, *qualified], check=False)
@@ -398,7 +395,7 @@ class SystemdRuntime(Runtime):
     async def remove_service(self, service: str) -> dict[str, Any]:
         q = self.qualified(service)
         unit = unit_name(q)
-        sdir = self._service_dir(service)
+        sdir = self.service_dir(service)
         listed = await self.conn.run(["ls", "-1", "--", posixpath.join(sdir, "releases")], check=False)
         releases = sorted({e.removesuffix(".manifest.json").removesuffix(".partial") for e in listed.stdout.split()})
         await self.conn.run(["systemctl", "disable", "--now", "--quiet", "--", unit], check=False)
@@ -411,28 +408,11 @@ class SystemdRuntime(Runtime):
         return {"unit": unit, "removed_releases": releases}
 
     async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
-        sdir = self._service_dir(service)
-        listed = await self.conn.run(["ls", "-1", "--", posixpath.join(sdir, "releases"), posixpath.join(sdir, "venvs")],
-                                     check=False)
+        sdir = self.service_dir(service)
         current = (await self.conn.run(["readlink", "--", posixpath.join(sdir, "current")], check=False)).stdout.strip()
-        protect = set(keep) | {posixpath.basename(current)}
-        found = set()
-        for entry in listed.stdout.split():
-            if entry.endswith(":"):  # ls headers when listing two dirs
-                continue
-            found.add(entry.removesuffix(".manifest.json").removesuffix(".partial"))
-        stale = sorted(r for r in found if r and r not in protect)
-        if stale:
-            paths = []
-            for r in stale:
-                paths += [
-                    posixpath.join(sdir, "releases", r),
-                    posixpath.join(sdir, "releases", f"{r}.partial"),
-                    posixpath.join(sdir, "releases", f"{r}.manifest.json"),
-                    posixpath.join(sdir, "venvs", r),
-                    posixpath.join(sdir, "env", f"{r}.env"),
-                ]
-            await self.conn.run(["rm", "-rf", "--", *paths])
+        protect = set(keep) | {posixpath.basename(current)}  # never what serves, whatever keep says
+        stale = sorted(r for r in await self.host_releases(service) if r not in protect)
+        await self.remove_release_files(service, stale)
         return {"removed_releases": stale}
 
 

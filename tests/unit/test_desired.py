@@ -82,7 +82,8 @@ def test_bundled_desired_state_loads_without_errors() -> None:
     state = load_desired(DirTree(REPO_ROOT / "desired_state"), "bundled")
     assert state.errors == [] and state.broken == set()
     assert {n: (s.droplet_id, s.port, s.host, s.method) for n, s in state.services.items()} == {
-        "hello-web": (20, 8010, "sbx-1", "docker"), "hello-api": (21, 8011, "sbx-1", "docker")}
+        "hello-web": (20, 8010, "sbx-1", "docker"), "hello-api": (21, 8011, "sbx-1", "docker"),
+        "hello-py": (22, 8012, "sbx-1", "systemd")}
     assert state.hosts["sbx-1"].address == "127.0.0.1"
 
 
