@@ -57,8 +57,23 @@ sandbox-up: deps
 sandbox-down: venv
 	$(PY) -m deployerd sandbox down
 
-bench: deps
-	$(PY) bench/reconcile_bench.py
+# The peers (ansible, which bundles community.docker; pyinfra; py-spy for profiles) live in their own venv so
+# .venv stays clean. rsync is the plain-script peer's transfer. One sandbox of 3 hosts serves every bench and
+# is taken down at the end (BENCH_SANDBOX_DIR, default /tmp/bench-sbx).
+BENCH_VENV ?= .bench-venv
+BENCH_SANDBOX_DIR ?= /tmp/bench-sbx
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q ansible pyinfra py-spy
+	touch $@
+
+bench: deps $(BENCH_VENV)/.installed
+	@command -v rsync >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
+	$(PY) -m deployerd.sandbox up --hosts 3 --state-dir $(BENCH_SANDBOX_DIR)
+	status=0; \
+	DEPLOYERD_BENCH_SANDBOX=$(BENCH_SANDBOX_DIR) BENCH_PEERS_VENV=$(abspath $(BENCH_VENV)) $(PY) bench/peers.py || status=1; \
+	DEPLOYERD_BENCH_SANDBOX=$(BENCH_SANDBOX_DIR) $(PY) bench/reconcile_bench.py || status=1; \
+	$(PY) -m deployerd.sandbox down --state-dir $(BENCH_SANDBOX_DIR); exit $$status
 
 clean: sandbox-down
 	rm -rf $(VENV) .pytest_cache $(WHEELHOUSE)

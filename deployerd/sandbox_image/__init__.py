@@ -25,7 +25,7 @@ IMAGE_REPO = "deployerd-testhost"
 IMAGE_DIR = Path(__file__).parent
 SUITE = "bookworm"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "openssh-server", "python3", "python3-venv", "dbus", "iproute2")
-CHROOT_PACKAGES = ("docker.io", "busybox-static", "git")  # git: deployerd itself runs on a test host too
+CHROOT_PACKAGES = ("docker.io", "busybox-static", "git", "python3-docker", "rsync")  # git: deployerd itself runs on a test host too; python3-docker, rsync: the peers in bench/ (Ansible community.docker, rsync)
 # Bump when the build steps below change in a way the helper files do not show.
 RECIPE_REVISION = "1"
 

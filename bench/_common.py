@@ -1,0 +1,73 @@
+"""Helpers the benches share: the sandbox, waiting for jobs, the peers' tools (.bench-venv) and SSH by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+from deployerd.sandbox import HostInfo  # noqa: E402
+
+PEERS_VENV = Path(os.environ.get("BENCH_PEERS_VENV", ROOT / ".bench-venv"))
+
+
+async def wait_job(d, service: str, after: str | None, limit_s: float = 300):  # type: ignore[no-untyped-def]
+    """The first finished job of ``service`` newer than job id ``after``."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        jobs = await d.jobs(service)
+        if jobs and jobs[0].id != after and jobs[0].status.finished:
+            return jobs[0]
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no finished job for {service} within {limit_s} s")
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ssh_opts(h: HostInfo) -> list[str]:
+    return ["-p", str(h.ssh_port), "-i", h.key_path, "-o", f"UserKnownHostsFile={h.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+
+
+def ssh(h: HostInfo, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """One OpenSSH connection running ``script`` in the host's shell (what a user's script does)."""
+    return subprocess.run(["ssh", *ssh_opts(h), f"{h.user}@{h.address}", script], check=check,
+                          capture_output=True, text=True, timeout=600)
+
+
+def rsync(h: HostInfo, src: Path, dest: str, stats: bool = False) -> subprocess.CompletedProcess[str]:
+    e = "ssh " + " ".join(shlex.quote(o) for o in ssh_opts(h))
+    return subprocess.run(["rsync", "-a", "--delete", *(["--stats"] if stats else []), "-e", e,
+                           f"{src}/", f"{h.user}@{h.address}:{dest}/"], check=True, capture_output=True,
+                          text=True, timeout=600)
+
+
+def peer_tool(name: str) -> Path:
+    tool = PEERS_VENV / "bin" / name
+    if not tool.exists():
+        raise SystemExit(f"{tool} missing: `make bench` creates {PEERS_VENV} with ansible and pyinfra")
+    return tool
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fmt_table(rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
