@@ -128,7 +128,9 @@ class DockerRuntime(Runtime):
 
     async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
         tag = image_tag(ctx.qualified_name, ctx.release.id)
-        argv = ["docker", "build", "--quiet", "--tag", tag]
+        # BuildKit: a warm build of a small image takes ~0.3 s where the legacy builder takes ~2 s (and more
+        # with every --label, each a step of its own); a failed step's output still comes on stderr.
+        argv = ["env", "DOCKER_BUILDKIT=1", "docker", "build", "--quiet", "--tag", tag]
         for key, value in ctx.labels().items():
             argv += ["--label", f"{key}={value}"]
         for key, value in sorted(ctx.spec.docker.build_args.items()):
