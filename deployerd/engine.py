@@ -23,7 +23,7 @@ from deployerd.connection import HostUnreachable
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts, observe
 from deployerd.observed import ObservedState, RegistryEntry, RunState
-from deployerd.phases import Deployer
+from deployerd.phases import Deployer, context_from_record
 from deployerd.plan import Action, ActionKind, plan
 from deployerd.registry_client import RegistryClient
 from deployerd.runtimes import ReleaseContext
@@ -203,7 +203,7 @@ class Engine:
         for action in actions:
             if action.release:
                 self._wanted[action.service] = action.release
-            if action.kind not in (ActionKind.DEPLOY, ActionKind.REGISTER, ActionKind.PRUNE):
+            if action.kind not in (ActionKind.DEPLOY, ActionKind.RESTORE, ActionKind.REGISTER, ActionKind.PRUNE):
                 continue
             if action.service in self._inflight:
                 continue  # the running job sees the newer wanted release at its next phase boundary
@@ -305,6 +305,8 @@ class Engine:
             # a service that moved host keeps its Registry entry: the new host's deploy wrote it
             owned = action.service not in desired.services and _owned(observed, action.service, self.settings.instance)
             return await self.deployer.prune(job, handle, method, deregister=owned)
+        if action.kind is ActionKind.RESTORE:
+            return await self._restore(job, action, desired)
         spec = desired.services[action.service]
         host = desired.hosts[action.host]
         ctx = ReleaseContext(spec=spec, host=host, release=desired.releases[spec.name], commit=desired.revision,
@@ -317,6 +319,26 @@ class Engine:
             job, ctx, handle, tree, previous=action.current_release,
             superseded=lambda: self._wanted.get(spec.name, release) != release,
         )
+
+    async def _restore(self, job: Job, action: Action, desired: DesiredState) -> Job:
+        """Deploy a past release again from its record (its kept artifact, or its own commit's files)."""
+        record = next((r for r in await self.store.releases(action.service) if r.release == action.release), None)
+        if record is None:
+            job.status, job.error = JobStatus.FAILED, f"no record of release {action.release}"
+            await self.store.save_job(job)
+            return job
+        if not record.commit:
+            job.status, job.error = JobStatus.FAILED, f"release {action.release} has no commit to restore from"
+            await self.store.save_job(job)
+            return job
+        ctx = context_from_record(record)
+        job.commit = record.commit
+        tree = await asyncio.to_thread(GitTree, self.source.repo_path, record.commit)
+        try:
+            handle = await self.hosts.handle(desired.hosts[action.host])
+            return await self.deployer.deploy(job, ctx, handle, tree, previous=None)
+        finally:
+            await asyncio.to_thread(tree.close)
 
     # ------------------------------------------------------------------ out-of-band deploys (older API)
     async def deploy_out_of_band(self, spec: ServiceSpec, root: Path) -> Job:

@@ -195,7 +195,8 @@ class Deployer:
                 rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
                                    seconds=result.seconds)
             await self.store.save_release(release_record(ctx, "good"))
-            await self.store.lift_quarantine(ctx.spec.name)
+            # a forced retry that works ends its quarantine; restoring the last good release does not
+            await self.store.lift_quarantine(ctx.spec.name, ctx.release.id)
             async with self._phase(job, REGISTER) as rec:
                 if ctx.spec.register:
                     job.registration = await self._register(ctx)

@@ -24,9 +24,11 @@ class ActionKind(StrEnum):
     PRUNE = "prune"
     NOOP = "noop"
     BLOCKED = "blocked"
+    RESTORE = "restore"  # the desired release is quarantined and the last good one stopped: restart that
 
 
-_ORDER = {ActionKind.PRUNE: 0, ActionKind.DEPLOY: 1, ActionKind.REGISTER: 2, ActionKind.BLOCKED: 3, ActionKind.NOOP: 4}
+_ORDER = {ActionKind.PRUNE: 0, ActionKind.DEPLOY: 1, ActionKind.RESTORE: 1, ActionKind.REGISTER: 2,
+          ActionKind.BLOCKED: 3, ActionKind.NOOP: 4}
 
 INPUT_LABELS = {  # Release.inputs key -> how a reason names it
     "source": "source files",
@@ -176,8 +178,14 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
     actions: list[Action] = []
     if reasons:
         if quarantined == release.id and not force:
-            return [Action(kind=ActionKind.BLOCKED, current_release=current, reasons=[
-                f"release {release.id} quarantined after a failed deploy; waiting for git to change"], **base)]
+            why = f"release {release.id} quarantined after a failed deploy; waiting for git to change"
+            if inst is not None and inst.release != release.id and inst.state is not RunState.RUNNING:
+                # what serves meanwhile is the last good release: drift on it is healed like any other
+                return [Action(kind=ActionKind.RESTORE, service=spec.name, host=host, release=inst.release,
+                               current_release=current, kept=True,
+                               reasons=[why, f"last good release {inst.release} not running ({inst.state.value}): "
+                                             "restart it"])]
+            return [Action(kind=ActionKind.BLOCKED, current_release=current, reasons=[why], **base)]
         kept = release.id in facts.releases_kept.get(spec.name, []) and (inst is None or inst.release != release.id
                                                                       or inst.state is not RunState.RUNNING)
         if kept:

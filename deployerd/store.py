@@ -244,8 +244,13 @@ class Store:
             (q.service, q.model_dump_json()),
         )
 
-    async def lift_quarantine(self, service: str) -> None:
-        await self._call(self._exec, "DELETE FROM quarantine WHERE service=?", (service,))
+    async def lift_quarantine(self, service: str, release: str | None = None) -> None:
+        """End the service's quarantine (only if it is of ``release``, when given)."""
+        if release is None:
+            await self._call(self._exec, "DELETE FROM quarantine WHERE service=?", (service,))
+        else:
+            await self._call(self._exec, "DELETE FROM quarantine WHERE service=? AND json_extract(body, '$.release')=?",
+                             (service, release))
 
     async def quarantined(self) -> dict[str, Quarantine]:
         rows = await self._call(self._exec, "SELECT body FROM quarantine")

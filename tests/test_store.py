@@ -50,3 +50,13 @@ async def test_jobs_releases_and_quarantine_survive_reopen(tmp_path: Path) -> No
     assert await store.quarantined() == {}
     assert [j.id for j in await store.jobs("web")] and await store.jobs("other") == []
     await store.close()
+
+
+async def test_lifting_a_quarantine_of_another_release_keeps_it(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite")
+    await store.quarantine(Quarantine(service="web", release="bad", job_id="j", reason="r", created_at=utcnow()))
+    await store.lift_quarantine("web", "good")  # restoring the last good release
+    assert (await store.quarantined())["web"].release == "bad"
+    await store.lift_quarantine("web", "bad")  # the quarantined release itself deployed fine (forced)
+    assert await store.quarantined() == {}
+    await store.close()

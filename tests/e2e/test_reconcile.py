@@ -133,6 +133,22 @@ async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo
             assert "quarantined" in mine[0].reasons[0]
         assert (await d.last_job(name)).id == job.id
 
+        if breakage == "unhealthy":
+            # meanwhile the last good release is drift-healed like any other: stopped by hand, restarted
+            conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+            for c in await containers(d, name):
+                if c["State"] == "running":
+                    await conn.run(["docker", "stop", c["Id"]])
+            actions = await d.reconcile()
+            assert [(a.kind, a.release) for a in actions if a.service == name] == [(ActionKind.RESTORE, good.release)]
+            restored = await d.last_job(name)
+            assert restored.status is JobStatus.SUCCEEDED and restored.release == good.release
+            assert phase(restored, "Build").status is PhaseStatus.SKIPPED
+            assert "v1" in (await http_get(url(sandbox, port))).text
+            assert (await d.engine.store.quarantined())[name].release == job.release  # still quarantined
+            job = await d.engine.store.job(job.id)  # the failed job, for the checks below
+            assert job is not None
+
         # the API shows the failed job with its phases and logs
         body = (await d.http.get(f"/deploy/{job.id}")).json()
         assert body["status"] == "rolled_back" and body["success"] is False

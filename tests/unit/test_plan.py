@@ -228,3 +228,15 @@ def test_registry_entries_of_another_instance_are_neither_pruned_nor_owned() -> 
     actions = plan(desired(web), seen, instance="staging")
     assert [(a.service, a.kind) for a in actions if a.kind is ActionKind.PRUNE] == [("gone", ActionKind.PRUNE)]
     assert all(a.service != "other" for a in actions)
+
+
+def test_quarantined_release_with_its_last_good_stopped_restores_the_last_good() -> None:
+    web = spec("web")
+    bad = Release(id="rel000000bad", inputs={**INPUTS, "source": "s2"})
+    stopped = inst("web", state=RunState.STOPPED)  # R1, the last good release, stopped by hand
+    actions = plan(desired(web, releases={"web": bad}), observed(stopped), quarantined={"web": bad.id})
+    assert [(a.kind, a.release) for a in actions] == [(ActionKind.RESTORE, R1.id)]
+    assert "quarantined" in actions[0].reasons[0] and "not running" in actions[0].reasons[1]
+    running = inst("web")
+    actions = plan(desired(web, releases={"web": bad}), observed(running), quarantined={"web": bad.id})
+    assert [a.kind for a in actions] == [ActionKind.BLOCKED]
