@@ -85,7 +85,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.source = GitSource(settings.repo_url, settings.branch, settings.repo_cache)
         self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s, settings.instance)
-        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases)
+        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self._tree_at)
         self.kick = Kick()
         self.started_at = time.time()
         self.last_reconcile: ReconcileRecord | None = None
@@ -320,6 +320,10 @@ class Engine:
             superseded=lambda: self._wanted.get(spec.name, release) != release,
         )
 
+    async def _tree_at(self, commit: str) -> GitTree:
+        """The files of any fetched commit (the caller closes it)."""
+        return await asyncio.to_thread(GitTree, self.source.repo_path, commit)
+
     async def _restore(self, job: Job, action: Action, desired: DesiredState) -> Job:
         """Deploy a past release again from its record (its kept artifact, or its own commit's files)."""
         record = next((r for r in await self.store.releases(action.service) if r.release == action.release), None)
@@ -333,7 +337,7 @@ class Engine:
             return job
         ctx = context_from_record(record)
         job.commit = record.commit
-        tree = await asyncio.to_thread(GitTree, self.source.repo_path, record.commit)
+        tree = await self._tree_at(record.commit)
         try:
             handle = await self.hosts.handle(desired.hosts[action.host])
             return await self.deployer.deploy(job, ctx, handle, tree, previous=None)

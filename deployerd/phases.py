@@ -13,9 +13,10 @@ boundary. The kind of failure decides what follows:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,7 +25,7 @@ from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_
 from deployerd.health import HealthInterrupted, wait_healthy
 from deployerd.metrics import Metrics
 from deployerd.registry_client import RegistryClient, RegistryError
-from deployerd.runtimes import HostHandle, ReleaseContext, Runtime
+from deployerd.runtimes import HostHandle, ReleaseContext, Runtime, StartError
 from deployerd.store import (
     PHASES,
     Job,
@@ -37,7 +38,7 @@ from deployerd.store import (
     utcnow,
 )
 from deployerd.transfer import transfer
-from deployerd.tree import Tree
+from deployerd.tree import GitTree, Tree
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,19 @@ def context_from_record(rec: ReleaseRecord) -> ReleaseContext:
 class Deployer:
     """Runs jobs. Holds no per-service state: everything durable goes through the store."""
 
-    def __init__(self, store: Store, registry: RegistryClient, metrics: Metrics, keep_releases: int = 3) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: RegistryClient,
+        metrics: Metrics,
+        keep_releases: int = 3,
+        tree_at: Callable[[str], Awaitable[GitTree]] | None = None,
+    ) -> None:
         self.store = store
         self.registry = registry
         self.metrics = metrics
         self.keep_releases = keep_releases
+        self.tree_at = tree_at  # a past commit's files, to rebuild a release whose artifact is gone
 
     @asynccontextmanager
     async def _phase(self, job: Job, name: str) -> AsyncIterator[PhaseRecord]:
@@ -251,6 +260,17 @@ class Deployer:
             return
         prev_ctx = context_from_record(prev)
         try:
+            rebuilt = False
+            if not await runtime.has_artifact(prev_ctx):  # removed by hand: rebuild it from its own commit
+                if self.tree_at is None or not prev.commit:
+                    raise StartError(f"release {prev.release} is no longer on {ctx.host.name} and has no commit")
+                tree = await self.tree_at(prev.commit)
+                try:
+                    await transfer(handle.conn, tree, prev_ctx, previous=None)
+                    await runtime.build(prev_ctx)
+                finally:
+                    await asyncio.to_thread(tree.close)
+                rebuilt = True
             started = await runtime.start(prev_ctx)
             health = await wait_healthy(handle.conn, runtime, prev_ctx.spec, prev.release)
             registration = await self._register(prev_ctx) if prev_ctx.spec.register else None
@@ -268,6 +288,7 @@ class Deployer:
             "seconds": round(time.monotonic() - t0, 3),
             "health_seconds": health.seconds,
             "container_reused": started.get("reused_container"),
+            "rebuilt": rebuilt,
         }
         self.metrics.rollbacks.labels(service=ctx.spec.name, reason=failure.phase).inc()
 

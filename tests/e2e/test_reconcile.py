@@ -427,3 +427,23 @@ async def test_api_guards_webhook_and_health(sandbox: SandboxInfo, tmp_path: Pat
             assert (await d.http.get(path)).status_code == 200
         deps = (await d.http.get("/dependencies")).json()
         assert deps["missing"] == []
+
+
+async def test_rollback_rebuilds_a_last_good_release_removed_by_hand(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("phoenix", 8185, health_timeout_s=5)
+    repo.commit("v1")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        good = await d.last_job("phoenix")
+        conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+        for c in await containers(d, "phoenix"):  # someone cleans up by hand: container and image gone
+            await conn.run(["docker", "rm", "-f", c["Id"]])
+        await conn.run(["docker", "rmi", "-f", f"deployerd/{d.engine.settings.instance}-phoenix:{good.release}"])
+        repo.remove("services/phoenix/www/health")
+        repo.commit("v2: broken")
+        await d.reconcile()
+        job = await d.last_job("phoenix")
+        assert job.status is JobStatus.ROLLED_BACK, (job.status, job.error, job.rollback)
+        assert job.rollback["release"] == good.release and job.rollback["rebuilt"] is True
+        assert "phoenix v1" in (await http_get(url(sandbox, 8185))).text
