@@ -210,7 +210,7 @@ class Engine:
             if action.kind is ActionKind.PRUNE and action.service in deploying:
                 continue
             backoff = self._backoff.get(action.service)
-            if backoff and backoff.until > now and not revision_changed:
+            if backoff and backoff.until > now and not revision_changed and force is None:
                 continue
             job = self._job_for(action, desired, observed, kind)
             self._launch(job, self._run_action(job, action, desired, observed, tree))
@@ -284,12 +284,14 @@ class Engine:
         self._inflight[job.service] = asyncio.create_task(runner(), name=f"job {job.id} {job.service}")
 
     def _after_job(self, job: Job) -> None:
-        transient = job.status is JobStatus.FAILED and job.transient
-        if transient:
+        # Any failure backs the service off (5 s doubling to 5 min; a new commit skips the wait): an outage
+        # is retried without hammering the host, and a job that keeps failing never spins in a loop.
+        failed = job.status is JobStatus.FAILED
+        if failed:
             self._backoff.setdefault(job.service, _Backoff()).fail()
         else:
             self._backoff.pop(job.service, None)
-        if job.status is not JobStatus.SUPERSEDED and not transient:
+        if job.status is not JobStatus.SUPERSEDED and not job.transient:
             status = self.services.get(job.service)
             if status is not None:
                 status.last_job = job.id
