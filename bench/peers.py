@@ -120,6 +120,7 @@ ANSIBLE_DEPLOY = """\
         name: "bench-ans-{{ svc }}"
         image: "bench-ans-{{ svc }}:{{ version }}"
         published_ports: ["{{ port }}:{{ port }}"]
+        init: true  # as deployerd: busybox httpd as PID 1 ignores SIGTERM (else a 10 s stop per replace)
         state: started
     - name: health
       ansible.builtin.uri: {url: "http://127.0.0.1:{{ port }}/health"}
@@ -149,6 +150,7 @@ ANSIBLE_MANY = """\
         name: "bench-ans-{{ item.name }}"
         image: "bench-ans-{{ item.name }}:1"
         published_ports: ["{{ item.port }}:{{ item.port }}"]
+        init: true
         state: started
       loop: "{{ services }}"
     - name: health
@@ -283,6 +285,7 @@ async def main() -> None:
     hosts = {h.name: h for h in info.hosts}
     h1, h2, h3 = info.hosts[:3]
     ans, pyi = Ansible(tmp / "ansible", info), Pyinfra(tmp / "pyinfra", info)
+    settings = None
     try:
         repo = DesiredRepo(tmp / "repo", info)
         repo.service("s1-web", 8550, host=h1.name, health_timeout_s=10)
@@ -322,7 +325,7 @@ async def main() -> None:
                     v = str(r)
                     for tool in order[r % 4:] + order[:r % 4]:  # rotate who goes first
                         if tool == "deployerd":
-                            repo.write("services/s1-web/www/index.html", f"<h1>s1-web v{v}</h1>\n")
+                            repo.write("services/s1-web/www/index.html", f"<h1>s1-web round {v}</h1>\n")
                             t0 = time.monotonic()
                             repo.commit(f"s1 v{v}")
                             job = await wait_job(d, "s1-web", last["s1-web"])
@@ -389,7 +392,9 @@ async def main() -> None:
                 rb: dict[str, list[float]] = {"docker": [], "systemd": []}
                 for i in range(3):
                     repo.remove("services/s4-docker/www/health")
-                    repo.write("services/s4-sd/app.py", "raise SystemExit(3)\n" + app)
+                    repo.write("services/s4-docker/www/index.html", f"<h1>broken {i}</h1>\n")
+                    # a broken revision differs each round: an identical one stays quarantined (by design)
+                    repo.write("services/s4-sd/app.py", f"raise SystemExit(3)  # broken {i}\n" + app)
                     repo.commit(f"broken {i}")
                     for svc, kind in (("s4-docker", "docker"), ("s4-sd", "systemd")):
                         job = await wait_job(d, svc, last[svc])
@@ -434,7 +439,7 @@ async def main() -> None:
                 real = ans.play("many.yml")
                 log(f"   Ansible real deploy of 50 services: {real:.1f} s")
                 ours, theirs = [], []
-                for _ in range(3):
+                for _ in range(int(os.environ.get("BENCH_ANSIBLE_CHECKS", "3"))):
                     ours.append((await noop_reconciles(d, 1))["wall_median_s"])
                     theirs.append(ans.play("many.yml", "--check"))
                     assert "changed=0" in ans.last and "changed=1" not in ans.last, ans.last[-1500:]
@@ -465,9 +470,13 @@ async def main() -> None:
         print("\n## results (JSON)\n" + json.dumps(results, indent=1, default=str))
         (Path(__file__).parent / "last_peers.json").write_text(json.dumps(results, indent=1, default=str))
     finally:
-        for h in info.hosts:  # the peers' containers (deployerd's are removed by the harness)
+        inst = f"deployerd-{settings.instance}-" if settings is not None else "deployerd-none-"
+        for h in info.hosts:  # the peers' containers; deployerd's systemd units (the harness removes only containers)
             ssh(h, "docker ps -aq --filter name=bench- | xargs -r docker rm -f >/dev/null; "
-                   "rm -rf /opt/bench-plain /opt/bench-ansible /opt/bench-pyinfra", check=False)
+                   "rm -rf /opt/bench-plain /opt/bench-ansible /opt/bench-pyinfra; "
+                   f"for u in $(systemctl list-units --all --no-legend --plain '{inst}*' | cut -d' ' -f1); do "
+                   "systemctl disable --now $u; rm -f /etc/systemd/system/$u; done; systemctl daemon-reload",
+                check=False)
         if own:
             await sbx.down_async(tmp / "sandbox")
         shutil.rmtree(tmp, ignore_errors=True)
