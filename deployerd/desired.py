@@ -322,11 +322,18 @@ _REASONS = {
 }
 
 
+def _key_name(key: Any) -> str:
+    """A key as a field name: an empty or unprintable key (newline, control, bidi) is shown quoted and
+    escaped, so the field is never blank and never forges a line in a log or the CLI."""
+    text = str(key)
+    return text if text and text.isprintable() else json.dumps(text)
+
+
 def _translate(file: str, exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[ManifestError]:
     """Pydantic errors -> ManifestErrors with dotted field paths and plain reasons."""
     out = []
     for err in exc.errors(include_url=False, include_input=False):
-        loc = [str(p) for p in (*prefix, *err["loc"]) if p != "[key]"]
+        loc = [_key_name(p) for p in (*prefix, *err["loc"]) if p != "[key]"]
         is_key = "[key]" in err["loc"]
         kind = err["type"]
         if kind == "value_error":
@@ -347,7 +354,7 @@ def load_hosts(tree: Tree) -> dict[str, HostSpec]:
     file = HOSTS_FILE
     _check_regular_file(tree, file)
     doc = _parse_yaml(file, tree.read(file))
-    errors: list[ManifestError] = [ManifestError(file=file, field=str(k)[:64], reason="unknown field")
+    errors: list[ManifestError] = [ManifestError(file=file, field=_key_name(k)[:64], reason="unknown field")
                                    for k in doc if k != "hosts"]
     raw = doc.get("hosts")
     if not isinstance(raw, dict) or not raw:
@@ -355,7 +362,7 @@ def load_hosts(tree: Tree) -> dict[str, HostSpec]:
         raise _Invalid(errors)
     hosts: dict[str, HostSpec] = {}
     for name, body in raw.items():
-        field = f"hosts.{str(name)[:64]}"
+        field = f"hosts.{_key_name(name)[:64]}"
         if not isinstance(name, str):
             errors.append(ManifestError(file=file, field=field, reason="host name must be a string"))
             continue
