@@ -29,6 +29,8 @@ from deployerd.tree import Entry, Tree, TreeError
 HOSTS_FILE = "hosts.yaml"
 SERVICES_DIR = "services"
 MAX_MANIFEST_BYTES = 256 * 1024
+MAX_SOURCE_FILE_BYTES = 100 * 1024 * 1024  # one file in a source folder
+MAX_SOURCE_BYTES = 1024 * 1024 * 1024  # a whole source folder
 
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
@@ -387,6 +389,13 @@ def _check_regular_file(tree: Tree, file: str) -> None:
         raise _Invalid([ManifestError(file=file, reason="file not found")])
     if found[0].kind != "file":
         raise _Invalid([ManifestError(file=file, reason="must be a regular file (not a symlink or special file)")])
+    _check_manifest_size(found[0])
+
+
+def _check_manifest_size(entry: Entry) -> None:
+    """Refuse an oversized manifest before reading it (reading first would load all of it into memory)."""
+    if entry.size > MAX_MANIFEST_BYTES:
+        raise _Invalid([ManifestError(file=entry.path, reason=f"file larger than {MAX_MANIFEST_BYTES} bytes")])
 
 
 # --------------------------------------------------------------------------- services
@@ -442,8 +451,15 @@ def _check_source(tree: Tree, file: str, spec: ServiceSpec) -> list[Entry]:
     rel = {e.path[len(src) + 1:]: e for e in entries}
     links = {p: e.link_target or "" for p, e in rel.items() if e.kind == "symlink"}
     errors = []
+    total = sum(e.size for e in entries if e.kind == "file")
+    if total > MAX_SOURCE_BYTES:
+        errors.append(ManifestError(file=file, field="source",
+                                    reason=f"folder {src!r} holds {total} bytes, more than {MAX_SOURCE_BYTES}"))
     for path, entry in rel.items():
-        if entry.kind == "other":
+        if entry.kind == "file" and entry.size > MAX_SOURCE_FILE_BYTES:
+            errors.append(ManifestError(file=file, field="source",
+                                        reason=f"{entry.path!r} is larger than {MAX_SOURCE_FILE_BYTES} bytes"))
+        elif entry.kind == "other":
             errors.append(ManifestError(file=file, field="source",
                                         reason=f"{entry.path!r} is not a regular file or symlink (device, fifo, socket or submodule)"))
         elif entry.kind == "symlink":
@@ -574,6 +590,7 @@ def load_desired(tree: Tree, revision: str) -> DesiredState:
                                 for f in files])
             if files[0].kind != "file":
                 raise _Invalid([ManifestError(file=file, reason="must be a regular file (not a symlink or special file)")])
+            _check_manifest_size(files[0])
             spec = _load_service(tree, file, stem)
             if hosts_ok and spec.host not in hosts:
                 raise _Invalid([ManifestError(file=file, field="host", reason=f"unknown host {spec.host!r} (not in hosts.yaml)")])
