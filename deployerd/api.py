@@ -11,7 +11,7 @@ import hmac
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -118,7 +118,7 @@ def create_app(engine: Engine) -> FastAPI:
         return {**status.__dict__, "last_job": legacy_job(jobs[0]) if jobs else None}
 
     @app.get("/services/{name}/history")
-    async def history(name: str, limit: int = 20) -> dict[str, Any]:
+    async def history(name: str, limit: int = Query(20, ge=1)) -> dict[str, Any]:
         jobs = await engine.store.jobs(name, limit=min(limit, 200))
         releases = await engine.store.releases(name)
         quarantine = (await engine.store.quarantined()).get(name)
