@@ -468,7 +468,8 @@ async def main() -> None:
                     out = ssh(h1, "free -m | sed -n 2p; docker ps -q | wc -l", check=False).stdout.split()
                     log(f"   {h1.name}: {out}")
         print("\n## results (JSON)\n" + json.dumps(results, indent=1, default=str))
-        (Path(__file__).parent / "last_peers.json").write_text(json.dumps(results, indent=1, default=str))
+        if out := os.environ.get("BENCH_JSON"):  # raw figures, for whoever updates RESULTS.md
+            Path(out).write_text(json.dumps(results, indent=1, default=str))
     finally:
         inst = f"deployerd-{settings.instance}-" if settings is not None else "deployerd-none-"
         for h in info.hosts:  # the peers' containers; deployerd's systemd units (the harness removes only containers)
