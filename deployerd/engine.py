@@ -233,7 +233,10 @@ class Engine:
             self._tree = await asyncio.to_thread(GitTree, self.source.repo_path, revision)
             self._close_retired()
         tree = self._tree
-        desired = await asyncio.to_thread(load_desired, tree, revision)
+        if self.desired is not None and self.desired.revision == revision:
+            desired = self.desired  # same commit, same files: validation and release ids cannot differ
+        else:
+            desired = await asyncio.to_thread(load_desired, tree, revision)
         self.metrics.last_applied_commit.set(tree.committed_date)
         observed = await observe(self.hosts, desired.hosts, self.registry)
         for name, facts in observed.hosts.items():

@@ -167,20 +167,18 @@ async def running_daemon(settings: Settings, loop: bool = False, cleanup: bool =
 
 
 async def _remove_instance(engine: Engine) -> None:
-    """Leave the shared sandbox as found: this test daemon's containers, images and Registry entries go."""
+    """Leave the shared sandbox as found: this test daemon's deployments (containers, images, units, files,
+    through each runtime's own prune) and its Registry entries go."""
     await engine.drain()
-    label = f"label=deployerd.instance={engine.settings.instance}"
     for spec in (engine.desired.hosts.values() if engine.desired else []):
         try:
-            conn = (await engine.hosts.handle(spec)).conn
+            handle = await engine.hosts.handle(spec)
         except Exception:
             continue
-        ids = (await conn.run(["docker", "ps", "-aq", "--filter", label])).stdout.split()
-        if ids:
-            await conn.run(["docker", "rm", "-f", *ids])
-        images = (await conn.run(["docker", "images", "-q", "--filter", label])).stdout.split()
-        if images:
-            await conn.run(["docker", "rmi", "-f", *sorted(set(images))], check=False)
+        for runtime in handle.runtimes.values():
+            instances, kept = await runtime.observe()
+            for service in {i.service for i in instances} | set(kept):
+                await runtime.remove_service(service)
     for name, entry in (await engine.registry.list()).items():
         if (entry.metadata or {}).get("instance") == engine.settings.instance:
             await engine.registry.deregister(name)
