@@ -22,23 +22,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import wait_job  # noqa: E402
 from daemon_harness import DesiredRepo, running_daemon, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
 from deployerd.store import JobStatus  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
-
-
-async def wait_job(d, service: str, after: str | None, limit_s: float = 300):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        jobs = await d.jobs(service)
-        if jobs and jobs[0].id != after and jobs[0].status.finished:
-            return jobs[0]
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"no finished job for {service} within {limit_s} s")
 
 
 async def baseline_deploy(conn, version: int, port: int) -> float:  # type: ignore[no-untyped-def]
