@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
@@ -66,8 +65,3 @@ def rss_kib(pid: int | str = "self") -> int:
             return int(line.split()[1])
     return 0
 
-
-def fmt_table(rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
-    return "\n".join(out)

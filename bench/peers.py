@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, fmt_table, med, peer_tool, rss_kib, rsync, ssh, wait_job  # noqa: E402
+from _common import ROOT, med, peer_tool, rss_kib, rsync, ssh, wait_job  # noqa: E402
 from daemon_harness import DOCKERFILE, DesiredRepo, running_daemon, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402

@@ -91,7 +91,7 @@ async def main() -> None:
             mo, mb = statistics.median(ours), statistics.median(base)
             print(f"commit->healthy (watch): median {mo:.2f} s over {ROUNDS} commits; by hand over SSH "
                   f"{mb:.2f} s; ratio {mo / mb:.2f}x")
-            print(f"  phases of the last job: " + ", ".join(
+            print("  phases of the last job: " + ", ".join(
                 f"{p.phase} {p.duration_seconds:.2f}s" for p in job.phases))
 
             # 2. a reconcile that finds nothing to do, and its round trips per host

@@ -93,7 +93,6 @@ class Engine:
         self.observed: ObservedState | None = None
         self.services: dict[str, ServiceStatus] = {}
         self._inflight: dict[str, asyncio.Task[Job]] = {}
-        self._inflight_jobs: dict[str, Job] = {}
         self._wanted: dict[str, str] = {}  # service -> release the latest reconcile wants
         self._backoff: dict[str, _Backoff] = {}
         self._slots = asyncio.Semaphore(settings.max_parallel)
@@ -174,7 +173,7 @@ class Engine:
             error = None
             actions: list[Action] = []
             try:
-                actions = await self._reconcile(trigger or [], force)
+                actions = await self._reconcile(force)
                 self.metrics.reconciles.labels(result="ok").inc()
             except Exception as e:
                 error = str(e)
@@ -189,7 +188,7 @@ class Engine:
                 )
             return actions
 
-    async def _reconcile(self, trigger: list[str], force: set[str] | None) -> list[Action]:
+    async def _reconcile(self, force: set[str] | None) -> list[Action]:
         desired, observed, actions = await self.preview(force)
         revision_changed = desired.revision != self._last_revision
         self._last_revision = desired.revision
@@ -279,11 +278,9 @@ class Engine:
                     return job
                 finally:
                     self._inflight.pop(job.service, None)
-                    self._inflight_jobs.pop(job.service, None)
                     self._close_retired()
                     self._after_job(job)
 
-        self._inflight_jobs[job.service] = job
         self._inflight[job.service] = asyncio.create_task(runner(), name=f"job {job.id} {job.service}")
 
     def _after_job(self, job: Job) -> None:

@@ -33,7 +33,7 @@ import httpx
 from pydantic import BaseModel, Field, computed_field
 
 from deployerd.sandbox_image import cache_dir, ensure_image, image_ref, image_version  # noqa: F401 - public here too
-from deployerd.sandbox_image._proc import SandboxError, file_lock, pid_alive, run, terminate
+from deployerd.sandbox_image._proc import Result, SandboxError, file_lock, pid_alive, run, terminate
 
 log = logging.getLogger("deployerd.sandbox")
 

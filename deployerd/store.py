@@ -9,7 +9,6 @@ All SQLite work happens on one dedicated thread: the event loop never blocks, an
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
