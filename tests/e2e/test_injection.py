@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployerd.runtimes.systemd import SystemdRuntime
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
 
-from daemon_harness import Daemon, DesiredRepo, git, http_get, running_daemon, settings_for
+from daemon_harness import DesiredRepo, git, http_get, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -53,17 +52,6 @@ ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
 '''
 
 
-async def _remove_units(d: Daemon) -> None:
-    """The harness removes containers; this daemon's systemd units, service dirs and users go here."""
-    await d.engine.drain()
-    for spec in (d.engine.desired.hosts.values() if d.engine.desired else []):
-        handle = await d.engine.hosts.handle(spec)
-        rt = SystemdRuntime(handle.conn, spec, d.engine.settings.instance)
-        instances, _ = await rt.observe()
-        for service in {i.service for i in instances}:
-            await rt.remove_service(service)
-
-
 async def test_injection_corpus_runs_nothing_and_arrives_literally(sandbox: SandboxInfo, tmp_path: Path) -> None:
     repo = DesiredRepo(tmp_path / "repo", sandbox)
     env = {f"INJ_{i}": v for i, v in enumerate(CORPUS)}
@@ -93,24 +81,65 @@ async def test_injection_corpus_runs_nothing_and_arrives_literally(sandbox: Sand
     assert "services/inj-sd/new\nline" in git(repo.path, "ls-files", "-z", "services/inj-sd").split("\0")
 
     async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
-        try:
-            await d.reconcile()
-            desired = d.engine.desired
-            assert {"inj-key", "inj-nl", bad_name} <= desired.broken
-            assert "inj-sd" in desired.services, desired.errors
-            job = await d.last_job("inj-sd")
-            assert job.status is JobStatus.SUCCEEDED, job.error
+        await d.reconcile()
+        desired = d.engine.desired
+        assert {"inj-key", "inj-nl", bad_name} <= desired.broken
+        assert "inj-sd" in desired.services, desired.errors
+        job = await d.last_job("inj-sd")
+        assert job.status is JobStatus.SUCCEEDED, job.error
 
-            facts = json.loads((await http_get(f"http://{sandbox.hosts[0].internal_address}:8601{health}")).text)
-            assert facts["argv"][2:] == argv  # every argument arrived as one word, byte for byte
-            assert {k: facts["env"].get(k) for k in env} == env
-            assert unquote(facts["path"]) == health  # (httpx percent-encodes <, > and " in our own request)
-            assert set(odd_names) <= set(facts["files"])
+        facts = json.loads((await http_get(f"http://{sandbox.hosts[0].internal_address}:8601{health}")).text)
+        assert facts["argv"][2:] == argv  # every argument arrived as one word, byte for byte
+        assert {k: facts["env"].get(k) for k in env} == env
+        assert unquote(facts["path"]) == health  # (httpx percent-encodes <, > and " in our own request)
+        assert set(odd_names) <= set(facts["files"])
 
-            conn = (await d.engine.hosts.handle(desired.hosts["sbx-1"])).conn
-            found = await conn.run(["find", "/", "-xdev", "-name", "canary-*"], check=False)
-            assert found.stdout.strip() == "", found.stdout
-            tmp = await conn.run(["find", "/tmp", "/var/tmp", "/run", "-name", "canary-*"], check=False)
-            assert tmp.stdout.strip() == "", tmp.stdout
-        finally:
-            await _remove_units(d)
+        conn = (await d.engine.hosts.handle(desired.hosts["sbx-1"])).conn
+        found = await conn.run(["find", "/", "-xdev", "-name", "canary-*"], check=False)
+        assert found.stdout.strip() == "", found.stdout
+        tmp = await conn.run(["find", "/tmp", "/var/tmp", "/run", "-name", "canary-*"], check=False)
+        assert tmp.stdout.strip() == "", tmp.stdout
+
+
+DOCKER_APP = """FROM busybox:latest
+{args}
+COPY www /www
+RUN env > /www/build.env
+CMD ["sh", "-c", "env > /www/run.env && exec httpd -f -p {port} -h /www"]
+"""
+
+
+def _env_file(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+async def test_injection_corpus_in_docker_env_and_build_args(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """The same corpus as container env values and build args (which reach the host's ``docker build``
+    command line): nothing runs on the host or in the build, and every value arrives byte for byte."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    env = {f"INJ_{i}": v for i, v in enumerate(CORPUS)}
+    build_args = {f"BA_{i}": v[:2000] for i, v in enumerate(CORPUS)}
+    health = "/health?$(touch${IFS}/tmp/canary-dhealth);`id`|x>y<z'\"&"
+    arg_lines = "\n".join(f"ARG {k}" for k in build_args)
+    repo.service("inj-dk", 8611, dockerfile=DOCKER_APP.format(args=arg_lines, port=8611), env=env,
+                 docker={"build_args": build_args})
+    manifest = yaml.safe_load((repo.path / "services/inj-dk.yaml").read_text())
+    manifest["health"]["path"] = health
+    repo.write("services/inj-dk.yaml", yaml.safe_dump(manifest))
+    repo.commit("injection corpus, docker")
+
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        job = await d.last_job("inj-dk")
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        base = f"http://{sandbox.hosts[0].internal_address}:8611"
+        run_env = _env_file((await http_get(f"{base}/run.env")).text)
+        assert {k: run_env.get(k) for k in env} == env
+        build_env = _env_file((await http_get(f"{base}/build.env")).text)
+        assert {k: build_env.get(k) for k in build_args} == build_args
+
+        conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+        found = await conn.run(["find", "/", "-xdev", "-name", "canary-*"], check=False)
+        assert found.stdout.strip() == "", found.stdout  # the engine's data root (image layers) included
+        tmp = await conn.run(["find", "/tmp", "/var/tmp", "/run", "-name", "canary-*"], check=False)
+        assert tmp.stdout.strip() == "", tmp.stdout
