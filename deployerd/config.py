@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     ssh_key: Path | None = None
     known_hosts: Path = Path("/etc/deployerd/known_hosts")
     ssh_connect_timeout_s: float = Field(default=10.0, gt=0)
+    lock_ttl_s: float = Field(
+        default=60.0, ge=3, description="a host lock not renewed for this long (its holder died) may be taken over",
+    )
+    lock_wait_s: float = Field(
+        default=120.0, ge=0, description="how long a job waits for a host lock another daemon holds, then fails "
+                                         "transiently (retried with backoff, never rolled back)",
+    )
     api_source_dir: Path | None = Field(
         default=None, description="POST /deploy may only deploy directories under this one (default state_dir/api-sources)"
     )

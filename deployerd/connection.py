@@ -201,7 +201,7 @@ class HostStats:
 
     connects: int = 0
     commands: int = 0
-    sftp_ops: int = 0  # one per public SFTP call (put_bytes, put_file, read_bytes, makedirs)
+    sftp_ops: int = 0  # one per public SFTP call (put_bytes, put_file, read_bytes, makedirs, link, ...)
     forwards: int = 0  # tunnels opened (cached ones are not counted again)
     failures: int = 0  # connect failures and connection-level errors
 
@@ -432,6 +432,26 @@ class Connection:
             await sftp.makedirs(path, exist_ok=True)
         except (*_CONNECTION_ERRORS, asyncssh.SFTPError) as exc:
             raise self._sftp_error("mkdir", path, exc) from None
+
+    async def link(self, src: str, dst: str) -> None:
+        """Hard-link ``src`` as ``dst``; fails if ``dst`` exists (an exclusive create with full content)."""
+        await self._sftp_call("link", dst, lambda sftp: sftp.link(src, dst))
+
+    async def rename(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` atomically (POSIX rename: an existing ``dst`` is replaced)."""
+        await self._sftp_call("rename", src, lambda sftp: sftp.posix_rename(src, dst))
+
+    async def remove(self, path: str) -> None:
+        """Remove one file; RemoteFileError(.not_found) if it is absent."""
+        await self._sftp_call("remove", path, lambda sftp: sftp.remove(path))
+
+    async def _sftp_call(self, op: str, path: str, call: Callable[[asyncssh.SFTPClient], Awaitable[Any]]) -> None:
+        self.stats.sftp_ops += 1
+        sftp = await self.sftp()
+        try:
+            await call(sftp)
+        except (*_CONNECTION_ERRORS, asyncssh.SFTPError) as exc:
+            raise self._sftp_error(op, path, exc) from None
 
     async def _discard(self, sftp: asyncssh.SFTPClient, tmp: str) -> None:
         """Best effort: do not leave a half-written temp file behind (the target was never touched)."""

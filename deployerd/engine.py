@@ -20,6 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from deployerd.config import Settings
 from deployerd.desired import DesiredState, ServiceSpec, load_desired, source_release
 from deployerd.connection import HostUnreachable
+from deployerd.locks import HostLocks
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts, observe
 from deployerd.observed import ObservedState, RegistryEntry, RunState
@@ -85,7 +86,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.source = GitSource(settings.repo_url, settings.branch, settings.repo_cache)
         self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s, settings.instance)
-        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self._tree_at)
+        locks = HostLocks(settings.state_dir, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s,
+                          instance=settings.instance, on_event=lambda e: self.metrics.host_locks.labels(event=e).inc())
+        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self._tree_at,
+                                 locks=locks)
         self.kick = Kick()
         self.started_at = time.time()
         self.last_reconcile: ReconcileRecord | None = None

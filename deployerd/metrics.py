@@ -40,6 +40,10 @@ class Metrics:
             registry=r,
         )
         self.fetch_errors = Counter("deployerd_git_fetch_errors_total", "Failed git fetches", registry=r)
+        self.host_locks = Counter(
+            "deployerd_host_locks_total", "Host lock events (acquired, waited, taken_over, busy, lost)", ["event"],
+            registry=r,
+        )
         self.host_up = Gauge("deployerd_host_up", "1 when the host answered the last observation", ["host"],
                              registry=r)
 

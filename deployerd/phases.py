@@ -23,6 +23,7 @@ from typing import Any
 from deployerd.connection import HostUnreachable
 from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
 from deployerd.health import HealthInterrupted, wait_healthy
+from deployerd.locks import HostLocks, LockBusy
 from deployerd.metrics import Metrics
 from deployerd.registry_client import RegistryClient, RegistryError
 from deployerd.runtimes import HostHandle, ReleaseContext, Runtime, StartError
@@ -55,7 +56,7 @@ class PhaseFailed(Exception):
 
     @property
     def transient(self) -> bool:
-        if isinstance(self.cause, HostUnreachable):
+        if isinstance(self.cause, (HostUnreachable, LockBusy)):
             return True
         return isinstance(self.cause, RegistryError) and self.cause.transient
 
@@ -109,12 +110,14 @@ class Deployer:
         metrics: Metrics,
         keep_releases: int = 3,
         tree_at: Callable[[str], Awaitable[GitTree]] | None = None,
+        locks: HostLocks | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.metrics = metrics
         self.keep_releases = keep_releases
         self.tree_at = tree_at  # a past commit's files, to rebuild a release whose artifact is gone
+        self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
 
     @asynccontextmanager
     async def _phase(self, job: Job, name: str) -> AsyncIterator[PhaseRecord]:
@@ -177,10 +180,12 @@ class Deployer:
             if superseded():
                 raise Superseded()
 
-        try:
+        lock = self.locks.lock(handle.conn, ctx.host.base_dir, ctx.qualified_name, job.id)
+        try:  # the host lock is held from Validation to the end of any rollback, released in ``finally``
             async with self._phase(job, VALIDATION) as rec:
                 rec.details.update(release=ctx.release.id, inputs=ctx.release.inputs, reasons=job.reasons,
                                    commit=ctx.commit, previous_release=previous)
+                rec.details["lock"] = await lock.acquire()
                 await handle.conn.makedirs(ctx.service_dir)
             boundary()
             built = await runtime.has_artifact(ctx)
@@ -227,6 +232,8 @@ class Deployer:
                     await self._rollback(job, ctx, handle, failure)
                 else:
                     job.status = JobStatus.FAILED
+        finally:
+            await lock.release()
         return await self._finish(job, t0)
 
     async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
@@ -314,12 +321,16 @@ class Deployer:
     async def prune(self, job: Job, handle: HostHandle | None, method: str | None, deregister: bool) -> Job:
         """Remove a service that left git: its instances, artifacts and files, then its Registry entry."""
         t0 = await self._begin(job, ("Stop and Remove", "Deregister"))
+        lock = None
         try:
             async with self._phase(job, "Stop and Remove") as rec:
                 if handle is None or method is None:
                     self._skip(rec, "nothing deployed")
                 else:
-                    rec.details.update(await handle.runtime(method).remove_service(job.service))
+                    runtime = handle.runtime(method)
+                    lock = self.locks.lock(handle.conn, handle.spec.base_dir, runtime.qualified(job.service), job.id)
+                    rec.details["lock"] = await lock.acquire()
+                    rec.details.update(await runtime.remove_service(job.service))
             async with self._phase(job, "Deregister") as rec:
                 if deregister:
                     rec.details["deregistered"] = await self.registry.deregister(job.service)
@@ -328,5 +339,8 @@ class Deployer:
             await self.store.lift_quarantine(job.service)
             job.status = JobStatus.SUCCEEDED
         except PhaseFailed as failure:
-            job.status, job.error = JobStatus.FAILED, str(failure)
+            job.status, job.error, job.transient = JobStatus.FAILED, str(failure), failure.transient
+        finally:
+            if lock is not None:
+                await lock.release()
         return await self._finish(job, t0)

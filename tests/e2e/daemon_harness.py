@@ -123,7 +123,7 @@ def settings_for(tmp: Path, sandbox: SandboxInfo, repo: DesiredRepo, **overrides
     tmp.mkdir(parents=True, exist_ok=True)
     return Settings(
         repo_url=str(repo.path), branch="main", state_dir=tmp / "state",
-        instance=f"t{secrets.token_hex(3)}",
+        instance=overrides.pop("instance", None) or f"t{secrets.token_hex(3)}",  # shared by daemons that share hosts
         registry_url=sandbox.registry.url, registry_token_file=Path(sandbox.registry.token_path),
         ssh_key=Path(sandbox.hosts[0].key_path), known_hosts=Path(sandbox.hosts[0].known_hosts),
         api_token_file=private_file(tmp / "api.token", secrets.token_urlsafe(24)),
