@@ -32,10 +32,10 @@ import posixpath
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -43,6 +43,7 @@ from deployerd.connection import Connection, HostUnreachable, RemoteFileError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 LOCK_DIR = ".locks"
 ID_FILE = "daemon-id"
 _MAX_SPINS = 10  # per acquire: failed links that found a stale lock or none (a race, or a real error)
@@ -187,6 +188,7 @@ class HostLock:
         self.path = lock_path(base_dir, name)
         self.record: LockRecord | None = None
         self.lost = False
+        self.round_trips = 0  # this lock's own SFTP calls (the connection's counters are shared by jobs)
         self._renewer: asyncio.Task[None] | None = None
 
     @property
@@ -205,16 +207,22 @@ class HostLock:
         """Take the lock, waiting up to ``wait_s`` for a live holder; raise LockBusy past that.
         Returns what the job records: holder, expiry, whom it waited for, what it took over."""
         me = await self.owner.daemon_id()
-        t0, rt0 = time.monotonic(), self.conn.stats.round_trips
+        t0, rt0 = time.monotonic(), self.round_trips
         deadline = t0 + self.owner.wait_s
         waited_for: LockRecord | None = None
         took_over: list[str] = []
         spins = 0  # failed links that found no live lock to wait for: bounded, whatever the host does
         while True:
             mine = self._new_record(me)
-            link_error = await self._create(mine)
+            self.owner.held.add(mine.token)  # before the link: a job of ours must never judge it stale
+            try:
+                link_error = await self._create(mine)
+            except BaseException:
+                self.owner.held.discard(mine.token)
+                raise
             if link_error is None:
                 break
+            self.owner.held.discard(mine.token)
             data, verdict = await self._look(me)
             if verdict is not Verdict.WAIT:  # the link failed, yet no live lock is there
                 spins += 1
@@ -243,7 +251,6 @@ class HostLock:
                 self.owner.on_event("taken_over")
                 log.warning("host %s: took over the lock of %s (%s)", self.host, self.name, took_over[-1])
         self.record = mine
-        self.owner.held.add(mine.token)
         self.owner.on_event("acquired")
         self._renewer = asyncio.create_task(self._renew(), name=f"renew lock {self.host}:{self.name}")
         return {
@@ -253,7 +260,7 @@ class HostLock:
             "waited_s": round(time.monotonic() - t0, 3),
             "waited_for": waited_for.describe() if waited_for else None,
             "took_over": took_over,
-            "round_trips": self.conn.stats.round_trips - rt0,
+            "round_trips": self.round_trips - rt0,
         }
 
     async def release(self) -> None:
@@ -280,20 +287,24 @@ class HostLock:
         Returns None on success, else the link's error."""
         tmp = f"{self.path}.new-{record.token}"
         try:
-            await self.conn.put_bytes(tmp, record.encode(), mode=0o644)
+            await self._op(self.conn.put_bytes(tmp, record.encode(), mode=0o644))
         except RemoteFileError as e:
             if not e.not_found:
                 raise
-            await self.conn.makedirs(posixpath.dirname(self.path))  # first lock on this host
-            await self.conn.put_bytes(tmp, record.encode(), mode=0o644)
+            await self._op(self.conn.makedirs(posixpath.dirname(self.path)))  # first lock on this host
+            await self._op(self.conn.put_bytes(tmp, record.encode(), mode=0o644))
         try:
-            await self.conn.link(tmp, self.path)
+            await self._op(self.conn.link(tmp, self.path))
             return None
         except RemoteFileError as e:
             return e
         finally:
             with contextlib.suppress(RemoteFileError, HostUnreachable):
-                await self.conn.remove(tmp)
+                await self._op(self.conn.remove(tmp))
+
+    async def _op(self, call: Awaitable[T]) -> T:
+        self.round_trips += 1
+        return await call
 
     async def _look(self, me: str) -> tuple[bytes | None, Verdict | None]:
         """The lock in place (None: there is none) and what to do about it."""
@@ -304,7 +315,7 @@ class HostLock:
 
     async def _read(self, path: str) -> bytes | None:
         try:
-            return await self.conn.read_bytes(path)
+            return await self._op(self.conn.read_bytes(path))
         except RemoteFileError as e:
             if e.not_found:
                 return None
@@ -314,7 +325,7 @@ class HostLock:
         """Move the lock aside (atomic: one mover wins), delete it if ``check`` passes, else put it back."""
         aside = f"{self.path}.gone-{secrets.token_hex(6)}"
         try:
-            await self.conn.rename(self.path, aside)
+            await self._op(self.conn.rename(self.path, aside))
         except RemoteFileError as e:
             if e.not_found:
                 return False
@@ -323,14 +334,14 @@ class HostLock:
             data = await self._read(aside)
             if data is not None and check(data):
                 return True
-            try:
-                await self.conn.link(aside, self.path)  # put back; fails only if a newer lock is already there
+            try:  # put it back; this fails only if a newer lock is already in place
+                await self._op(self.conn.link(aside, self.path))
             except RemoteFileError:
                 log.warning("host %s: a lock of %s moved aside could not be put back", self.host, self.name)
             return False
         finally:
             with contextlib.suppress(RemoteFileError, HostUnreachable):
-                await self.conn.remove(aside)
+                await self._op(self.conn.remove(aside))
 
     async def _renew(self) -> None:
         """Push the expiry forward every ttl/3 while ours; give up (and say so) once it is not."""
@@ -348,7 +359,7 @@ class HostLock:
                 if now >= record.expires_at - timedelta(seconds=period / 2):
                     return self._lose("it could not be renewed before its expiry")
                 renewed = record.model_copy(update={"expires_at": now + timedelta(seconds=self.owner.ttl_s)})
-                await self.conn.put_bytes(self.path, renewed.encode(), mode=0o644)
+                await self._op(self.conn.put_bytes(self.path, renewed.encode(), mode=0o644))
                 self.record = renewed
             except (HostUnreachable, RemoteFileError) as e:  # try again next period, while time is left
                 log.warning("host %s: renewing the lock of %s failed: %s", self.host, self.name, e)

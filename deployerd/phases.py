@@ -308,6 +308,7 @@ class Deployer:
             log.warning("retention for %s on %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
     async def register_only(self, job: Job, ctx: ReleaseContext) -> Job:
+        """Register the running release again. No host lock: it touches only the Registry, never the host."""
         t0 = await self._begin(job, (REGISTER,))
         try:
             async with self._phase(job, REGISTER) as rec:

@@ -330,10 +330,13 @@ async def test_restarted_daemon_and_dead_holder(sandbox: SandboxInfo, tmp_path: 
     await plant(conn, SERVICE_BASE, f"{settings.instance}-lk-e", planted("ddead", expires_in=-1, service="lk-e"))
     async with running_daemon(settings) as d:
         await d.reconcile()
+        rts = d.engine.hosts.pool.stats()["sbx-1"].round_trips
         own, dead = await d.last_job("lk-d"), await d.last_job("lk-e")
         assert own.status is JobStatus.SUCCEEDED and dead.status is JobStatus.SUCCEEDED, (own.error, dead.error)
         own_lock, dead_lock = own.phase("Validation").details["lock"], dead.phase("Validation").details["lock"]
         assert own_lock["holder"] == me and own_lock["took_over"][0].startswith("own_stale")
         assert dead_lock["took_over"][0].startswith("expired") and "ddead" in dead_lock["took_over"][0]
-        print(f"\nrestart takeover: own lock {own_lock['waited_s']:.3f}s, dead holder's {dead_lock['waited_s']:.3f}s")
+        print(f"\nrestart takeover: own lock {own_lock['waited_s']:.3f}s, dead holder's {dead_lock['waited_s']:.3f}s; "
+              f"the reconcile (observe + 2 deploys with takeovers) took {rts} round trips on sbx-1, the locks "
+              f"{own_lock['round_trips'] + dead_lock['round_trips']} to acquire + 2 x 3 to release")
     await conn.close()
