@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # What the tests and the sandbox need from Debian: an engine for the test hosts, the SSH client, the
 # image recipe's tools (debootstrap, zstd, busybox-static), git, and systemd-analyze for the unit tests.
-APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv
+# age decrypts the secrets files of a desired-state repository (deployerd.secrets).
+APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age
 
 .PHONY: deps apt venv wheelhouse test test-unit demo demo-down sandbox-up sandbox-down bench clean
 

@@ -1,7 +1,7 @@
 """Daemon configuration: a YAML file plus ``DEPLOYERD_*`` environment variables (the environment wins).
 
-Secrets (API token, webhook secret, Registry token) are read from files named here, never taken from the
-command line, so they stay out of ``ps`` output and shell history.
+Secrets (API token, webhook secret, Registry token, the services' secret values and the age identity) are read
+from files named here, never taken from the command line, so they stay out of ``ps`` output and shell history.
 """
 
 from __future__ import annotations
@@ -52,8 +52,15 @@ class Settings(BaseSettings):
     api_source_dir: Path | None = Field(
         default=None, description="POST /deploy may only deploy directories under this one (default state_dir/api-sources)"
     )
+    secrets_file: Path | None = Field(
+        default=None, description="values of the manifests' `secrets` on this machine (YAML, see deployerd.secrets)"
+    )
+    age_identity_file: Path | None = Field(
+        default=None, description="age identity that decrypts secrets/<service>.env.age in the repository"
+    )
 
-    @field_validator("api_token_file", "webhook_secret_file", "registry_token_file", mode="before")
+    @field_validator("api_token_file", "webhook_secret_file", "registry_token_file", "secrets_file",
+                     "age_identity_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v in ("", None) else v
@@ -74,11 +81,7 @@ class Settings(BaseSettings):
         path: Path | None = getattr(self, f"{name}_file")
         if path is None:
             return None
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o027:  # 0600, or 0640 for a root-owned file the daemon's group reads
-            raise PermissionError(f"{path}: {name} file must not be readable by others nor writable by group "
-                                  f"(mode {mode:o}; use 0600 or 0640)")
-        return path.read_text().strip() or None
+        return read_private(path, name).decode().strip() or None
 
     @property
     def db_path(self) -> Path:
@@ -91,6 +94,22 @@ class Settings(BaseSettings):
     @property
     def repo_cache(self) -> Path:
         return self.state_dir / "repo"
+
+
+def check_private(mode: int, path: Path, what: str) -> None:
+    """Refuse a secret file others can read or its group can write: 0600, or 0640 for a root-owned file
+    the daemon's group reads."""
+    mode &= 0o777
+    if mode & 0o027:
+        raise PermissionError(f"{path}: {what} file must not be readable by others nor writable by group "
+                              f"(mode {mode:o}; use 0600 or 0640)")
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """Read a secret file after `check_private` (on the opened file, so a swap between check and read fails)."""
+    with open(path, "rb") as f:
+        check_private(os.fstat(f.fileno()).st_mode, path, what)
+        return f.read()
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:

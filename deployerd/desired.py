@@ -22,7 +22,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from deployerd.tree import Entry, Tree, TreeError
 
@@ -118,6 +126,18 @@ def _env(v: dict[str, str]) -> dict[str, str]:
     return v
 
 
+def _secret_names(v: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for i, name in enumerate(v):
+        if not _ENV_KEY.fullmatch(name):  # not echoed: a value written here by mistake must not spread
+            raise ValueError(f"item {i} must be a name matching [A-Za-z_][A-Za-z0-9_]* "
+                             "(values never go in the manifest)")
+        if name in seen:
+            raise ValueError(f"{name} is listed twice")
+        seen.add(name)
+    return v
+
+
 def _health_path(v: str) -> str:
     if not _HEALTH_PATH.fullmatch(v):
         raise ValueError("must start with '/' and contain only printable ASCII without spaces")
@@ -202,9 +222,27 @@ class ServiceSpec(_Model):
     source: RelPath
     health: HealthSpec = HealthSpec()
     env: EnvMap = Field(default_factory=dict)
+    # names only: the daemon resolves the values at deploy time (deployerd.secrets), never from git in clear
+    secrets: Annotated[list[str], AfterValidator(_secret_names), Field(max_length=100)] = Field(default_factory=list)
     register: bool = True
     docker: DockerSpec = DockerSpec()
     systemd: SystemdSpec = SystemdSpec()
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _names_not_values(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # never echo what is there: it may be the values themselves
+            raise ValueError("must be a list of secret names; values never go in the manifest "  # noqa: TRY004
+                             "(they come from the daemon's secrets file or secrets/<service>.env.age)")
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _not_in_env(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        both = sorted(set(v) & set(info.data.get("env") or {}))
+        if both:
+            raise ValueError(f"{', '.join(both)} also in env: a name is either a plain env value or a secret")
+        return v
 
     @property
     def container_port(self) -> int:
@@ -231,6 +269,11 @@ class Release(BaseModel):
 
     id: str
     inputs: dict[str, str]
+
+    def with_input(self, name: str, digest: str) -> Release:
+        """This release with one more input (the daemon adds ``secrets``, whose values git never holds)."""
+        inputs = {**self.inputs, name: digest}
+        return Release(id=_release_id(inputs), inputs=inputs)
 
 
 class DesiredState(BaseModel):
@@ -267,7 +310,7 @@ class _Invalid(Exception):
         self.errors = errors
 
 
-class _StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses aliases (billion-laughs) and duplicate keys (silent overrides)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
@@ -298,7 +341,7 @@ def _parse_yaml(file: str, data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise _Invalid([ManifestError(file=file, reason=f"not UTF-8 (byte {exc.start})")]) from None
     try:
-        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        doc = yaml.load(text, Loader=StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -505,7 +548,7 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
     """Per-input digests (source, image, env, port, health, host) and the id over all of them.
 
     Env values only enter as a digest; the commit does not enter at all, so an unrelated commit keeps
-    the id. Only the settings of the chosen method count (editing the systemd block of a docker
+    the id. Secret values are not known here: the daemon adds their keyed digest (`Release.with_input`). Only the settings of the chosen method count (editing the systemd block of a docker
     service changes nothing that runs).
     """
     prefix = len(spec.source) + 1
@@ -522,8 +565,12 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
         "health": _digest(spec.health.model_dump()),
         "host": _digest({"name": host.name, "base_dir": host.base_dir}),
     }
+    return Release(id=_release_id(inputs), inputs=inputs)
+
+
+def _release_id(inputs: dict[str, str]) -> str:
     combined = "".join(f"{k}={v}\n" for k, v in sorted(inputs.items()))
-    return Release(id=hashlib.sha256(combined.encode()).hexdigest()[:12], inputs=inputs)
+    return hashlib.sha256(combined.encode()).hexdigest()[:12]
 
 
 def expected_registry_entry(

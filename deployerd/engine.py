@@ -24,10 +24,11 @@ from deployerd.locks import HostLocks
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts, observe
 from deployerd.observed import ObservedState, RegistryEntry, RunState
-from deployerd.phases import Deployer, context_from_record
+from deployerd.phases import Deployer
 from deployerd.plan import Action, ActionKind, plan
 from deployerd.registry_client import RegistryClient
 from deployerd.runtimes import ReleaseContext
+from deployerd.secrets import SecretError, Secrets
 from deployerd.source import GitSource, Kick, SourceError, start_polling
 from deployerd.store import Job, JobStatus, Store, utcnow
 from deployerd.tree import DirTree, GitTree, Tree
@@ -88,12 +89,15 @@ class Engine:
         self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s, settings.instance)
         locks = HostLocks(settings.state_dir, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s,
                           instance=settings.instance, on_event=lambda e: self.metrics.host_locks.labels(event=e).inc())
+        self.secrets = Secrets(settings.secrets_file, settings.age_identity_file, settings.state_dir)
         self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self._tree_at,
-                                 locks=locks)
+                                 locks=locks, secret_env=self._current_secrets)
         self.kick = Kick()
         self.started_at = time.time()
         self.last_reconcile: ReconcileRecord | None = None
         self.desired: DesiredState | None = None
+        self._loaded: DesiredState | None = None  # as validated from git, before secrets are resolved
+        self._secret_env: dict[str, dict[str, str]] = {}  # service -> secret values the last plan used
         self.observed: ObservedState | None = None
         self.services: dict[str, ServiceStatus] = {}
         self._inflight: dict[str, asyncio.Task[Job]] = {}
@@ -199,6 +203,7 @@ class Engine:
         kind = "git" if revision_changed else "resync"
         tree = self._tree
         assert tree is not None
+        secret_env = self._secret_env  # the values this plan's release ids were computed from
         now = time.monotonic()
         # A service moving host is deployed on the new host first; the old one is pruned by a later
         # reconcile, once the new one serves (never a window with neither).
@@ -216,7 +221,8 @@ class Engine:
             if backoff and backoff.until > now and not revision_changed and force is None:
                 continue
             job = self._job_for(action, desired, observed, kind)
-            self._launch(job, self._run_action(job, action, desired, observed, tree))
+            self._launch(job, self._run_action(job, action, desired, observed, tree,
+                                               secret_env.get(action.service, {})))
         self._update_status(desired, observed, actions)
         return actions
 
@@ -236,10 +242,12 @@ class Engine:
             self._tree = await asyncio.to_thread(GitTree, self.source.repo_path, revision)
             self._close_retired()
         tree = self._tree
-        if self.desired is not None and self.desired.revision == revision:
-            desired = self.desired  # same commit, same files: validation and release ids cannot differ
+        if self._loaded is not None and self._loaded.revision == revision:
+            loaded = self._loaded  # same commit, same files: validation and release ids cannot differ
         else:
-            desired = await asyncio.to_thread(load_desired, tree, revision)
+            loaded = self._loaded = await asyncio.to_thread(load_desired, tree, revision)
+        # secrets are resolved every time: a value rotated in the secrets file needs no commit
+        desired, self._secret_env = await self.secrets.apply(loaded, tree)
         self.metrics.last_applied_commit.set(tree.committed_date)
         observed = await observe(self.hosts, desired.hosts, self.registry)
         for name, facts in observed.hosts.items():
@@ -275,7 +283,7 @@ class Engine:
                 except Exception as e:  # a job must always end recorded, whatever broke
                     if not isinstance(e, HostUnreachable):
                         log.exception("job %s crashed", job.id)
-                    job.status, job.error = JobStatus.FAILED, f"{type(e).__name__}: {e}"
+                    job.status, job.error = JobStatus.FAILED, self.deployer.crashed(job, f"{type(e).__name__}: {e}")
                     job.transient = isinstance(e, HostUnreachable)
                     job.completed_at = utcnow()
                     await self.store.save_job(job)
@@ -302,7 +310,8 @@ class Engine:
         self.kick.set(f"job {job.id} {job.status.value}")
 
     async def _run_action(
-        self, job: Job, action: Action, desired: DesiredState, observed: ObservedState, tree: Tree
+        self, job: Job, action: Action, desired: DesiredState, observed: ObservedState, tree: Tree,
+        secret_env: dict[str, str],
     ) -> Job:
         if action.kind is ActionKind.PRUNE:
             facts = observed.hosts.get(action.host)
@@ -316,7 +325,7 @@ class Engine:
         spec = desired.services[action.service]
         host = desired.hosts[action.host]
         ctx = ReleaseContext(spec=spec, host=host, release=desired.releases[spec.name], commit=desired.revision,
-                             instance=self.settings.instance, env=dict(spec.env))
+                             instance=self.settings.instance, env={**spec.env, **secret_env})
         if action.kind is ActionKind.REGISTER:
             return await self.deployer.register_only(job, ctx)
         handle = await self.hosts.handle(host)
@@ -325,6 +334,11 @@ class Engine:
             job, ctx, handle, tree, previous=action.current_release,
             superseded=lambda: self._wanted.get(spec.name, release) != release,
         )
+
+    async def _current_secrets(self, spec: ServiceSpec) -> dict[str, str]:
+        """A past release's secrets, resolved again from the current sources (the secrets file now, the age file
+        at the commit the daemon follows): a rollback never brings back a value that was rotated away."""
+        return await self.secrets.resolve(spec, self._tree)
 
     async def _tree_at(self, commit: str) -> GitTree:
         """The files of any fetched commit (the caller closes it)."""
@@ -341,7 +355,12 @@ class Engine:
             job.status, job.error = JobStatus.FAILED, f"release {action.release} has no commit to restore from"
             await self.store.save_job(job)
             return job
-        ctx = context_from_record(record)
+        try:
+            ctx = await self.deployer.context_for(record)
+        except (SecretError, OSError) as e:
+            job.status, job.error = JobStatus.FAILED, str(e)
+            await self.store.save_job(job)
+            return job
         job.commit = record.commit
         tree = await self._tree_at(record.commit)
         try:
@@ -363,8 +382,14 @@ class Engine:
         host = self.desired.hosts[spec.host]
         tree = DirTree(root)
         release = await asyncio.to_thread(source_release, tree, spec, host, f"POST /deploy {spec.source}")
+        try:  # no repository here: only the secrets file
+            secret_env = await self.secrets.resolve(spec, None)
+        except (SecretError, OSError) as e:
+            raise ValueError(str(e)) from None
+        if spec.secrets:
+            release = release.with_input("secrets", await self.secrets.digest(secret_env))
         ctx = ReleaseContext(spec=spec, host=host, release=release, commit="", managed_by="api",
-                             instance=self.settings.instance, env=dict(spec.env))
+                             instance=self.settings.instance, env={**spec.env, **secret_env})
         job = Job(service=spec.name, host=host.name, method=spec.method, trigger="api", managed_by="api",
                   release=release.id, reasons=["POST /deploy"], service_port=spec.port, droplet_id=spec.droplet_id,
                   service_url=ctx.endpoint, service_path=ctx.release_dir)

@@ -9,11 +9,16 @@ boundary. The kind of failure decides what follows:
 - a transient failure (host or Registry unreachable) never rolls back: the job fails, nothing is
   quarantined, and the next reconcile tries again;
 - a newer commit for the same service stops the job at the next phase boundary (``superseded``).
+
+Secret values travel only in ``ReleaseContext.env``: release records keep the names (the manifest), a past
+release's values are resolved again from the current sources when it is restored, and every error and log
+line of a job is scrubbed of the values before it is stored (a service may echo its own env).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +32,7 @@ from deployerd.locks import HostLocks, LockBusy
 from deployerd.metrics import Metrics
 from deployerd.registry_client import RegistryClient, RegistryError
 from deployerd.runtimes import HostHandle, ReleaseContext, Runtime, StartError
+from deployerd.secrets import redact, secret_values
 from deployerd.store import (
     PHASES,
     Job,
@@ -87,7 +93,8 @@ def release_record(ctx: ReleaseContext, status: str) -> ReleaseRecord:
 
 
 def context_from_record(rec: ReleaseRecord) -> ReleaseContext:
-    """Rebuild a past release's context from the store, to restore it without git."""
+    """Rebuild a past release's context from the store, to restore it without git (secrets not resolved:
+    `Deployer.context_for` adds them)."""
     spec = ServiceSpec.model_validate(rec.spec["service"])
     return ReleaseContext(
         spec=spec,
@@ -111,6 +118,7 @@ class Deployer:
         keep_releases: int = 3,
         tree_at: Callable[[str], Awaitable[GitTree]] | None = None,
         locks: HostLocks | None = None,
+        secret_env: Callable[[ServiceSpec], Awaitable[dict[str, str]]] | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -118,6 +126,41 @@ class Deployer:
         self.keep_releases = keep_releases
         self.tree_at = tree_at  # a past commit's files, to rebuild a release whose artifact is gone
         self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
+        self.secret_env = secret_env  # a service's secret values from the current sources
+        self._hidden: dict[str, set[str]] = {}  # job id -> secret values its records must never hold
+
+    async def context_for(self, rec: ReleaseRecord) -> ReleaseContext:
+        """A past release's context with its secrets resolved again (from the current sources)."""
+        ctx = context_from_record(rec)
+        if not ctx.spec.secrets:
+            return ctx
+        if self.secret_env is None:
+            raise StartError(f"release {rec.release} of {rec.service} names secrets and no resolver is set")
+        return dataclasses.replace(ctx, env={**ctx.env, **await self.secret_env(ctx.spec)})
+
+    def _hide(self, job: Job, ctx: ReleaseContext) -> None:
+        if values := secret_values(ctx.spec, ctx.env):
+            self._hidden.setdefault(job.id, set()).update(values)
+
+    def _scrub(self, job: Job, text: str) -> str:
+        return redact(text, self._hidden.get(job.id, ()))
+
+    def crashed(self, job: Job, error: str) -> str:
+        """``error`` of a job that ended by an unexpected exception, scrubbed; the job's values are dropped."""
+        text = self._scrub(job, error)
+        self._hidden.pop(job.id, None)
+        return text
+
+    def _scrub_job(self, job: Job) -> None:
+        """Redact secret values from everything of ``job`` that is stored, logged or served."""
+        if job.id not in self._hidden:
+            return
+        job.error = self._scrub(job, job.error) if job.error else job.error
+        job.logs = [self._scrub(job, line) for line in job.logs]
+        if job.rollback:
+            job.rollback = {k: self._scrub(job, v) if isinstance(v, str) else v for k, v in job.rollback.items()}
+        for rec in job.phases:
+            rec.error = self._scrub(job, rec.error) if rec.error else rec.error
 
     @asynccontextmanager
     async def _phase(self, job: Job, name: str) -> AsyncIterator[PhaseRecord]:
@@ -131,7 +174,7 @@ class Deployer:
             rec.status, rec.error = PhaseStatus.FAILED, f"superseded: {e}"
             raise Superseded() from e
         except Exception as e:
-            rec.status, rec.error = PhaseStatus.FAILED, str(e)
+            rec.status, rec.error = PhaseStatus.FAILED, self._scrub(job, str(e))
             raise PhaseFailed(name, e) from e
         else:
             if rec.status is PhaseStatus.RUNNING:
@@ -155,6 +198,8 @@ class Deployer:
         return time.monotonic()
 
     async def _finish(self, job: Job, t0: float) -> Job:
+        self._scrub_job(job)
+        self._hidden.pop(job.id, None)
         job.completed_at = utcnow()
         job.duration_seconds = round(time.monotonic() - t0, 3)
         await self.store.save_job(job)
@@ -174,6 +219,7 @@ class Deployer:
     ) -> Job:
         """Run the six phases for ``ctx``; roll back on a terminal failure after the build started."""
         runtime = handle.runtime(ctx.spec.method)
+        self._hide(job, ctx)
         t0 = await self._begin(job, PHASES)
 
         def boundary() -> None:
@@ -252,7 +298,7 @@ class Deployer:
         await self.store.save_release(release_record(ctx, "failed"))
         await self.store.quarantine(
             Quarantine(service=ctx.spec.name, release=ctx.release.id, job_id=job.id,
-                       reason=f"{failure.phase} failed: {failure.cause}", created_at=utcnow())
+                       reason=self._scrub(job, f"{failure.phase} failed: {failure.cause}"), created_at=utcnow())
         )
 
     async def _rollback(self, job: Job, ctx: ReleaseContext, handle: HostHandle, failure: PhaseFailed) -> None:
@@ -265,8 +311,9 @@ class Deployer:
             job.status = JobStatus.FAILED
             job.rollback = {"release": None, "reason": "no earlier good release of this service on this host"}
             return
-        prev_ctx = context_from_record(prev)
         try:
+            prev_ctx = await self.context_for(prev)
+            self._hide(job, prev_ctx)
             rebuilt = False
             if not await runtime.has_artifact(prev_ctx):  # removed by hand: rebuild it from its own commit
                 if self.tree_at is None or not prev.commit:

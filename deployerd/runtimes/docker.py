@@ -175,6 +175,11 @@ class DockerRuntime(Runtime):
                 await d.containers.container(c["Id"]).stop(t=10)
                 stopped.append(cname)
         reused = name in existing
+        if reused and not await self._env_matches(existing[name]["Id"], ctx):
+            # a kept container holds the env it was created with; a restored release runs with the values
+            # resolved now (a rotated secret), so it is created again from its kept image
+            await d.containers.container(existing[name]["Id"]).delete(force=True)
+            reused = False
         try:
             if not reused:
                 container = await d.containers.create(self._config(ctx), name=name)
@@ -184,6 +189,13 @@ class DockerRuntime(Runtime):
         except DockerError as e:
             raise StartError(f"container {name} did not start on {self.host.name}: {e.message}") from e
         return {"container": name, "reused_container": reused, "stopped": stopped}
+
+    async def _env_matches(self, container_id: str, ctx: ReleaseContext) -> bool:
+        """Does the container run with ``ctx.env``? (Compared in memory: values are never shown or logged.)"""
+        d = await self._docker()
+        info = await d.containers.container(container_id).show()
+        have = set((info.get("Config") or {}).get("Env") or [])
+        return all(f"{k}={v}" in have for k, v in ctx.env.items())
 
     async def state(self, service: str, release: str) -> RunState | None:
         d = await self._docker()
