@@ -48,7 +48,7 @@ from deployerd.desired import (
     ServiceSpec,
     StrictLoader,
 )
-from deployerd.tree import Tree, TreeError
+from deployerd.tree import Entry, Tree, TreeError
 
 REPO_DIR = "secrets"
 MAX_AGE_FILE_BYTES = 1024 * 1024
@@ -165,6 +165,10 @@ def secret_values(spec: ServiceSpec, env: _EnvValues) -> list[str]:
 # --------------------------------------------------------------------------- the resolver
 
 
+def _listing(tree: Tree) -> dict[str, Entry]:
+    return {e.path: e for e in tree.entries(REPO_DIR)} if tree.is_dir(REPO_DIR) else {}
+
+
 @dataclass(frozen=True)
 class _FileStamp:
     ino: int
@@ -195,19 +199,29 @@ class Secrets:
 
     # ---------------------------------------------------------------- sources
     def _load_key(self) -> bytes:
+        """The HMAC key: made once, published whole (link of a finished temp file), so a reader never
+        sees it half written, even from another process (``deployerd plan`` next to the daemon)."""
         if self._key is None:
-            self.key_path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
                 key = read_private(self.key_path, "secrets HMAC key")
-                if len(key) < 32:
-                    raise SecretError(f"{self.key_path}: the secrets HMAC key is truncated; remove it to make "
-                                      "a new one (services with secrets are redeployed once)") from None
-            else:
-                key = _random.token_bytes(32)
+            except FileNotFoundError:
+                self.key_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.key_path.with_name(f".{KEY_FILE}.{os.getpid()}.{_random.token_hex(4)}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:
-                    f.write(key)
+                    f.write(_random.token_bytes(32))
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, self.key_path)  # fails if another process published one first: use that
+                except FileExistsError:
+                    pass
+                finally:
+                    os.unlink(tmp)
+                key = read_private(self.key_path, "secrets HMAC key")
+            if len(key) != 32:
+                raise SecretError(f"{self.key_path}: the secrets HMAC key must be 32 bytes; remove it to make a "
+                                  "new one (services with secrets are then redeployed once)")
             self._key = key
         return self._key
 
@@ -227,13 +241,14 @@ class Secrets:
             self._file = (stamp, parse_secrets_file(data, str(path)))
         return self._file[1]
 
-    async def _decrypt(self, tree: Tree, service: str) -> tuple[_EnvValues, str]:
+    async def _decrypt(self, tree: Tree, service: str, listing: dict[str, Entry] | None) -> tuple[_EnvValues, str]:
         """The service's age file at ``tree`` ({} when absent) and a note on it for error messages."""
         path = age_path(service)
-        found = await asyncio.to_thread(lambda: [e for e in tree.entries(path) if e.path == path])
-        if not found:
+        if listing is None:
+            listing = await asyncio.to_thread(_listing, tree)
+        entry = listing.get(path)
+        if entry is None:
             return {}, f"{path} (not in the repository)"
-        entry = found[0]
         if entry.kind != "file":
             raise SecretError(f"{path}: must be a regular file (not a symlink)")
         if entry.size > MAX_AGE_FILE_BYTES:
@@ -278,8 +293,10 @@ class Secrets:
         return out
 
     # ---------------------------------------------------------------- resolving
-    async def resolve(self, spec: ServiceSpec, tree: Tree | None) -> _EnvValues:
-        """The values of every secret ``spec`` names (``tree``: where its age file is; None: no repository).
+    async def resolve(self, spec: ServiceSpec, tree: Tree | None,
+                      listing: dict[str, Entry] | None = None) -> _EnvValues:
+        """The values of every secret ``spec`` names (``tree``: where its age file is; None: no repository;
+        ``listing``: the tree's ``secrets/`` entries when the caller already has them).
 
         Raises SecretError naming the service, the missing secrets and each source looked at.
         """
@@ -298,7 +315,7 @@ class Secrets:
             looked.append("no secrets_file configured")
         missing = [n for n in spec.secrets if n not in found]
         if missing and tree is not None:
-            from_repo, note = await self._decrypt(tree, spec.name)
+            from_repo, note = await self._decrypt(tree, spec.name, listing)
             found.update({n: from_repo[n] for n in missing if n in from_repo})
             looked.append(note)
         missing = [n for n in spec.secrets if n not in found]
@@ -320,7 +337,10 @@ class Secrets:
         wanting = [spec for spec in desired.services.values() if spec.secrets]
         if not wanting:
             return desired, {}
-        results = await asyncio.gather(*(self.resolve(spec, tree) for spec in wanting), return_exceptions=True)
+        key = await asyncio.to_thread(self._load_key)
+        listing = await asyncio.to_thread(_listing, tree)  # one walk of the tree for all services
+        results = await asyncio.gather(*(self.resolve(spec, tree, listing) for spec in wanting),
+                                       return_exceptions=True)
         services, releases = dict(desired.services), dict(desired.releases)
         errors, broken = list(desired.errors), set(desired.broken)
         values: dict[str, _EnvValues] = {}
@@ -336,7 +356,7 @@ class Secrets:
                 raise result
             else:
                 values[spec.name] = result
-                releases[spec.name] = releases[spec.name].with_input("secrets", await self.digest(result))
+                releases[spec.name] = releases[spec.name].with_input("secrets", digest(key, result))
         adjusted = desired.model_copy(update={"services": services, "releases": releases, "errors": errors,
                                               "broken": broken})
         return adjusted, values

@@ -240,3 +240,20 @@ async def test_age_failures_are_named(tmp_path: Path) -> None:
     with pytest.raises(SecretError, match="age program is not installed"):
         await Secrets(None, identity, tmp_path / "state", age_binary="/nonexistent/age").resolve(
             state.services["web"], tree)
+
+
+async def test_hmac_key_must_be_whole_and_private(tmp_path: Path) -> None:
+    tree, state = repo(tmp_path, ["SMTP"])
+    path = secrets_file(tmp_path)
+    key = tmp_path / "state" / KEY_FILE
+    key.parent.mkdir()
+    private(key, "short")
+    with pytest.raises(SecretError, match="must be 32 bytes"):
+        await Secrets(path, None, tmp_path / "state").apply(state, tree)
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o644)
+    with pytest.raises(PermissionError, match="secrets HMAC key"):
+        await Secrets(path, None, tmp_path / "state").apply(state, tree)
+    key.chmod(0o600)
+    out, _ = await Secrets(path, None, tmp_path / "state").apply(state, tree)
+    assert out.releases["web"].inputs["secrets"] == digest(b"k" * 32, {"SMTP": SHARED})
