@@ -117,6 +117,11 @@ def _frame(data: bytes, bs: int, mode: int, line: str) -> bytes | None:
     return frame if len(frame) < len(data) else None
 
 
+def _frames(datas: Sequence[bytes], sizes: Sequence[int], batch: Sequence[Entry],
+            lines: Sequence[str]) -> list[bytes | None]:
+    return [_frame(d, bs, _file_mode(e), ln) for d, bs, e, ln in zip(datas, sizes, batch, lines, strict=True)]
+
+
 async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str,
                        entries: list[Entry]) -> tuple[list[Entry], list[Entry], list[str]]:
     """Rebuild ``entries`` on the host from their previous copies in ``partial``.
@@ -144,8 +149,7 @@ async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str,
             failed += rels
             continue
         wire.received_hashes += len(sig.stdout)
-        frames = await asyncio.to_thread(
-            lambda: [_frame(d, bs, _file_mode(e), ln) for d, bs, e, ln in zip(datas, sizes, batch, lines)])
+        frames = await asyncio.to_thread(_frames, datas, sizes, batch, lines)
         todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames) if f is not None]
         whole += [e for e, f in zip(batch, frames) if f is None]
         if not todo:
