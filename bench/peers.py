@@ -364,7 +364,7 @@ async def main() -> None:
                 ans_first = ans.deploy(h2.name, srcs["ansible"], "s3", 8562, "0") if "ansible" in S3_PEERS else None
                 pyi_first = pyi.deploy(h2.name, srcs["pyinfra"], "s3", 8563, "0") if "pyinfra" in S3_PEERS else None
                 log(f"   20 MB first deploy: plain {first['seconds']:.1f}s (rsync sent {first['rsync_bytes_sent']} B), "
-                    f"ansible {ans_first}s, pyinfra {pyi_first}s (peers run: {sorted(S3_PEERS)})")
+                    f"ansible {ans_first or 0:.1f}s, pyinfra {pyi_first or 0:.1f}s (0: not run; peers run: {sorted(S3_PEERS)})")
                 big: dict[str, list] = {"deployerd": [], "plain": [], "ansible": [], "pyinfra": [],
                                         "deployerd_bytes": [], "deployerd_bytes_detail": [],
                                         "deployerd_bytes_received_hashes": [], "deployerd_transfer_s": [],

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from deployerd import delta
-from deployerd.connection import Completed, Connection
+from deployerd.connection import CommandTimeout, Completed, Connection
 from deployerd.runtimes.base import ReleaseContext
 from deployerd.tree import Entry, Tree
 
@@ -122,40 +122,54 @@ def _frames(datas: Sequence[bytes], sizes: Sequence[int], batch: Sequence[Entry]
     return [_frame(d, bs, _file_mode(e), ln) for d, bs, e, ln in zip(datas, sizes, batch, lines, strict=True)]
 
 
-async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str,
-                       entries: list[Entry]) -> tuple[list[Entry], list[Entry], list[str]]:
-    """Rebuild ``entries`` on the host from their previous copies in ``partial``.
+async def _hashes(wire: _Wire, prev_dir: str, batch: list[Entry], source: str) -> list[str] | None:
+    """The host's block hashes of the previous release's copies of ``batch`` (one line per file), or None."""
+    argv = ["python3", "-c", delta.SIGNATURE_SCRIPT, prev_dir,
+            *(x for e in batch for x in (_rel(e, source), str(delta.block_size(e.size))))]
+    try:
+        sig = await wire.run(argv, check=False, timeout=_timeout(batch))
+    except CommandTimeout as e:
+        log.warning("%s; sending %d file(s) whole", e, len(batch))
+        return None
+    lines = sig.stdout.splitlines()
+    if not sig.ok or len(lines) != len(batch):
+        log.warning("%s: block hashes of %d file(s) failed (exit %d: %s); sending them whole",
+                    wire.conn.host.name, len(batch), sig.exit_status, sig.stderr.strip()[-200:])
+        return None
+    wire.received_hashes += len(sig.stdout)
+    return lines
+
+
+def _timeout(batch: list[Entry]) -> float:
+    return 60 + sum(e.size for e in batch) / 10e6  # hashing or rebuilding at 10 MB/s at worst
+
+
+async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str, batches: list[list[Entry]],
+                       hashing: list[asyncio.Task[list[str] | None]]) -> tuple[list[Entry], list[Entry], list[str]]:
+    """Rebuild each batch's files in ``partial`` (a copy of the previous release) from the host's hashes.
 
     Returns (rebuilt, to send whole, failures): a file goes whole when no delta saves bytes or the host
-    could not rebuild and verify it (a failure, logged)."""
+    could not hash, rebuild or verify it (a failure, logged)."""
     done: list[Entry] = []
     whole: list[Entry] = []
     failed: list[str] = []
-    for batch in _batches(entries, source):
+    for batch, hashes in zip(batches, hashing, strict=True):
         rels = [_rel(e, source) for e in batch]
-        sizes = [delta.block_size(e.size) for e in batch]
-        timeout = 60 + sum(e.size for e in batch) / 10e6
-        sig_argv = ["python3", "-c", delta.SIGNATURE_SCRIPT, partial,
-                    *(x for rel, bs in zip(rels, sizes) for x in (rel, str(bs)))]
-        sig, datas = await asyncio.gather(
-            wire.run(sig_argv, check=False, timeout=timeout),
-            asyncio.gather(*(asyncio.to_thread(tree.read, e.path) for e in batch)),
-        )
-        lines = sig.stdout.splitlines()
-        if not sig.ok or len(lines) != len(batch):
-            log.warning("%s: block hashes of %d file(s) failed (exit %d: %s); sending them whole",
-                        wire.conn.host.name, len(batch), sig.exit_status, sig.stderr.strip()[-200:])
+        datas = await asyncio.gather(*(asyncio.to_thread(tree.read, e.path) for e in batch))
+        lines = await hashes
+        if lines is None:
             whole += batch
             failed += rels
             continue
-        wire.received_hashes += len(sig.stdout)
+        sizes = [delta.block_size(e.size) for e in batch]
         frames = await asyncio.to_thread(_frames, datas, sizes, batch, lines)
         todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames) if f is not None]
         whole += [e for e, f in zip(batch, frames) if f is None]
         if not todo:
             continue
         res = await wire.run(["python3", "-c", delta.APPLY_SCRIPT, partial, *(rel for _, rel, _ in todo)],
-                             input=b"".join(f for _, _, f in todo), kind="delta", check=False, timeout=timeout)
+                             input=b"".join(f for _, _, f in todo), kind="delta", check=False,
+                             timeout=_timeout(batch))
         outcome = res.stdout.splitlines()
         for k, (e, rel, _) in enumerate(todo):
             if res.ok and k < len(outcome) and outcome[k] == "ok":
@@ -196,6 +210,26 @@ async def transfer(conn: Connection, tree: Tree, ctx: ReleaseContext, previous: 
 
     wire = _Wire(conn)
     prev_manifest = await _read_manifest(conn, manifest_path(ctx, previous)) if previous else None
+    prev_dir = posixpath.join(ctx.service_dir, "releases", previous or "")
+    old = prev_manifest or {}
+    by_delta = [e for e in entries if e.kind == "file" and e.size >= DELTA_MIN_SIZE
+                and (was := old.get(rel := _rel(e, source))) is not None and was[0] == "file" and was != wanted[rel]]
+    batches = list(_batches(by_delta, source))
+    # the host hashes the previous release's blocks while it copies that release: both only read it
+    hashing = [asyncio.create_task(_hashes(wire, prev_dir, b, source)) for b in batches]
+    try:
+        return await _fill(wire, tree, ctx, source, entries, wanted, previous, prev_manifest, batches, hashing)
+    finally:
+        for task in hashing:  # unused when the copy failed, or the phase failed first
+            task.cancel()
+        await asyncio.gather(*hashing, return_exceptions=True)
+
+
+async def _fill(wire: _Wire, tree: Tree, ctx: ReleaseContext, source: str, entries: list[Entry],
+                wanted: dict[str, list[Any]], previous: str | None, prev_manifest: dict[str, list[Any]] | None,
+                batches: list[list[Entry]], hashing: list[asyncio.Task[list[str] | None]]) -> dict[str, Any]:
+    """Copy the previous release, send what changed (deltas and whole files), move the release into place."""
+    conn = wire.conn
     partial = ctx.release_dir + ".partial"
     await wire.run(["rm", "-rf", "--", partial])
     await conn.makedirs(posixpath.dirname(partial))
@@ -207,12 +241,11 @@ async def transfer(conn: Connection, tree: Tree, ctx: ReleaseContext, previous: 
             base = prev_manifest
     if not base:
         await conn.makedirs(partial)
+        batches, hashing = [], []  # nothing to build a delta on
 
     changed = [e for e in entries if base.get(_rel(e, source)) != wanted[_rel(e, source)]]
     gone = [p for p in base if p not in wanted]
-    by_delta = [e for e in changed if e.kind == "file" and e.size >= DELTA_MIN_SIZE
-                and (base.get(_rel(e, source)) or [None])[0] == "file"]
-    chosen = set(by_delta)
+    chosen = {e for b in batches for e in b}
     whole = [e for e in changed if e not in chosen]
     sftp = await conn.sftp()
     dirs = sorted({posixpath.dirname(posixpath.join(partial, _rel(e, source))) for e in whole})
@@ -241,7 +274,7 @@ async def transfer(conn: Connection, tree: Tree, ctx: ReleaseContext, previous: 
         await asyncio.gather(*(put(e) for e in es))
 
     (rebuilt, fallback, failed), _ = await asyncio.gather(
-        _send_deltas(wire, tree, partial, source, by_delta), put_all(whole))
+        _send_deltas(wire, tree, partial, source, batches, hashing), put_all(whole))
     await put_all(fallback)
     await wire.run(["rm", "-rf", "--", ctx.release_dir])
     await wire.run(["mv", "-T", "--", partial, ctx.release_dir])
