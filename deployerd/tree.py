@@ -7,6 +7,7 @@ Both implementations are synchronous; async callers wrap them in ``asyncio.to_th
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import posixpath
@@ -73,10 +74,6 @@ def clean_path(path: str) -> str:
     return norm
 
 
-def _under(path: str, prefix: str) -> bool:
-    return not prefix or path == prefix or path.startswith(prefix + "/")
-
-
 class GitTree:
     """The tree of one commit of a (bare or non-bare) repository; never touches the working copy."""
 
@@ -93,6 +90,10 @@ class GitTree:
         self.revision: str = self._commit.hexsha
         self._index: dict[str, tuple[Entry, bytes]] | None = None  # path -> (entry, binsha)
         self._dirs: set[str] = {""}
+        # Entries sorted by path, and their paths: everything under a folder is one contiguous run, found by
+        # bisect, so entries(prefix) costs O(log n + matches) instead of a scan of the whole tree per service.
+        self._sorted: list[Entry] = []
+        self._paths: list[str] = []
 
     @property
     def committed_date(self) -> int:
@@ -125,12 +126,22 @@ class GitTree:
             else:  # submodule (gitlink) or an unusual mode
                 entry = Entry(path, mode, item.hexsha, "other", 0)
             index[path] = (entry, item.binsha)
+        self._sorted = sorted((e for e, _ in index.values()), key=lambda e: e.path)
+        self._paths = [e.path for e in self._sorted]
         self._index = index
         return index
 
     def entries(self, prefix: str = "") -> list[Entry]:
         prefix = clean_path(prefix)
-        return sorted((e for e, _ in self._load().values() if _under(e.path, prefix)), key=lambda e: e.path)
+        index = self._load()
+        if not prefix:
+            return list(self._sorted)
+        if prefix in index:  # a file (git has no file and folder of one name)
+            return [index[prefix][0]]
+        folder = prefix + "/"
+        start = bisect.bisect_left(self._paths, folder)
+        end = bisect.bisect_left(self._paths, prefix + "0", start)  # "0" follows "/": the run's end
+        return self._sorted[start:end]
 
     def read(self, path: str) -> bytes:
         """Content of a file (for a symlink: its target, as git stores it)."""

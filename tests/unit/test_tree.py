@@ -7,6 +7,8 @@ from pathlib import Path
 
 import git
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deployerd.desired import load_desired
 from deployerd.tree import MODE_EXEC, MODE_FILE, MODE_SYMLINK, DirTree, GitTree, TreeError, blob_sha, clean_path
@@ -138,3 +140,47 @@ def test_clean_path_refuses_escapes(bad: str) -> None:
 def test_clean_path_normalizes() -> None:
     assert clean_path("a/./b/") == "a/b"
     assert clean_path(".") == clean_path("") == ""
+
+
+# --- GitTree's folder index against a brute-force scan -------------------------------------------------------
+
+_COMPONENT = st.text(alphabet="ab0-._é ", min_size=1, max_size=4).filter(lambda c: c not in (".", ".."))
+
+
+def _oracle(entries: list, prefix: str) -> list:
+    """What entries(prefix) means: the entry at prefix, or every entry under the folder prefix, sorted."""
+    prefix = clean_path(prefix)
+    return sorted((e for e in entries if not prefix or e.path == prefix or e.path.startswith(prefix + "/")),
+                  key=lambda e: e.path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(paths=st.lists(st.lists(_COMPONENT, min_size=1, max_size=4).map("/".join), min_size=1, max_size=25),
+       probes=st.lists(st.lists(_COMPONENT, min_size=1, max_size=3).map("/".join), max_size=10))
+def test_git_tree_entries_match_a_full_scan(tmp_path_factory: pytest.TempPathFactory, paths: list[str],
+                                            probes: list[str]) -> None:
+    """Random trees (names sorting around "/": "-", ".", "0", non-ASCII): entries(prefix) for every folder,
+    every file, the root and random probes equals the scan of all entries, and DirTree's answer."""
+    files: dict[str, bytes | tuple[str, str]] = {}
+    for p in paths:  # a path cannot be a file and a folder at once: the first one wins
+        parts = p.split("/")
+        if any("/".join(parts[:i]) in files for i in range(1, len(parts) + 1)):
+            continue
+        if any(f.startswith(p + "/") for f in files):
+            continue
+        files[p] = p.encode()
+    root = write_tree(tmp_path_factory.mktemp("repo"), files)
+    sha = commit_all(root)
+    gtree, dtree = GitTree(root, sha), DirTree(root)
+    try:
+        everything = gtree.entries()
+        assert [e.path for e in everything] == sorted(files)
+        folders = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
+        near = {p[:-1] for p in files if len(p) > 1} | {p + "0" for p in folders} | {p + "-" for p in folders}
+        for prefix in ["", *files, *folders, *near, *probes]:
+            want = _oracle(everything, prefix)
+            assert gtree.entries(prefix) == want, prefix
+            assert dtree.entries(prefix) == want, prefix
+    finally:
+        gtree.close()
