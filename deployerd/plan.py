@@ -75,9 +75,12 @@ def plan(
         names = sorted({i.service for i in managed} | set(registry_owned))
         return sorted((_empty_guard(name, managed, registry_owned) for name in names), key=sort_key)
 
+    hosts_of: dict[str, set[str]] = {}  # service -> hosts a managed instance of it is on (one pass, not one per service)
+    for i in managed:
+        hosts_of.setdefault(i.service, set()).add(i.host)
     actions: list[Action] = []
     for name, spec in desired.services.items():
-        actions.extend(_plan_service(spec, desired.releases[name], desired, observed, managed,
+        actions.extend(_plan_service(spec, desired.releases[name], desired, observed, hosts_of.get(name, set()),
                                      quarantined.get(name), force, instance))
     for name in sorted(desired.broken):
         actions.extend(_plan_broken(name, desired, observed))
@@ -114,7 +117,7 @@ def _unreachable(observed: ObservedState, host: str) -> str | None:
 
 
 def _current_managed(facts: HostFacts, service: str) -> Instance | None:
-    mine = [i for i in facts.instances if i.service == service and i.current and i.managed_by == "git"]
+    mine = [i for i in facts.of_service(service) if i.current and i.managed_by == "git"]
     running = [i for i in mine if i.state is RunState.RUNNING]
     return (running or mine or [None])[0]
 
@@ -148,11 +151,11 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
 
 
 def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
-                  managed: list[Instance], quarantined: str | None, force: bool,
+                  managed_on: set[str], quarantined: str | None, force: bool,
                   instance: str) -> list[Action]:
     host = spec.host
     base = {"service": spec.name, "host": host, "release": release.id}
-    elsewhere = sorted({i.host for i in managed if i.service == spec.name and i.host != host})
+    elsewhere = sorted(h for h in managed_on if h != host)
 
     if (why := _unreachable(observed, host)) is not None:
         # the old host (if moved) keeps serving until the new one can be reached
@@ -163,7 +166,7 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
 
     reasons: list[str] = []
     if inst is None:
-        if any(i.service == spec.name and i.managed_by != "git" for i in facts.instances):
+        if any(i.managed_by != "git" for i in facts.of_service(spec.name)):
             return [Action(kind=ActionKind.BLOCKED, current_release=None, reasons=[
                 f"an out-of-band instance of {spec.name} runs on {host}; left untouched"], **base)]
         reasons.append(f"not deployed on {host}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
