@@ -202,12 +202,13 @@ class HostStats:
     connects: int = 0
     commands: int = 0
     sftp_ops: int = 0  # one per public SFTP call (put_bytes, put_file, read_bytes, makedirs, link, ...)
+    api_requests: int = 0  # Docker API requests through the forwarded socket (counted by the Docker runtime)
     forwards: int = 0  # tunnels opened (cached ones are not counted again)
     failures: int = 0  # connect failures and connection-level errors
 
     @property
     def round_trips(self) -> int:
-        return self.commands + self.sftp_ops
+        return self.commands + self.sftp_ops + self.api_requests
 
 
 # ------------------------------------------------------------------------------------------ connection

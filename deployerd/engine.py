@@ -51,6 +51,7 @@ class ReconcileRecord:
     duration_s: float
     actions: int
     error: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage: where a slow reconcile waits
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.source = GitSource(settings.repo_url, settings.branch, settings.repo_cache)
         self.hosts = Hosts(settings.ssh_key, settings.known_hosts, settings.ssh_connect_timeout_s, settings.instance)
+        self.metrics.watch_hosts(self.hosts.pool.stats)
         locks = HostLocks(settings.state_dir, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s,
                           instance=settings.instance, on_event=lambda e: self.metrics.host_locks.labels(event=e).inc())
         self.secrets = Secrets(settings.secrets_file, settings.age_identity_file, settings.state_dir)
@@ -109,6 +111,8 @@ class Engine:
         self._tree: GitTree | None = None  # the pinned commit's files, shared by the jobs it starts
         self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stages: dict[str, float] = {}
+        self._stage_t0 = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -180,6 +184,7 @@ class Engine:
             t0 = time.monotonic()
             error = None
             actions: list[Action] = []
+            self._stages = {}
             try:
                 actions = await self._reconcile(force)
                 self.metrics.reconciles.labels(result="ok").inc()
@@ -192,7 +197,7 @@ class Engine:
                 self.metrics.reconcile_duration.observe(duration)
                 self.last_reconcile = ReconcileRecord(
                     at=utcnow(), revision=self.source.revision, trigger=trigger or [],
-                    duration_s=round(duration, 4), actions=len(actions), error=error,
+                    duration_s=round(duration, 4), actions=len(actions), error=error, stages=self._stages,
                 )
             return actions
 
@@ -224,10 +229,19 @@ class Engine:
             self._launch(job, self._run_action(job, action, desired, observed, tree,
                                                secret_env.get(action.service, {})))
         self._update_status(desired, observed, actions)
+        self._stage("launch")
         return actions
+
+    def _stage(self, name: str | None) -> None:
+        """Record the seconds since the previous stage ended under ``name`` (None: start the clock)."""
+        now = time.monotonic()
+        if name is not None:
+            self._stages[name] = round(now - self._stage_t0, 4)
+        self._stage_t0 = now
 
     async def preview(self, force: set[str] | None = None) -> tuple[DesiredState, ObservedState, list[Action]]:
         """Fetch, load and observe, and plan without acting (``deployerd plan``)."""
+        self._stage(None)
         try:
             revision = await self.source.fetch()
         except SourceError as e:
@@ -236,6 +250,7 @@ class Engine:
                 raise
             revision = self.source.revision  # keep reconciling the last good revision while git is down
             log.warning("git fetch failed, using %s: %s", revision[:12], e)
+        self._stage("fetch")
         if self._tree is None or self._tree.revision != revision:
             if self._tree is not None:
                 self._retired.append(self._tree)
@@ -248,15 +263,19 @@ class Engine:
             loaded = self._loaded = await asyncio.to_thread(load_desired, tree, revision)
         # secrets are resolved every time: a value rotated in the secrets file needs no commit
         desired, self._secret_env = await self.secrets.apply(loaded, tree)
+        self._stage("load")  # desired state and secrets
         self.metrics.last_applied_commit.set(tree.committed_date)
         observed = await observe(self.hosts, desired.hosts, self.registry)
+        self._stage("observe")
         for name, facts in observed.hosts.items():
             self.metrics.host_up.labels(host=name).set(1 if facts.reachable else 0)
         quarantined = {
             s: q.release for s, q in (await self.store.quarantined()).items()
             if force is None or (force and s not in force)
         }
+        self._stage("store")
         actions = plan(desired, observed, quarantined, instance=self.settings.instance)
+        self._stage("plan")
         self.desired, self.observed = desired, observed
         return desired, observed, actions
 

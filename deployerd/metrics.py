@@ -6,7 +6,17 @@ about image builds over SSH.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, float("inf"))
 
@@ -47,6 +57,11 @@ class Metrics:
         self.host_up = Gauge("deployerd_host_up", "1 when the host answered the last observation", ["host"],
                              registry=r)
 
+    def watch_hosts(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Export each host's connection counters (``HostStats``), read when scraped: a benchmark counts the
+        round trips of a reconcile from outside the process."""
+        self.registry.register(_HostOperations(stats))
+
     def set_services(self, rows: list[dict[str, str]]) -> None:
         """Replace the per-service info series (a service that left git must not linger)."""
         self.service_info.clear()
@@ -55,3 +70,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HostOperations:
+    KINDS = (("command", "commands"), ("sftp", "sftp_ops"), ("docker_api", "api_requests"), ("connect", "connects"))
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily("deployerd_host_operations", "Operations on each host's SSH connection by kind "
+                                   "(command, sftp, docker_api: a round trip each; connect)", labels=["host", "kind"])
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for host, s in sorted(self._stats().items()):
+            for kind, attr in self.KINDS:
+                family.add_metric([host, kind], getattr(s, attr))
+        yield family

@@ -13,6 +13,7 @@ import posixpath
 from typing import Any
 
 import aiodocker
+import aiohttp
 from aiodocker.exceptions import DockerError
 
 from deployerd.connection import CommandError
@@ -53,15 +54,26 @@ class DockerRuntime(Runtime):
     async def _docker(self) -> aiodocker.Docker:
         sock = await self.conn.docker_socket()
         if self._client is None or self._client_sock != sock:
-            if self._client is not None:
-                await self._client.close()
-            self._client = aiodocker.Docker(url=f"unix://{sock}")
+            await self.close()
+            # Our own session, so each API request (a round trip through the SSH tunnel) is counted in the
+            # connection's stats next to its commands and SFTP calls.
+            stats = self.conn.stats
+
+            async def count(*_: Any) -> None:
+                stats.api_requests += 1
+
+            trace = aiohttp.TraceConfig()
+            trace.on_request_start.append(count)
+            connector = aiohttp.UnixConnector(sock)
+            session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+            self._client = aiodocker.Docker(url="unix://localhost", connector=connector, session=session)
             self._client_sock = sock
         return self._client
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+            await self._client.session.close()  # ours (with its connector): aiodocker leaves it open
             self._client = None
 
     def _filters(self, service: str | None) -> dict[str, list[str]]:
