@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, med, peer_tool, rss_kib, rsync, ssh, wait_job  # noqa: E402
+from _common import ROOT, med, peer_tool, rss_kib, rsync, scale_service, ssh, wait_job  # noqa: E402
 from daemon_harness import DOCKERFILE, DesiredRepo, running_daemon, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
@@ -245,11 +245,6 @@ class Pyinfra:
 
 
 # --- deployerd ------------------------------------------------------------------------------------------------
-
-
-def scale_service(i: int) -> tuple[str, str, int]:
-    """Service i of the scale set: name, host (round robin over 3) and port (8700 + i // 3: < 8900 for 500)."""
-    return f"svc-{i:03d}", f"sbx-{i % 3 + 1}", 8700 + i // 3
 
 
 async def deploy_all(d, names: list[str], limit_s: float = 1800) -> None:  # type: ignore[no-untyped-def]

@@ -3,10 +3,16 @@
 1. commit -> healthy with the local-repository watch (deployerd's loop), vs the same release done by hand
    over one SSH connection (docker build + run + health poll: the floor a careful script reaches);
 2. a reconcile that finds nothing to do for the bundled example services, and its SSH round trips per host;
-3. failed health verdict -> the old release serving again (the rollback), vs a plain `docker start` of it.
+3. failed health verdict -> the old release serving again (the rollback), vs a plain `docker start` of it;
+4. scale: the daemon as its own process (`python -m deployerd run`) with 50, 200, 500 (BENCH_SCALES) small
+   FROM-scratch services over 3 hosts: per idle reconcile (POST /sync, nothing to do) its wall time (its own
+   `last_reconcile.duration_s`), its CPU (/proc utime+stime delta), its RSS, and round trips per host (its
+   /metrics `deployerd_host_operations_total`: SSH commands, SFTP calls, Docker API requests).
 
 Run: `make bench` (or `.venv/bin/python bench/reconcile_bench.py`). Uses the sandbox in
-$DEPLOYERD_BENCH_SANDBOX, or brings one up (1 host) and takes it down at the end.
+$DEPLOYERD_BENCH_SANDBOX, or brings one up (3 hosts) and takes it down at the end. BENCH_ONLY=1,2,3,4 picks
+parts (parts 1-3 share one daemon); BENCH_PARALLEL (default 16) is the scale daemon's max_parallel;
+BENCH_PROFILE=PREFIX writes py-spy samples of each size's idle reconciles to PREFIX-N.txt (needs .bench-venv).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -24,13 +31,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import wait_job  # noqa: E402
-from daemon_harness import DesiredRepo, running_daemon, settings_for  # noqa: E402
+from _common import SCRATCH_DOCKERFILE, DaemonProcess, cpu_s, med, peer_tool, rss_kib, scale_service, wait_job  # noqa: E402
+from daemon_harness import DesiredRepo, _remove_instance, running_daemon, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
+from deployerd.daemon import close_engine, open_engine  # noqa: E402
+from deployerd.sandbox import SandboxInfo  # noqa: E402
 from deployerd.store import JobStatus  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ONLY = set(os.environ.get("BENCH_ONLY", "1,2,3,4").split(","))
+SCALES = [int(x) for x in os.environ.get("BENCH_SCALES", "50,200,500").split(",") if x.strip()]
+IDLE_ROUNDS = int(os.environ.get("BENCH_IDLE_ROUNDS", "10"))
+PARALLEL = int(os.environ.get("BENCH_PARALLEL", "16"))
+KEEP = os.environ.get("BENCH_KEEP") == "1"  # leave the scale set deployed (to study a daemon over it)
+PROFILE = os.environ.get("BENCH_PROFILE")  # a path prefix: py-spy raw samples of the idle reconciles per size
 
 
 async def baseline_deploy(conn, version: int, port: int) -> float:  # type: ignore[no-untyped-def]
@@ -55,13 +70,102 @@ async def baseline_deploy(conn, version: int, port: int) -> float:  # type: igno
     raise TimeoutError("baseline never healthy")
 
 
+async def idle_reconciles(d: DaemonProcess, count: int) -> dict:
+    """``count`` reconciles that find nothing to do, each by POST /sync: the daemon's own figures."""
+    walls, cpus, trips, stages = [], [], [], []
+    n = 0
+    for _ in range(count):
+        m0, c0 = await d.metrics(), cpu_s(d.pid)
+        answer = await d.sync()
+        c1 = cpu_s(d.pid)
+        m1 = await d.metrics()
+        record = (await d.get("/health"))["last_reconcile"]
+        walls.append(record["duration_s"])
+        stages.append(record.get("stages") or {})
+        cpus.append(c1 - c0)
+        per_host: dict[str, dict[str, int]] = {}
+        for (name, labels), value in m1.items():
+            if name == "deployerd_host_operations_total":
+                lab = dict(labels)
+                if lab["kind"] != "connect":
+                    delta = int(value - m0.get((name, labels), 0))
+                    per_host.setdefault(lab["host"], {})[lab["kind"]] = delta
+        trips.append(per_host)
+        bad = [(a["service"], a["kind"], a["reasons"]) for a in answer["actions"] if a["kind"] != "noop"]
+        assert not bad, bad[:5]
+        n = len(answer["actions"])
+    return {"services": n, "wall_median_s": round(med(walls), 4), "wall_max_s": round(max(walls), 4),
+            "cpu_median_s": round(med(cpus), 4), "cpu_max_s": round(max(cpus), 4),
+            "stages_median_s": {k: round(med([s.get(k, 0.0) for s in stages]), 4) for k in stages[-1]},
+            "rss_mib": round(rss_kib(d.pid) / 1024, 1), "rss_anon_mib": round(rss_kib(d.pid, "RssAnon") / 1024, 1),
+            "round_trips_per_host": {h: sum(k.values()) for h, k in sorted(trips[-1].items())},
+            "by_kind_per_host": dict(sorted(trips[-1].items())),
+            "round_trips_max_any_reconcile": max(sum(k.values()) for t in trips for k in t.values())}
+
+
+async def profiler(pid: int, out: str) -> asyncio.subprocess.Process:
+    """py-spy (from .bench-venv) sampling the daemon, without pausing it, until interrupted."""
+    spy = peer_tool("py-spy")
+    proc = await asyncio.create_subprocess_exec(str(spy), "record", "--nonblocking", "--pid", str(pid), "-r", "100",
+                                                "-f", "raw", "-o", out, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    await asyncio.sleep(1)  # attached
+    return proc
+
+
+async def scale(info: SandboxInfo, tmp: Path) -> None:
+    """Part 4: the daemon in its own process, idle reconciles at each size of BENCH_SCALES."""
+    repo = DesiredRepo(tmp / "scale-repo", info)
+    repo.commit("hosts only")
+    settings = settings_for(tmp / "scale-daemon", info, repo, max_parallel=PARALLEL)
+    d = DaemonProcess(settings, tmp / "scale-daemon")
+    await d.start()
+    print(f"scale: daemon pid {d.pid}, RSS at start {rss_kib(d.pid) / 1024:.1f} MiB, max_parallel {PARALLEL}, "
+          f"log {d.log}", flush=True)
+    n = 0
+    try:
+        for target in SCALES:
+            for i in range(n, target):
+                name, host, port = scale_service(i)
+                repo.service(name, port, host=host, health_timeout_s=120,
+                             dockerfile=SCRATCH_DOCKERFILE.format(port=port))
+            repo.commit(f"scale set: {target}")
+            await d.sync()  # the git watch would notice too; this starts at once
+            took = await d.wait_services({scale_service(i)[0] for i in range(target)}, limit_s=3600)
+            print(f"scale: {target - n} services deployed in {took:.1f} s (max_parallel {PARALLEL})", flush=True)
+            n = target
+            await asyncio.sleep(2)  # the reconcile each finished job asks for is over
+            spy = await profiler(d.pid, f"{PROFILE}-{target}.txt") if PROFILE else None
+            r = await idle_reconciles(d, IDLE_ROUNDS)
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted
+                await spy.wait()
+            print(f"scale: idle reconcile at {r['services']} services ({IDLE_ROUNDS} rounds): {r}", flush=True)
+    finally:
+        await d.stop()
+        if KEEP:
+            print(f"scale: kept the deployment (BENCH_KEEP): config {d.config}", flush=True)
+            return
+        # leave the hosts and the Registry as found: the same clean-up as the e2e tests
+        engine = await open_engine(settings)
+        try:
+            await engine.preview()
+            await _remove_instance(engine)
+        finally:
+            await close_engine(engine)
+
+
 async def main() -> None:
     state = os.environ.get("DEPLOYERD_BENCH_SANDBOX")
     own = state is None
     tmp = Path(tempfile.mkdtemp(prefix="deployerd-bench-"))
-    info = sbx.load_info(Path(state)) if state else await sbx.up_async(1, tmp / "sandbox")
+    info = sbx.load_info(Path(state)) if state else await sbx.up_async(3, tmp / "sandbox")
     assert info is not None
     try:
+        if "4" in ONLY:
+            await scale(info, tmp)
+        if not ONLY & {"1", "2", "3"}:
+            return
         repo = DesiredRepo(tmp / "repo", info)
         for entry in (ROOT / "desired_state" / "services").iterdir():
             dest = repo.path / "services" / entry.name
