@@ -113,6 +113,17 @@ async def profiler(pid: int, out: str) -> asyncio.subprocess.Process:
     return proc
 
 
+async def measured(d: DaemonProcess, profile: str | None) -> dict:
+    """Idle reconciles, sampled by py-spy into ``profile`` when given."""
+    spy = await profiler(d.pid, profile) if profile else None
+    try:
+        return await idle_reconciles(d, IDLE_ROUNDS)
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted
+            await spy.wait()
+
+
 async def scale(info: SandboxInfo, tmp: Path) -> None:
     """Part 4: the daemon in its own process, idle reconciles at each size of BENCH_SCALES."""
     repo = DesiredRepo(tmp / "scale-repo", info)
@@ -135,24 +146,28 @@ async def scale(info: SandboxInfo, tmp: Path) -> None:
             print(f"scale: {target - n} services deployed in {took:.1f} s (max_parallel {PARALLEL})", flush=True)
             n = target
             await asyncio.sleep(2)  # the reconcile each finished job asks for is over
-            spy = await profiler(d.pid, f"{PROFILE}-{target}.txt") if PROFILE else None
-            r = await idle_reconciles(d, IDLE_ROUNDS)
-            if spy is not None:
-                spy.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted
-                await spy.wait()
+            r = await measured(d, f"{PROFILE}-{target}.txt" if PROFILE else None)
             print(f"scale: idle reconcile at {r['services']} services ({IDLE_ROUNDS} rounds): {r}", flush=True)
+        # the same deployment under a daemon that did not deploy it: memory without the deploys' history
+        await d.stop()
+        d = DaemonProcess(settings, tmp / "scale-daemon")
+        await d.start()
+        print(f"scale: fresh daemon pid {d.pid}, RSS at start {rss_kib(d.pid) / 1024:.1f} MiB", flush=True)
+        await d.wait_services({scale_service(i)[0] for i in range(n)}, limit_s=3600)
+        await asyncio.sleep(2)
+        r = await measured(d, f"{PROFILE}-{n}-fresh.txt" if PROFILE else None)
+        print(f"scale: fresh daemon, idle reconcile at {r['services']} services: {r}", flush=True)
     finally:
         await d.stop()
         if KEEP:
             print(f"scale: kept the deployment (BENCH_KEEP): config {d.config}", flush=True)
-            return
-        # leave the hosts and the Registry as found: the same clean-up as the e2e tests
-        engine = await open_engine(settings)
-        try:
-            await engine.preview()
-            await _remove_instance(engine)
-        finally:
-            await close_engine(engine)
+        else:  # leave the hosts and the Registry as found: the same clean-up as the e2e tests
+            engine = await open_engine(settings)
+            try:
+                await engine.preview()
+                await _remove_instance(engine)
+            finally:
+                await close_engine(engine)
 
 
 async def main() -> None:
