@@ -27,6 +27,7 @@ from typing import Any
 
 from deployerd.connection import HostUnreachable
 from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
+from deployerd.failpoints import failpoint
 from deployerd.health import HealthInterrupted, wait_healthy
 from deployerd.locks import HostLocks, LockBusy
 from deployerd.metrics import Metrics
@@ -233,6 +234,7 @@ class Deployer:
                                    commit=ctx.commit, previous_release=previous)
                 rec.details["lock"] = await lock.acquire()
                 await handle.conn.makedirs(ctx.service_dir)
+                await failpoint(VALIDATION)  # test-only: crash tests kill the daemon here
             boundary()
             built = await runtime.has_artifact(ctx)
             async with self._phase(job, TRANSFER) as rec:

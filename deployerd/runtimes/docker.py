@@ -17,6 +17,7 @@ import aiohttp
 from aiodocker.exceptions import DockerError
 
 from deployerd.connection import CommandError
+from deployerd.failpoints import failpoint
 from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import LABEL_PREFIX, ReleaseContext, Runtime, StartError, env_file_text
 
@@ -197,6 +198,7 @@ class DockerRuntime(Runtime):
                 container = await d.containers.create(self._config(ctx), name=name)
             else:
                 container = d.containers.container(existing[name]["Id"])
+            await failpoint("Start Service")  # test-only: old one stopped, new one created, not started
             await container.start()
         except DockerError as e:
             raise StartError(f"container {name} did not start on {self.host.name}: {e.message}") from e

@@ -28,6 +28,7 @@ import shlex
 from typing import Any
 
 from deployerd.connection import CommandError
+from deployerd.failpoints import failpoint
 from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 
@@ -354,6 +355,7 @@ class SystemdRuntime(Runtime):
         new_link = posixpath.join(ctx.service_dir, "current.new")
         await self.conn.run(["ln", "-sfnT", "--", posixpath.join("releases", ctx.release.id), new_link])
         await self.conn.run(["mv", "-T", "--", new_link, posixpath.join(ctx.service_dir, "current")])
+        await failpoint("Start Service")  # test-only: the host names the new release, the old code still runs
         await self.conn.run(["systemctl", "daemon-reload"])
         await self.conn.run(["systemctl", "enable", "--quiet", "--", unit])
         await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)  # clear a spent start limit
