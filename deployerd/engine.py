@@ -104,6 +104,7 @@ class Engine:
         self.services: dict[str, ServiceStatus] = {}
         self._inflight: dict[str, asyncio.Task[Job]] = {}
         self._wanted: dict[str, str] = {}  # service -> release the latest reconcile wants
+        self._interrupted: dict[str, str] = {}  # service -> release whose deploy the last stop cut short
         self._backoff: dict[str, _Backoff] = {}
         self._slots = asyncio.Semaphore(settings.max_parallel)
         self._reconcile_lock = asyncio.Lock()
@@ -120,6 +121,7 @@ class Engine:
         interrupted = await self.store.mark_interrupted()
         if interrupted:
             log.warning("jobs interrupted by the last stop: %s", ", ".join(interrupted))
+        self._interrupted = await self.store.interrupted_deploys()
         scheduler = AsyncIOScheduler()
         start_polling(scheduler, self.settings.poll_interval_s, lambda: self.kick.set("poll"),
                       jitter_s=self.settings.poll_interval_s / 10)
@@ -274,7 +276,7 @@ class Engine:
             if force is None or (force and s not in force)
         }
         self._stage("store")
-        actions = plan(desired, observed, quarantined, instance=self.settings.instance)
+        actions = plan(desired, observed, quarantined, instance=self.settings.instance, interrupted=self._interrupted)
         self._stage("plan")
         self.desired, self.observed = desired, observed
         return desired, observed, actions
@@ -318,6 +320,8 @@ class Engine:
         # Any failure backs the service off (5 s doubling to 5 min; a new commit skips the wait): an outage
         # is retried without hammering the host, and a job that keeps failing never spins in a loop.
         failed = job.status is JobStatus.FAILED
+        if job.kind == ActionKind.DEPLOY.value and not job.transient:
+            self._interrupted.pop(job.service, None)  # a deploy of the service ran to its end
         if failed:
             self._backoff.setdefault(job.service, _Backoff()).fail()
         else:

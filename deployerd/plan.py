@@ -62,12 +62,17 @@ def plan(
     quarantined: Mapping[str, str] | None = None,
     force: bool = False,
     instance: str = "default",
+    interrupted: Mapping[str, str] | None = None,
 ) -> list[Action]:
     """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`.
 
     ``instance`` is the daemon's name: only Registry entries it owns are compared or pruned.
+    ``interrupted`` maps a service to the release its last deploy was deploying when the daemon stopped:
+    that release is deployed again even when it already runs, as it may never have been verified healthy,
+    registered or retained (or may name the new release while the old code still serves).
     """
     quarantined = quarantined or {}
+    interrupted = interrupted or {}
     managed = _managed_instances(observed)
     registry_owned = _registry_owned(observed, instance)
 
@@ -81,7 +86,7 @@ def plan(
     actions: list[Action] = []
     for name, spec in desired.services.items():
         actions.extend(_plan_service(spec, desired.releases[name], desired, observed, hosts_of.get(name, set()),
-                                     quarantined.get(name), force, instance))
+                                     quarantined.get(name), force, instance, interrupted.get(name)))
     for name in sorted(desired.broken):
         actions.extend(_plan_broken(name, desired, observed))
     actions.extend(_plan_removed(desired, observed, managed, registry_owned))
@@ -152,7 +157,7 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
 
 def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
                   managed_on: set[str], quarantined: str | None, force: bool,
-                  instance: str) -> list[Action]:
+                  instance: str, interrupted: str | None = None) -> list[Action]:
     host = spec.host
     base = {"service": spec.name, "host": host, "release": release.id}
     elsewhere = sorted(h for h in managed_on if h != host)
@@ -177,6 +182,8 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
             reasons.append(f"not running ({inst.state.value})")
         elif inst.healthy is False:
             reasons.append("unhealthy")
+        if inst.release == release.id and interrupted == release.id:
+            reasons.append("its deploy was interrupted (daemon stopped): verify, register and retain it again")
 
     actions: list[Action] = []
     if reasons:

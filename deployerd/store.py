@@ -211,6 +211,19 @@ class Store:
             ids.append(job.id)
         return ids
 
+    async def interrupted_deploys(self) -> dict[str, str]:
+        """Services whose latest job is a git deploy cut short by a stop or crash -> the release it deployed.
+
+        Such a release may already run on its host, looking in sync, without having been verified healthy,
+        registered or retained: the planner deploys it again (the kept artifact makes that cheap)."""
+        rows = await self._call(
+            self._exec,
+            "SELECT body FROM jobs j WHERE status = 'interrupted' AND created_at = "
+            "(SELECT MAX(created_at) FROM jobs k WHERE k.service = j.service)",
+        )
+        jobs = [Job.model_validate_json(body) for (body,) in rows]
+        return {j.service: j.release for j in jobs if j.kind == "deploy" and j.managed_by == "git" and j.release}
+
     # releases
     async def save_release(self, rec: ReleaseRecord) -> None:
         await self._call(

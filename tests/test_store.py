@@ -60,3 +60,19 @@ async def test_lifting_a_quarantine_of_another_release_keeps_it(tmp_path: Path) 
     await store.lift_quarantine("web", "bad")  # the quarantined release itself deployed fine (forced)
     assert await store.quarantined() == {}
     await store.close()
+
+
+async def test_interrupted_deploys_are_those_still_the_latest_job_of_their_service(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite")
+    older = Job(service="web", host="h", release="r1", status=JobStatus.RUNNING, created_at="2026-01-01T00:00:00Z")
+    later = Job(service="web", host="h", release="r1", status=JobStatus.SUCCEEDED, created_at="2026-01-02T00:00:00Z")
+    cut = Job(service="api", host="h", release="r2", status=JobStatus.RUNNING)
+    pruning = Job(service="gone", host="h", kind="prune", status=JobStatus.RUNNING)
+    oob = Job(service="oob", host="h", release="r3", managed_by="api", status=JobStatus.PENDING)
+    for job in (older, later, cut, pruning, oob):
+        await store.save_job(job)
+    assert await store.interrupted_deploys() == {}  # running jobs are not interrupted until a restart says so
+    assert sorted(await store.mark_interrupted()) == sorted([older.id, cut.id, pruning.id, oob.id])
+    # web's interrupted deploy was followed by a finished one; prunes and out-of-band deploys are not git's
+    assert await store.interrupted_deploys() == {"api": "r2"}
+    await store.close()

@@ -240,3 +240,19 @@ def test_quarantined_release_with_its_last_good_stopped_restores_the_last_good()
     running = inst("web")
     actions = plan(desired(web, releases={"web": bad}), observed(running), quarantined={"web": bad.id})
     assert [a.kind for a in actions] == [ActionKind.BLOCKED]
+
+
+def test_release_whose_deploy_was_interrupted_is_deployed_again_though_it_runs() -> None:
+    """A crash after Start left the new release running, never verified, registered nor retained."""
+    in_sync = observed(inst(), registry=registry_for(WEB))
+    [again] = plan(desired(WEB), in_sync, interrupted={"web": R1.id})
+    assert again.kind is ActionKind.DEPLOY and (again.release, again.current_release) == (R1.id, R1.id)
+    assert again.reasons == ["its deploy was interrupted (daemon stopped): verify, register and retain it again"]
+    # registry stale too: one deploy does both (its Register phase)
+    [again] = plan(desired(WEB), observed(inst(), registry={}), interrupted={"web": R1.id})
+    assert again.kind is ActionKind.DEPLOY
+    # an interrupted deploy of another release (git moved on, or the old one still runs) changes nothing here
+    assert [a.kind for a in plan(desired(WEB), in_sync, interrupted={"web": "rel000000000"})] == [ActionKind.NOOP]
+    old = observed(inst(release="rel000000000"), registry=registry_for(WEB))
+    [deploy] = plan(desired(WEB), old, interrupted={"web": R1.id})
+    assert deploy.kind is ActionKind.DEPLOY and deploy.reasons == ["changed: release rel000000000"]
