@@ -303,18 +303,22 @@ class SystemdRuntime(Runtime):
         wheels = posixpath.join(ctx.release_dir, "wheels")
         has_req = (await self.conn.run(["test", "-f", requirements], check=False)).ok
         has_wheels = (await self.conn.run(["test", "-d", wheels], check=False)).ok
-        await self.conn.run(["rm", "-rf", "--", venv])
+        # A build cut short by a daemon crash goes on running on the host (no pty: no SIGHUP when the SSH
+        # connection dies). Every step that writes the venv holds the service's build lock, so the next
+        # build waits for that orphan to end before it deletes and rewrites the same directory.
+        locked = ["flock", "--wait", "900", "--", posixpath.join(ctx.service_dir, ".build.lock")]
         await self.conn.run(["install", "-d", "-m", "0755", "--", posixpath.dirname(venv)])
+        await self.conn.run([*locked, "rm", "-rf", "--", venv], timeout=16 * 60)
         try:
             # pip only when there is something to install: ensurepip is most of a venv's build time
-            await self.conn.run(["python3", "-m", "venv", *([] if has_req else ["--without-pip"]), "--", venv],
-                                timeout=5 * 60)
+            await self.conn.run([*locked, "python3", "-m", "venv", *([] if has_req else ["--without-pip"]), "--",
+                                 venv], timeout=5 * 60)
             if has_req:
                 argv = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
                         "--no-input", "--progress-bar", "off"]
                 if has_wheels:
                     argv += ["--no-index", "--find-links", wheels]
-                await self.conn.run([*argv, "-r", requirements], timeout=15 * 60)
+                await self.conn.run([*locked, *argv, "-r", requirements], timeout=15 * 60)
         except CommandError as e:
             raise StartError(f"venv of {ctx.qualified_name} release {ctx.release.id} failed on {self.host.name}",
                              _tail(e.stderr)) from e
