@@ -461,6 +461,7 @@ async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
 async def _up_locked(hosts: int, state_dir: Path, sid: str, key_path: Path, pubkey: str,
                      old: SandboxInfo | None, t0: float) -> SandboxInfo:
     """The body of `up`, run while this process counts as a user of the engine (so no `down` stops it)."""
+    _raise_inotify_limits()
     engine_info = await find_engine(start=True)
     assert engine_info is not None
     if old and old.engine.started and old.engine.url == engine_info.url:
@@ -495,6 +496,24 @@ async def _up_locked(hosts: int, state_dir: Path, sid: str, key_path: Path, pubk
         raise
     log.info("sandbox %s up in %.1f s (state %s)", sid, time.monotonic() - t0, state_dir)
     return info
+
+
+# Every test host's systemd (and its journald, logind, dockerd) takes inotify instances from root's one
+# machine-wide allowance; Debian's default of 128 runs out at a few hosts and the next one fails to boot
+# ("Failed to create inotify object: Too many open files").
+INOTIFY_MINIMUMS = {"max_user_instances": 1024, "max_user_watches": 524288}
+
+
+def _raise_inotify_limits() -> None:
+    """Raise the kernel's inotify limits to what several sandboxes need (never lowers them)."""
+    for name, minimum in INOTIFY_MINIMUMS.items():
+        path = Path("/proc/sys/fs/inotify") / name
+        try:
+            if int(path.read_text()) < minimum:
+                path.write_text(f"{minimum}\n")
+                log.info("raised fs.inotify.%s to %d for the test hosts' systemd", name, minimum)
+        except (OSError, ValueError) as e:
+            log.warning("could not raise fs.inotify.%s to %d (%s): test hosts may fail to boot", name, minimum, e)
 
 
 async def _diagnose(engine: Engine, info: SandboxInfo) -> None:
