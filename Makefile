@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # age decrypts the secrets files of a desired-state repository (deployerd.secrets).
 APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age
 
-.PHONY: deps apt venv wheelhouse test test-unit demo demo-down sandbox-up sandbox-down bench clean
+.PHONY: deps apt venv wheelhouse test test-unit demo demo-down sandbox-up sandbox-down bench soak clean
 
 deps: apt venv
 
@@ -75,6 +75,13 @@ bench: deps $(BENCH_VENV)/.installed
 	DEPLOYERD_BENCH_SANDBOX=$(BENCH_SANDBOX_DIR) BENCH_PEERS_VENV=$(abspath $(BENCH_VENV)) $(PY) bench/peers.py || status=1; \
 	DEPLOYERD_BENCH_SANDBOX=$(BENCH_SANDBOX_DIR) $(PY) bench/reconcile_bench.py || status=1; \
 	$(PY) -m deployerd.sandbox down --state-dir $(BENCH_SANDBOX_DIR); exit $$status
+
+# The soak: 300 seeded random commits to 20 services on 3 hosts of its own sandbox (up and down in the run),
+# then the end state checked against the last commit, leaks, stuck jobs and the daemon's memory growth (< 10%).
+# SOAK_COMMITS, SOAK_SERVICES, SOAK_HOSTS, SOAK_SEED, SOAK_INTERVAL_S, SOAK_MAX_OUTSTANDING, SOAK_JSON change it;
+# DEPLOYERD_SOAK_SANDBOX=<state dir> reuses a sandbox that is up.
+soak: deps
+	$(PY) bench/soak.py
 
 clean: sandbox-down
 	rm -rf $(VENV) .pytest_cache $(WHEELHOUSE)
