@@ -278,11 +278,28 @@ class Deployer:
                 await self._quarantine(job, ctx, failure)
                 if failure.phase in ROLLBACK_PHASES:
                     await self._rollback(job, ctx, handle, failure)
+                    # a run of broken commits must not pile up one image and release dir each: the failed
+                    # release stays (a forced retry reuses it), earlier failed ones go, within keep_releases
+                    await self._retain(runtime, ctx)
                 else:
                     job.status = JobStatus.FAILED
         finally:
+            if previous is None and job.kind == "deploy" and not job.transient \
+                    and job.status in (JobStatus.SUPERSEDED, JobStatus.FAILED):
+                await self._clear_unserved(runtime, ctx)  # under the lock: it removes the service's files
             await lock.release()
         return await self._finish(job, t0)
+
+    async def _clear_unserved(self, runtime: Runtime, ctx: ReleaseContext) -> None:
+        """A service's first release on a host that never came to serve (superseded, or failed with nothing to
+        roll back to) leaves files and an image but no instance there, and prune only finds services by their
+        instances: if the service then moves away or leaves git, they would stay forever. Remove them now."""
+        try:
+            instances, _ = await runtime.observe()
+            if not any(i.service == ctx.spec.name for i in instances):
+                await runtime.remove_service(ctx.spec.name)
+        except Exception as e:  # housekeeping: never turns the job's outcome into a crash
+            log.warning("clearing %s from %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
     async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
         want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance)

@@ -8,6 +8,7 @@ on the host, from the transferred release directory, while the previous containe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import posixpath
 from typing import Any
@@ -235,12 +236,24 @@ class DockerRuntime(Runtime):
         return [line.rstrip("\n") for line in out][-lines:]
 
     async def discard(self, service: str, release: str) -> None:
+        await self._remove_container(container_name(self.qualified(service), release))
+
+    async def _remove_container(self, ref: str, attempts: int = 20) -> None:
+        """Force-remove a container. One in a restart loop (a release that exits at once) can be neither killed
+        nor removed between two restarts (HTTP 500 "... is not running"): its restart policy is turned off,
+        then the removal is tried again (bounded)."""
         d = await self._docker()
-        try:
-            await d.containers.container(container_name(self.qualified(service), release)).delete(force=True)
-        except DockerError as e:
-            if e.status != 404:
-                raise
+        for attempt in range(attempts):
+            try:
+                await d.containers.container(ref).delete(force=True)
+                return
+            except DockerError as e:
+                if e.status == 404:
+                    return
+                if e.status != 500 or attempt == attempts - 1:
+                    raise
+            await self.conn.run(["docker", "update", "--restart", "no", ref], check=False)
+            await asyncio.sleep(0.5)
 
     async def remove_service(self, service: str) -> dict[str, Any]:
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
@@ -256,7 +269,7 @@ class DockerRuntime(Runtime):
         for c in containers:
             release = c["Labels"].get(f"{LABEL_PREFIX}release", "")
             if release not in keep:
-                await d.containers.container(c["Id"]).delete(force=True)
+                await self._remove_container(c["Id"])
                 removed.add(release)
         for img in images:
             release = (img.get("Labels") or {}).get(f"{LABEL_PREFIX}release", "")

@@ -447,3 +447,49 @@ async def test_rollback_rebuilds_a_last_good_release_removed_by_hand(sandbox: Sa
         assert job.status is JobStatus.ROLLED_BACK, (job.status, job.error, job.rollback)
         assert job.rollback["release"] == good.release and job.rollback["rebuilt"] is True
         assert "phoenix v1" in (await http_get(url(sandbox, 8185))).text
+
+
+async def test_a_run_of_broken_commits_stays_within_retention(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """Found by the soak: each failed release left its image and release dir until the next good deploy."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("relapse", 8186, health_timeout_s=5)
+    repo.commit("v1")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo, keep_releases=2)) as d:
+        await d.reconcile()
+        good = await d.last_job("relapse")
+        assert good.status is JobStatus.SUCCEEDED, good.error
+        failed = []
+        for i in range(3):
+            repo.write("services/relapse/Dockerfile", f'FROM busybox:latest\nCMD ["sh", "-c", "exit {i + 3}"]\n')
+            repo.commit(f"broken {i}")
+            await d.reconcile()
+            job = await d.last_job("relapse")
+            assert job.status is JobStatus.ROLLED_BACK, (job.status, job.error)
+            failed.append(job.release)
+        conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+        q = f"{d.engine.settings.instance}-relapse"
+        images = (await conn.run(["docker", "images", "--format", "{{.Tag}}", f"deployerd/{q}"])).stdout.split()
+        dirs = (await conn.run(["ls", "-1", f"/opt/fpai/services/{q}/releases"])).stdout.split()
+        # the one serving and the last failed one (a forced retry reuses it); earlier failed ones are gone
+        assert sorted(images) == sorted([good.release, failed[-1]])
+        assert sorted(d for d in dirs if not d.endswith(".manifest.json")) == sorted([good.release, failed[-1]])
+        assert "relapse v1" in (await http_get(url(sandbox, 8186))).text
+
+
+async def test_a_first_release_that_never_served_leaves_nothing_behind(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """Found by the soak: a service's first release on a host that failed (nothing to roll back to) or was
+    superseded left its files and image there with no instance, so moving the service away or deleting it
+    never pruned them."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("stillborn", 8187, health_timeout_s=5,
+                 dockerfile='FROM busybox:latest\nCMD ["sh", "-c", "exit 3"]\n')
+    repo.commit("born broken")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        job = await d.last_job("stillborn")
+        assert job.status is JobStatus.FAILED and job.rollback and job.rollback["release"] is None, job
+        conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+        q = f"{d.engine.settings.instance}-stillborn"
+        assert (await conn.run(["docker", "images", "-q", f"deployerd/{q}"])).stdout.strip() == ""
+        assert (await conn.run(["test", "-e", f"/opt/fpai/services/{q}"], check=False)).exit_status == 1
+        assert (await d.engine.store.quarantined())["stillborn"].release == job.release  # still quarantined
