@@ -106,6 +106,7 @@ class Engine:
         self._wanted: dict[str, str] = {}  # service -> release the latest reconcile wants
         self._interrupted: dict[str, str] = {}  # service -> release whose deploy the last stop cut short
         self._backoff: dict[str, _Backoff] = {}
+        self._job_ended: dict[str, float] = {}  # service -> monotonic time its last job ended
         self._slots = asyncio.Semaphore(settings.max_parallel)
         self._reconcile_lock = asyncio.Lock()
         self._last_revision: str | None = None
@@ -204,6 +205,7 @@ class Engine:
             return actions
 
     async def _reconcile(self, force: set[str] | None) -> list[Action]:
+        looked_at = time.monotonic()
         desired, observed, actions = await self.preview(force)
         revision_changed = desired.revision != self._last_revision
         self._last_revision = desired.revision
@@ -222,6 +224,8 @@ class Engine:
                 continue
             if action.service in self._inflight:
                 continue  # the running job sees the newer wanted release at its next phase boundary
+            if self._job_ended.get(action.service, 0.0) > looked_at:
+                continue  # its job ended after we looked (e.g. a rollback): the job's kick reconciles on fresh facts
             if action.kind is ActionKind.PRUNE and action.service in deploying:
                 continue
             backoff = self._backoff.get(action.service)
@@ -311,6 +315,7 @@ class Engine:
                     return job
                 finally:
                     self._inflight.pop(job.service, None)
+                    self._job_ended[job.service] = time.monotonic()
                     self._close_retired()
                     self._after_job(job)
 
