@@ -140,12 +140,14 @@ class SoakConfig:
     max_outstanding: int = 6  # no commit while this many jobs run
     keep_releases: int = 3
     base_port: int = 8700
+    prefix: str = "soak"  # service names (Registry names are global: two runs sharing one need two prefixes)
     health_timeout_s: float = 10.0
     baseline_at: int = 50  # RSS baseline after this commit (and quiescence)
     quiesce_s: float = 300.0  # bounded wait for the daemon to settle (at the baseline and at the end)
     outstanding_wait_s: float = 180.0  # bounded wait for the job count to fall below max_outstanding
     resync_interval_s: float = 30.0
     keep: bool = False  # leave the deployments on the hosts (to look at a failure)
+    count_objects: bool = False  # diagnosis: the daemon counts its objects by type; the top growth is reported
 
     @classmethod
     def from_env(cls) -> "SoakConfig":
@@ -154,7 +156,8 @@ class SoakConfig:
             commits=int(e.get("SOAK_COMMITS", 300)), services=int(e.get("SOAK_SERVICES", 20)),
             seed=int(e["SOAK_SEED"]) if e.get("SOAK_SEED") else random.SystemRandom().randrange(1 << 31),
             interval_s=float(e.get("SOAK_INTERVAL_S", 2.0)), max_outstanding=int(e.get("SOAK_MAX_OUTSTANDING", 6)),
-            base_port=int(e.get("SOAK_BASE_PORT", 8700)), keep=e.get("SOAK_KEEP", "") not in ("", "0"),
+            base_port=int(e.get("SOAK_BASE_PORT", 8700)), prefix=e.get("SOAK_PREFIX", "soak"), keep=e.get("SOAK_KEEP", "") not in ("", "0"),
+            count_objects=e.get("SOAK_COUNT_OBJECTS", "") not in ("", "0"),
         )
 
 
@@ -224,7 +227,7 @@ class Workload:
     def initial(self) -> str:
         for i in range(self.cfg.services):
             method = "systemd" if i % 4 == 3 else "docker"
-            self._set(Svc(f"soak-{i:02d}", method, self.hosts[i % len(self.hosts)], self.cfg.base_port + i,
+            self._set(Svc(f"{self.cfg.prefix}-{i:02d}", method, self.hosts[i % len(self.hosts)], self.cfg.base_port + i,
                           version=self._next()))
         sha = self.repo.commit(f"soak: {self.cfg.services} services")
         self.history.append((sha, {}))
@@ -297,11 +300,34 @@ class Workload:
 # --------------------------------------------------------------------------- the daemon process
 
 
-class DaemonProcess:
-    """``python -m deployerd run`` with this checkout on PYTHONPATH, its config in a file, its log in a file."""
+TRACE_HOOK = '''\
+import collections, gc, json, os, signal, sys
+_dir = os.environ.get("SOAK_TRACE_DIR")
+if _dir:
+    _count = [0]
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
+    def _dump(signum, frame):
+        _count[0] += 1
+        gc.collect()
+        types = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
+        path = os.path.join(_dir, f"snapshot-{_count[0]}")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"blocks": sys.getallocatedblocks(), "types": types}, f)
+        os.rename(path + ".tmp", path)
+
+    signal.signal(signal.SIGUSR1, _dump)
+'''
+
+
+class DaemonProcess:
+    """``python -m deployerd run`` with this checkout on PYTHONPATH, its config in a file, its log in a file.
+
+    With ``trace`` a sitecustomize hook makes SIGUSR1 dump the daemon's live objects counted by type."""
+
+    def __init__(self, settings: Settings, workdir: Path, trace: bool = False) -> None:
         self.settings = settings
+        self.trace_dir = workdir / "trace" if trace else None
+        self.snapshots: list[Path] = []
         self.config = workdir / "config.yaml"
         self.log = workdir / "daemon.log"
         self.url = f"http://127.0.0.1:{settings.listen_port}"
@@ -312,11 +338,15 @@ class DaemonProcess:
         self.config.write_text(yaml.safe_dump(self.settings.model_dump(mode="json", exclude_none=True)))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env = {k: v for k, v in env.items() if not k.startswith("DEPLOYERD_")}  # the config file says it all
+        if self.trace_dir is not None:
+            self.trace_dir.mkdir()
+            (self.trace_dir / "sitecustomize.py").write_text(TRACE_HOOK)
+            env.update(PYTHONPATH=f"{self.trace_dir}:{ROOT}", SOAK_TRACE_DIR=str(self.trace_dir))
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "deployerd", "run", "--config", str(self.config),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=str(ROOT))
-        for _ in range(300):
+        for _ in range(900):  # 3 minutes: a loaded machine starts Python slowly
             if self.proc.returncode is not None:
                 raise RuntimeError(f"the daemon exited ({self.proc.returncode}); see {self.log}")
             try:
@@ -337,6 +367,28 @@ class DaemonProcess:
         proc = Path(f"/proc/{self.pid}")
         children = sum(len((t / "children").read_text().split()) for t in (proc / "task").iterdir())
         return {"rss_kib": rss_kib(self.pid), "fds": len(os.listdir(proc / "fd")), "children": children}
+
+    async def snapshot(self) -> None:
+        """With tracing: the daemon's object counts by type (bounded wait for its file)."""
+        if self.trace_dir is None:
+            return
+        path = self.trace_dir / f"snapshot-{len(self.snapshots) + 1}"
+        os.kill(self.pid, signal.SIGUSR1)
+        for _ in range(600):
+            if path.exists():
+                self.snapshots.append(path)
+                return
+            await asyncio.sleep(0.2)
+
+    def top_growth(self, limit: int = 15) -> list[str]:
+        """Which object types grew in number between the first and the last snapshot, most first."""
+        if len(self.snapshots) < 2:
+            return []
+        first, last = (json.loads(p.read_text()) for p in (self.snapshots[0], self.snapshots[-1]))
+        grew = Counter(last["types"])
+        grew.subtract(first["types"])
+        return [f"allocated blocks {first['blocks']} -> {last['blocks']}"] + [
+            f"{t}: {first['types'].get(t, 0)} -> {last['types'][t]}" for t, n in grew.most_common(limit) if n > 0]
 
     async def get(self, path: str) -> Any:
         resp = await self.http.get(path)
@@ -550,13 +602,13 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
     settings = settings_for(workdir / "daemon", info, repo).model_copy(update={
         "keep_releases": cfg.keep_releases, "resync_interval_s": cfg.resync_interval_s})
     work = Workload(repo, cfg, [h.name for h in info.hosts])
-    daemon = DaemonProcess(settings, workdir)
+    daemon = DaemonProcess(settings, workdir, trace=cfg.count_objects)
     log(f"soak: seed {cfg.seed}, {cfg.commits} commits, {cfg.services} services on {len(info.hosts)} hosts, "
         f"instance {settings.instance}, daemon log {daemon.log}")
     t0 = time.monotonic()
     head = work.initial()
-    await daemon.start()
     try:
+        await daemon.start()
         if not await quiesce(daemon, head, cfg.quiesce_s):
             report.problems.append(f"the initial {cfg.services} services did not settle within {cfg.quiesce_s:g} s")
         baseline_at = min(cfg.baseline_at, max(1, cfg.commits // 2))
@@ -576,6 +628,7 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
                 if not await quiesce(daemon, head, cfg.quiesce_s):
                     report.problems.append(f"no quiescence after commit {i} within {cfg.quiesce_s:g} s")
                 report.baseline = {"commit": i, **daemon.figures()}
+                await daemon.snapshot()
         report.commits = cfg.commits
         report.kinds = dict(work.kinds)
         report.commit_phase_s = round(time.monotonic() - t_commits, 1)
@@ -584,6 +637,7 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
             report.problems.append(f"no quiescence after the last commit within {cfg.quiesce_s:g} s")
         report.settle_s = round(time.monotonic() - t_settle, 1)
         report.end = {"commit": cfg.commits, **daemon.figures()}
+        await daemon.snapshot()
         report.rss_series.append((cfg.commits, report.end["rss_kib"]))
         if report.baseline:
             report.rss_growth_pct = round(100 * (report.end["rss_kib"] / report.baseline["rss_kib"] - 1), 1)
@@ -594,6 +648,7 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
     finally:
         report.daemon_exit = await daemon.stop()
         report.wall_s = round(time.monotonic() - t0, 1)
+    report.notes += [f"object growth: {line}" for line in daemon.top_growth()]
     report.daemon_log_errors = [line for line in daemon.log.read_text(errors="replace").splitlines()
                                 if " ERROR " in line or "Traceback" in line][:20]
     if report.daemon_exit not in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled, once drained
