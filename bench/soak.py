@@ -113,6 +113,10 @@ for path in sorted(glob.glob("/etc/systemd/system/deployerd-" + instance + "-*.s
     units.append({"unit": unit, "service": meta.get("service"), "release": meta.get("release"),
                   "active": out("systemctl", "is-active", unit).strip()})
 prefix = instance + "-"
+try:
+    locks = sorted(f for f in os.listdir(os.path.join(base, ".locks")) if f.startswith(prefix))
+except OSError:
+    locks = []
 for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
     if not d.startswith(prefix):
         continue
@@ -127,7 +131,7 @@ for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
     except OSError:
         cur = None
     dirs[d[len(prefix):]] = {"releases": ls("releases"), "venvs": ls("venvs"), "env": ls("env"), "current": cur}
-print(json.dumps({"containers": containers, "images": images, "units": units, "dirs": dirs}))
+print(json.dumps({"containers": containers, "images": images, "units": units, "dirs": dirs, "locks": locks}))
 '''
 
 
@@ -516,15 +520,21 @@ async def check_end_state(report: SoakReport, work: Workload, info: SandboxInfo,
     report.final_services = len(want)
     report.final_broken = sorted(n for n, s in want.items() if s.broken)
 
+    def running_on(host: str, name: str, method: str) -> list[str]:
+        f = facts[host]
+        if method == "docker":
+            return [c["release"] for c in f["containers"] if c["service"] == name and c["running"]]
+        return [u["release"] for u in f["units"] if u["service"] == name and u["active"] == "active"]
+
     for name, s in sorted(want.items()):
         release = desired.releases[name].id
         spec, host = desired.services[name], desired.hosts[s.host]
-        f = facts[s.host]
-        if s.method == "docker":
-            running = [c["release"] for c in f["containers"] if c["service"] == name and c["running"]]
-        else:
-            running = [u["release"] for u in f["units"] if u["service"] == name and u["active"] == "active"]
-        served = await http_version(info_host(info, s.host).internal_address, s.port)
+        serving_host = s.host
+        if s.broken and not running_on(s.host, name, s.method):
+            # moved, and the release on the new host is quarantined: the old host keeps the last good one
+            serving_host = next((h for h in facts if running_on(h, name, s.method)), s.host)
+        running = running_on(serving_host, name, s.method)
+        served = await http_version(info_host(info, serving_host).internal_address, s.port)
         entry = entries.get(name)
         if s.broken is None:
             if running != [release]:
@@ -541,6 +551,9 @@ async def check_end_state(report: SoakReport, work: Workload, info: SandboxInfo,
             if release in running:
                 report.problems.append(f"{name}: the broken release {release} runs")
             if running:
+                if serving_host != s.host:
+                    report.notes.append(f"{name}: its release on {s.host} is quarantined; {serving_host}, where it "
+                                        f"moved from, still serves the last good one")
                 if served not in {str(v) for v in work.good_versions.get(name, ())}:
                     report.problems.append(f"{name}: quarantined; what serves answers {served!r}, not a good version")
                 if entry is None or (entry.metadata or {}).get("release") not in running:
@@ -554,10 +567,16 @@ async def check_end_state(report: SoakReport, work: Workload, info: SandboxInfo,
                     "units": [u["unit"] for u in of["units"] if u["service"] == name],
                     "images": [i["tags"] for i in of["images"] if i["service"] == name],
                     "files": of["dirs"].get(name)}
-            if other != s.host and any(left.values()):
+            if other == s.host or not any(left.values()):
+                continue
+            if s.broken:  # kept until git changes: the planner prunes the old host once the new one serves
+                report.notes.append(f"{name}: quarantined on {s.host}; {other}, where it moved from, keeps {left}")
+            else:
                 report.leaks.append(f"{name}: left on {other} after moving to {s.host}: {left}")
 
     for host, f in facts.items():
+        if f["locks"]:
+            report.leaks.append(f"{host}: lock files left with no job running: {f['locks']}")
         for c in f["containers"]:
             if c["service"] not in want:
                 report.leaks.append(f"{host}: container {c['name']} of removed service {c['service']}")

@@ -22,9 +22,10 @@ from soak import SoakConfig, run_soak  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 
+@pytest.mark.timeout(900)  # 3.6 minutes measured at load ~20 on 2 cores; far more when the machine is busier
 async def test_soak_short(sandbox: SandboxInfo, tmp_path: Path) -> None:
-    cfg = SoakConfig(commits=36, services=8, seed=int(os.environ.get("SOAK_SEED", "20261128")), interval_s=1.0,
-                     max_outstanding=4, baseline_at=12, quiesce_s=240, base_port=8740, prefix="soakci")
+    cfg = SoakConfig(commits=30, services=6, seed=int(os.environ.get("SOAK_SEED", "20261128")), interval_s=1.0,
+                     max_outstanding=4, baseline_at=10, quiesce_s=240, base_port=8740, prefix="soakci")
     report = await run_soak(cfg, sandbox, tmp_path)
     print(report.summary())
     assert report.commits == cfg.commits
