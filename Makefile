@@ -78,7 +78,8 @@ bench: deps $(BENCH_VENV)/.installed
 
 # The soak: 300 seeded random commits to 20 services on 3 hosts of its own sandbox (up and down in the run),
 # then the end state checked against the last commit, leaks, stuck jobs and the daemon's memory growth (< 10%).
-# SOAK_COMMITS, SOAK_SERVICES, SOAK_HOSTS, SOAK_SEED, SOAK_INTERVAL_S, SOAK_MAX_OUTSTANDING, SOAK_JSON change it;
+# SOAK_COMMITS, SOAK_SERVICES, SOAK_HOSTS, SOAK_SEED, SOAK_INTERVAL_S, SOAK_MAX_OUTSTANDING, SOAK_JSON change it
+# (SOAK_KEEP=1 leaves the deployments up to look at; SOAK_COUNT_OBJECTS=1 reports the daemon's object growth);
 # DEPLOYERD_SOAK_SANDBOX=<state dir> reuses a sandbox that is up.
 soak: deps
 	$(PY) bench/soak.py
