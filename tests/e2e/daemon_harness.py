@@ -155,11 +155,11 @@ async def running_daemon(settings: Settings, loop: bool = False, cleanup: bool =
     try:
         yield daemon
     finally:
-        if cleanup:
-            await _remove_instance(engine)
-        stop.set()
+        stop.set()  # the loop first: a resync running during the cleanup would redeploy what it removes
         if loop_task is not None:
             await loop_task
+        if cleanup:
+            await _remove_instance(engine)
         server.should_exit = True
         await serving
         await daemon.http.aclose()
