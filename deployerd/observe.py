@@ -3,12 +3,23 @@
 Hosts are read concurrently, each over its one kept SSH connection, in a constant number of round trips
 (the runtime lists its instances once, whatever the number of services). A host that cannot be reached is
 recorded as unreachable with the reason naming it; it is never taken as "nothing runs there".
+A host that failed is not tried again by the reconcile: a background probe retries it at doubling intervals
+(2 s to 10 s) and asks for a reconcile when it answers. So a dead host never makes the reconcile of the other
+hosts wait for its connect timeout, it gets no stream of attempts, and a healed one is seen within 10 s,
+whatever the resync interval.
+
+A host whose SSH answers but one runtime does not (its Docker engine stopped) is unreachable as a whole, the
+reason naming the runtime: half the facts of a host would let the planner take the silent half for "nothing
+runs there" (a registry-only prune of a service still running), so its systemd services wait too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from deployerd.connection import ConnectionPool, HostAddress, HostUnreachable
@@ -16,8 +27,33 @@ from deployerd.desired import HostSpec
 from deployerd.observed import HostFacts, ObservedState
 from deployerd.registry_client import RegistryClient, RegistryError
 from deployerd.runtimes import HostHandle
+from deployerd.store import utcnow
 
 log = logging.getLogger(__name__)
+
+HOST_RETRY_MIN_S, HOST_RETRY_MAX_S = 2.0, 10.0
+PROBE_IDLE_S = 600.0  # a probe stops when no reconcile asked for its host that long (it left hosts.yaml)
+
+
+@dataclass
+class HostDown:
+    """A host whose last observation failed: why, since when, and when it is tried again."""
+
+    address: HostAddress
+    error: str
+    since: str
+    attempts: int = 0
+    last_attempt_at: str = ""
+    retry_at: float = 0.0  # monotonic
+    asked_at: float = 0.0  # monotonic: the last reconcile that wanted this host's facts
+
+    def failed(self, error: str) -> None:
+        self.error, self.attempts, self.last_attempt_at = error, self.attempts + 1, utcnow()
+        self.retry_at = time.monotonic() + min(HOST_RETRY_MAX_S, HOST_RETRY_MIN_S * 2 ** (self.attempts - 1))
+
+    @property
+    def retry_in_s(self) -> float:
+        return max(0.0, round(self.retry_at - time.monotonic(), 1))
 
 
 class Hosts:
@@ -31,6 +67,9 @@ class Hosts:
         self.known_hosts = known_hosts
         self.pool = ConnectionPool(connect_timeout=connect_timeout)
         self._handles: dict[str, HostHandle] = {}
+        self.down: dict[str, HostDown] = {}  # hosts whose last observation failed (read by /health)
+        self.on_back: Callable[[str], None] | None = None  # called when a down host answers again
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     def address(self, spec: HostSpec) -> HostAddress:
         return HostAddress(
@@ -53,10 +92,46 @@ class Hosts:
         return handle
 
     async def facts(self, spec: HostSpec) -> HostFacts:
+        """The host's facts. A host that is down is reported with its last error at once, its probe retrying
+        it meanwhile (a changed address in hosts.yaml is tried at once)."""
+        address = self.address(spec)
+        down = self.down.get(spec.name)
+        if down is None or down.address != address:
+            facts = await self._read(spec)
+            if facts.reachable:
+                self.down.pop(spec.name, None)
+                return facts
+            down = self.down[spec.name] = HostDown(address=address, error="", since=utcnow())
+            down.failed(facts.error or "unknown error")
+        down.asked_at = time.monotonic()
+        probe = self._probes.get(spec.name)
+        if probe is None or probe.done():
+            self._probes[spec.name] = asyncio.create_task(self._probe(spec, down), name=f"probe {spec.name}")
+        return HostFacts(host=spec.name, reachable=False, error=down.error)
+
+    async def _probe(self, spec: HostSpec, down: HostDown) -> None:
+        """Retry a down host at its backoff times, off the reconcile; ends when it answers (then ``on_back``),
+        when its record was replaced, or when no reconcile asked for it for PROBE_IDLE_S."""
+        while self.down.get(spec.name) is down and time.monotonic() - down.asked_at < PROBE_IDLE_S:
+            await asyncio.sleep(max(0.0, down.retry_at - time.monotonic()))
+            facts = await self._read(spec)
+            if self.down.get(spec.name) is not down:
+                return
+            if facts.reachable:
+                del self.down[spec.name]
+                log.info("host %s answers again after %d failed attempts", spec.name, down.attempts)
+                if self.on_back is not None:
+                    self.on_back(spec.name)
+                return
+            down.failed(facts.error or "unknown error")
+
+    async def _read(self, spec: HostSpec) -> HostFacts:
+        method = "ssh"
         try:
             handle = await self.handle(spec)
             instances, kept = [], {}
             for runtime in handle.runtimes.values():
+                method = runtime.method
                 found, releases = await runtime.observe()
                 instances += found
                 for service, ids in releases.items():
@@ -67,9 +142,14 @@ class Hosts:
         except Exception as e:  # the engine API over the tunnel failed: the host is not known, not empty
             log.warning("observing host %s failed: %s", spec.name, e)
             await self.pool.drop(spec.name)
-            return HostFacts(host=spec.name, reachable=False, error=f"host {spec.name}: {type(e).__name__}: {e}")
+            return HostFacts(host=spec.name, reachable=False,
+                             error=f"host {spec.name}: {method} not answering: {type(e).__name__}: {e}")
 
     async def close(self) -> None:
+        for probe in self._probes.values():
+            probe.cancel()
+        await asyncio.gather(*self._probes.values(), return_exceptions=True)
+        self._probes.clear()
         for handle in self._handles.values():
             await handle.close()
         self._handles.clear()
