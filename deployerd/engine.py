@@ -35,7 +35,9 @@ from deployerd.tree import DirTree, GitTree, Tree
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MIN_S, BACKOFF_MAX_S = 5.0, 300.0
+# A failed job's service waits 5 s, doubling to 60 s, before its next try (a new commit skips the wait): an
+# outage is not hammered, and a part that comes back is retried within a minute, like a resync.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 5.0, 60.0
 _NO_ENTRY = RegistryEntry(id=0, name="", endpoint="", status="")
 
 
@@ -58,9 +60,12 @@ class ReconcileRecord:
 class _Backoff:
     failures: int = 0
     until: float = 0.0
+    error: str = ""  # the last failure's, shown by /health when it was an outage (transient)
+    transient: bool = False
 
-    def fail(self) -> None:
+    def fail(self, error: str, transient: bool) -> None:
         self.failures += 1
+        self.error, self.transient = error, transient
         self.until = time.monotonic() + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
 
 
@@ -94,6 +99,7 @@ class Engine:
         self.secrets = Secrets(settings.secrets_file, settings.age_identity_file, settings.state_dir)
         self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self._tree_at,
                                  locks=locks, secret_env=self._current_secrets)
+        self.hosts.on_back = lambda name: self.kick.set(f"host {name} back")
         self.kick = Kick()
         self.started_at = time.time()
         self.last_reconcile: ReconcileRecord | None = None
@@ -322,13 +328,13 @@ class Engine:
         self._inflight[job.service] = asyncio.create_task(runner(), name=f"job {job.id} {job.service}")
 
     def _after_job(self, job: Job) -> None:
-        # Any failure backs the service off (5 s doubling to 5 min; a new commit skips the wait): an outage
+        # Any failure backs the service off (5 s doubling to 60 s; a new commit skips the wait): an outage
         # is retried without hammering the host, and a job that keeps failing never spins in a loop.
         failed = job.status is JobStatus.FAILED
         if job.kind == ActionKind.DEPLOY.value and not job.transient:
             self._interrupted.pop(job.service, None)  # a deploy of the service ran to its end
         if failed:
-            self._backoff.setdefault(job.service, _Backoff()).fail()
+            self._backoff.setdefault(job.service, _Backoff()).fail(job.error or "failed", job.transient)
         else:
             self._backoff.pop(job.service, None)
         if job.status is not JobStatus.SUPERSEDED and not job.transient:
@@ -480,16 +486,31 @@ class Engine:
         hosts = {}
         if self.observed is not None:
             hosts = {n: {"reachable": f.reachable, "error": f.error} for n, f in self.observed.hosts.items()}
+        for n, down in self.hosts.down.items():  # failed hosts are retried backing off: say since when, and when next
+            if n in hosts and not hosts[n]["reachable"]:
+                hosts[n].update(since=down.since, attempts=down.attempts, last_attempt_at=down.last_attempt_at,
+                                next_attempt_in_s=down.retry_in_s)
         registry_ok = self.observed is not None and self.observed.registry is not None
         last = self.last_reconcile
         degraded = []
         if self.source.last_error:
             degraded.append(f"git: {self.source.last_error}")
-        degraded += [f"host {n}: {h['error']}" for n, h in hosts.items() if not h["reachable"]]
+        for n, h in hosts.items():
+            if not h["reachable"]:
+                error = str(h["error"])
+                line = error if error.startswith(f"host {n}") else f"host {n}: {error}"
+                if "attempts" in h:
+                    line += f" ({h['attempts']} attempts since {h['since']}, next in {h['next_attempt_in_s']:g} s)"
+                degraded.append(line)
         if self.observed is not None and not registry_ok:
             degraded.append(f"registry: {self.observed.registry_error}")
         if last and last.error:
             degraded.append(f"reconcile: {last.error}")
+        now = time.monotonic()
+        for name, b in sorted(self._backoff.items()):  # e.g. Registrations failing while the Registry lists fine
+            if b.transient:
+                degraded.append(f"service {name}: {b.failures} failed attempts, next in "
+                                f"{max(0.0, b.until - now):.0f} s: {b.error}")
         return {
             "status": "degraded" if degraded else ("active" if last else "starting"),
             "degraded": degraded,

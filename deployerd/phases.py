@@ -382,7 +382,7 @@ class Deployer:
                 rec.details.update(job.registration)
             job.status = JobStatus.SUCCEEDED
         except PhaseFailed as failure:
-            job.status, job.error = JobStatus.FAILED, str(failure)
+            job.status, job.error, job.transient = JobStatus.FAILED, str(failure), failure.transient
         return await self._finish(job, t0)
 
     async def prune(self, job: Job, handle: HostHandle | None, method: str | None, deregister: bool) -> Job:
