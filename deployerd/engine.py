@@ -378,23 +378,23 @@ class Engine:
         """The files of any fetched commit (the caller closes it)."""
         return await asyncio.to_thread(GitTree, self.source.repo_path, commit)
 
+    async def _fail_unstarted(self, job: Job, error: str) -> Job:
+        """End a job that fails before its first phase (nothing ran on the host)."""
+        job.status, job.error = JobStatus.FAILED, error
+        await self.store.save_job(job)
+        return job
+
     async def _restore(self, job: Job, action: Action, desired: DesiredState) -> Job:
         """Deploy a past release again from its record (its kept artifact, or its own commit's files)."""
         record = next((r for r in await self.store.releases(action.service) if r.release == action.release), None)
         if record is None:
-            job.status, job.error = JobStatus.FAILED, f"no record of release {action.release}"
-            await self.store.save_job(job)
-            return job
+            return await self._fail_unstarted(job, f"no record of release {action.release}")
         if not record.commit:
-            job.status, job.error = JobStatus.FAILED, f"release {action.release} has no commit to restore from"
-            await self.store.save_job(job)
-            return job
+            return await self._fail_unstarted(job, f"release {action.release} has no commit to restore from")
         try:
             ctx = await self.deployer.context_for(record)
         except (SecretError, OSError) as e:
-            job.status, job.error = JobStatus.FAILED, str(e)
-            await self.store.save_job(job)
-            return job
+            return await self._fail_unstarted(job, str(e))
         job.commit = record.commit
         tree = await self._tree_at(record.commit)
         try:
