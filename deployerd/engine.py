@@ -182,6 +182,7 @@ class Engine:
         self._close_retired()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hosts.close()
+        await self.deployer.aclose()
 
     # ------------------------------------------------------------------ one reconcile
     async def reconcile(self, trigger: list[str] | None = None, force: set[str] | None = None) -> list[Action]:

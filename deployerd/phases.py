@@ -28,7 +28,7 @@ from typing import Any
 from deployerd.connection import HostUnreachable
 from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
 from deployerd.failpoints import failpoint
-from deployerd.health import HealthInterrupted, wait_healthy
+from deployerd.health import HealthInterrupted, probe_client, wait_healthy
 from deployerd.locks import HostLocks, LockBusy
 from deployerd.metrics import Metrics
 from deployerd.registry_client import RegistryClient, RegistryError
@@ -129,6 +129,10 @@ class Deployer:
         self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
         self.secret_env = secret_env  # a service's secret values from the current sources
         self._hidden: dict[str, set[str]] = {}  # job id -> secret values its records must never hold
+        self.http = probe_client()  # every health wait's client: built once (it costs ~90 ms of CPU)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
     async def context_for(self, rec: ReleaseRecord) -> ReleaseContext:
         """A past release's context with its secrets resolved again (from the current sources)."""
@@ -253,7 +257,7 @@ class Deployer:
                 rec.details.update(await runtime.start(ctx))
             boundary()
             async with self._phase(job, HEALTH) as rec:
-                result = await wait_healthy(handle.conn, runtime, ctx.spec, ctx.release.id, stop=superseded)
+                result = await wait_healthy(self.http, handle.conn, runtime, ctx.spec, ctx.release.id, stop=superseded)
                 rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
                                    seconds=result.seconds)
             await self.store.save_release(release_record(ctx, "good"))
@@ -345,7 +349,7 @@ class Deployer:
                     await asyncio.to_thread(tree.close)
                 rebuilt = True
             started = await runtime.start(prev_ctx)
-            health = await wait_healthy(handle.conn, runtime, prev_ctx.spec, prev.release)
+            health = await wait_healthy(self.http, handle.conn, runtime, prev_ctx.spec, prev.release)
             registration = await self._register(prev_ctx) if prev_ctx.spec.register else None
         except Exception as e:  # the rollback itself failed: say so, keep the job's original error too
             job.status = JobStatus.FAILED
