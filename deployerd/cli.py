@@ -60,8 +60,10 @@ def _get(url: str) -> Any:
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, verbose: bool = typer.Option(False, "-v")) -> None:
     """Run the daemon: watch git, reconcile, serve the API."""
+    from deployerd import memory
     from deployerd.daemon import serve
 
+    memory.limit_arenas()  # before the event loop's worker threads exist
     _logging(verbose)
     asyncio.run(serve(_settings(config)))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from deployerd import memory
 from deployerd.config import Settings
 from deployerd.desired import DesiredState, ServiceSpec, load_desired, source_release
 from deployerd.connection import HostUnreachable
@@ -149,6 +150,7 @@ class Engine:
                     break
                 stopper.cancel()
                 await self.reconcile(waiter.result())
+                memory.trim()  # what the pass freed goes back to the kernel, not to malloc's reserve
         finally:
             scheduler.shutdown(wait=False)
             if watcher is not None:
