@@ -77,6 +77,7 @@ def plan(config: Optional[Path] = ConfigOpt) -> None:
     async def main() -> str:
         engine = await open_engine(_settings(config))
         try:
+            await engine.recall_interrupted()
             desired, _, actions = await engine.preview()
             errors = "".join(f"invalid: {e}\n" for e in desired.errors)
             return f"revision {desired.revision[:12]}\n{errors}{describe(actions)}"

@@ -129,7 +129,7 @@ class Engine:
         interrupted = await self.store.mark_interrupted()
         if interrupted:
             log.warning("jobs interrupted by the last stop: %s", ", ".join(interrupted))
-        self._interrupted = await self.store.interrupted_deploys()
+        await self.recall_interrupted()
         scheduler = AsyncIOScheduler()
         start_polling(scheduler, self.settings.poll_interval_s, lambda: self.kick.set("poll"),
                       jitter_s=self.settings.poll_interval_s / 10)
@@ -156,6 +156,10 @@ class Engine:
             if watcher is not None:
                 watcher.cancel()
             await self.drain()
+
+    async def recall_interrupted(self) -> None:
+        """Read from the store the deploys a stop or crash cut short: the planner deploys them again."""
+        self._interrupted = await self.store.interrupted_deploys()
 
     async def _resync_tick(self) -> None:
         self.kick.set("resync")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from deployerd.sandbox import SandboxInfo
+from deployerd.store import JobStatus
 
 from daemon_harness import DesiredRepo, running_daemon, settings_for
 
@@ -67,6 +68,12 @@ async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) ->
         assert "Synced" in line and "Healthy" in line
         code, out = await cli("history", "cli-web", "--config", str(config))
         assert code == 0 and "succeeded" in out, out
+        # a deploy a crash cut short (recorded so by the restarted daemon): `plan` says it deploys it again
+        last = (await d.engine.store.jobs("cli-web", limit=1))[0]
+        await d.engine.store.save_job(last.model_copy(update={"status": JobStatus.INTERRUPTED}))
+        code, out = await cli("plan", "--config", str(config))
+        assert code == 0, out
+        assert "cli-web" in out and "its deploy was interrupted" in out, out
         wrong = tmp_path / "wrong.token"
         wrong.write_text("nope")
         wrong.chmod(0o600)
