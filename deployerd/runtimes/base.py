@@ -114,10 +114,12 @@ class Runtime(ABC):
         } - {""}
 
     async def remove_release_files(self, service: str, releases: list[str]) -> None:
-        """Delete every file of these releases on the host, whichever method made them, in one command."""
+        """Delete every file of these releases on the host, whichever method made them, in one command;
+        also the temp files of atomic writes that a killed daemon left in the service's folders."""
+        sdir = self.service_dir(service)
+        await self.remove_stale_temps([sdir, posixpath.join(sdir, "releases"), posixpath.join(sdir, "env")])
         if not releases:
             return
-        sdir = self.service_dir(service)
         paths = []
         for r in releases:
             paths += [
@@ -128,6 +130,14 @@ class Runtime(ABC):
                 posixpath.join(sdir, "env", f"{r}.env"),
             ]
         await self.conn.run(["rm", "-rf", "--", *paths])
+
+    async def remove_stale_temps(self, folders: list[str], name: str = "*") -> None:
+        """Delete ``.<name>.tmp-*`` files (``Connection._put_atomic``'s temp names) directly in ``folders``.
+
+        Only a SIGKILL between write and rename leaves one; called while the service's lock is held, so no
+        write of ours to these folders is in flight. Missing folders are fine."""
+        await self.conn.run(["find", *folders, "-maxdepth", "1", "-type", "f", "-name", f".{name}.tmp-*",
+                             "-delete"], check=False)
 
     async def close(self) -> None:
         """Release what the runtime holds beyond the connection (API clients)."""

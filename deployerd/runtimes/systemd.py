@@ -418,6 +418,7 @@ class SystemdRuntime(Runtime):
         current = (await self.conn.run(["readlink", "--", posixpath.join(sdir, "current")], check=False)).stdout.strip()
         protect = set(keep) | {posixpath.basename(current)}  # never what serves, whatever keep says
         stale = sorted(r for r in await self.host_releases(service) if r not in protect)
+        await self.remove_stale_temps([UNIT_DIR], unit_name(self.qualified(service)))
         await self.remove_release_files(service, stale)
         return {"removed_releases": stale}
 

@@ -388,3 +388,34 @@ async def test_docker_and_systemd_side_by_side_with_timings(sandbox: SandboxInfo
         print("TIMINGS", json.dumps(timings))
         assert "dk-pair v1" in (await http_get(url(sandbox, 8331))).text
         assert (await facts(sandbox, 8332))["version"] == "1"
+
+
+async def test_temp_files_a_killed_daemon_left_go_with_the_next_deploy(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A SIGKILL between an atomic write and its rename leaves ``.<name>.tmp-*`` beside the target; the next
+    deploy of the service removes its own, and leaves every other file, hidden or not, alone."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("dk-tmp", 8335, health_timeout_s=10)
+    systemd_service(repo, "sd-tmp", 8336, health_timeout_s=10)
+    repo.commit("v1")
+    async with systemd_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        for name in ("dk-tmp", "sd-tmp"):
+            assert (await d.last_job(name)).status is JobStatus.SUCCEEDED
+        sd_unit = unit(d, "sd-tmp")
+        left = [f"{service_dir(d, n)}/{sub}.{f}.tmp-0123456789ab" for n in ("dk-tmp", "sd-tmp")
+                for sub, f in (("", "x.env"), ("releases/", "r1.manifest.json"), ("env/", "r1.env"))]
+        left.append(f"/etc/systemd/system/.{sd_unit}.tmp-0123456789ab")
+        kept = [f"{service_dir(d, 'dk-tmp')}/.keep", f"{service_dir(d, 'sd-tmp')}/releases/.keep",
+                "/etc/systemd/system/.other-unit.service.tmp-0123456789ab"]
+        await sh(d, "mkdir", "-p", f"{service_dir(d, 'dk-tmp')}/env", f"{service_dir(d, 'sd-tmp')}/env")
+        await sh(d, "touch", *left, *kept)
+
+        repo.service("dk-tmp", 8335, version="2", health_timeout_s=10)
+        systemd_service(repo, "sd-tmp", 8336, version="2", health_timeout_s=10)
+        repo.commit("v2")
+        await d.reconcile()
+        for name in ("dk-tmp", "sd-tmp"):
+            assert (await d.last_job(name)).status is JobStatus.SUCCEEDED
+        still = (await sh(d, "ls", "-1d", "--", *left, *kept, check=False)).splitlines()
+        assert sorted(still) == sorted(kept)
+        await sh(d, "rm", "-f", "--", *kept)
