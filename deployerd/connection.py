@@ -468,7 +468,7 @@ class Connection:
         async with self._forward_lock:
             if self._docker_socket is None:
                 if self._tmpdir is None:
-                    self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="deployerd-ssh-")
+                    self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
                     await asyncio.to_thread(os.chmod, self._tmpdir, 0o700)
                 path = os.path.join(self._tmpdir, "docker.sock")
                 try:
@@ -525,6 +525,33 @@ def _decode(data: bytes | str | None) -> str:
     if isinstance(data, str):
         return data
     return data.decode("utf-8", errors="replace")
+
+
+_SOCKET_DIR_PREFIX = "deployerd-ssh-"
+
+
+def sweep_socket_dirs() -> list[str]:
+    """Remove the forwarded-socket dirs (``deployerd-ssh-<pid>-*`` in the temp dir) of daemons that died
+    without closing (SIGKILL); a live process's dirs stay. Blocking: run it in a thread. Returns what went."""
+    base = tempfile.gettempdir()
+    gone = []
+    for name in os.listdir(base):
+        pid = name.removeprefix(_SOCKET_DIR_PREFIX).split("-", 1)[0]
+        path = os.path.join(base, name)
+        if not name.startswith(_SOCKET_DIR_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+            continue  # alive (or a reused pid: then the dir stays, which is harmless)
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process, or the dir just went
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path)
+    return gone
 
 
 def _temp_name(path: str) -> str:

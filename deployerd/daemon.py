@@ -11,6 +11,7 @@ import uvicorn
 
 from deployerd.api import create_app
 from deployerd.config import Settings
+from deployerd.connection import sweep_socket_dirs
 from deployerd.engine import Engine
 from deployerd.registry_client import RegistryClient
 from deployerd.store import Store
@@ -63,6 +64,8 @@ async def _watchdog(server: uvicorn.Server) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM: uvicorn owns the signals; when it stops, the loop drains and stops."""
+    for path in await asyncio.to_thread(sweep_socket_dirs):
+        log.info("removed %s, left by a daemon that was killed", path)
     engine = await open_engine(settings)
     stop = asyncio.Event()
     server = uvicorn.Server(uvicorn.Config(

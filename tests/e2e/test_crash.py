@@ -18,11 +18,13 @@ release of the same service), which also makes retention bite: every case adds a
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -446,6 +448,7 @@ async def test_sigkill_in_phase_converges_after_restart(stacks: Stacks, method: 
         t0 = time.monotonic()
         job_id = await st.wait_phase(phase)
         steps["catch"] = time.monotonic() - t0
+        killed_pid = st.daemon.proc.pid if st.daemon.proc else 0
         await st.daemon.kill()
     finally:
         stacks.proxy.delay = 0
@@ -456,6 +459,8 @@ async def test_sigkill_in_phase_converges_after_restart(stacks: Stacks, method: 
     await st.start()
     await st.wait_converged()
     steps["converge"] = time.monotonic() - t0
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"deployerd-ssh-{killed_pid}-*"))
+    assert not left, f"the killed daemon's socket dirs are still there: {left}"
     print(f"{method}-{SHORT[phase]}: converged {steps['converge']:.1f} s after the restart")
 
     killed = await st.get(f"/deploy/{job_id}")
