@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import SCRATCH_DOCKERFILE, DaemonProcess, cpu_s, med, peer_tool, rss_kib, scale_service, wait_job  # noqa: E402
-from daemon_harness import DesiredRepo, _remove_instance, running_daemon, settings_for  # noqa: E402
+from _common import SCRATCH_DOCKERFILE, cpu_s, med, peer_tool, rss_kib, scale_service, wait_job  # noqa: E402
+from daemon_harness import DaemonProcess, DesiredRepo, _remove_instance, running_daemon, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
 from deployerd.daemon import close_engine, open_engine  # noqa: E402
@@ -149,7 +149,7 @@ async def scale(info: SandboxInfo, tmp: Path) -> None:
             r = await measured(d, f"{PROFILE}-{target}.txt" if PROFILE else None)
             print(f"scale: idle reconcile at {r['services']} services ({IDLE_ROUNDS} rounds): {r}", flush=True)
         # the same deployment under a daemon that did not deploy it: memory without the deploys' history
-        await d.stop()
+        await d.close()
         d = DaemonProcess(settings, tmp / "scale-daemon")
         await d.start()
         print(f"scale: fresh daemon pid {d.pid}, RSS at start {rss_kib(d.pid) / 1024:.1f} MiB", flush=True)
@@ -158,7 +158,7 @@ async def scale(info: SandboxInfo, tmp: Path) -> None:
         r = await measured(d, f"{PROFILE}-{n}-fresh.txt" if PROFILE else None)
         print(f"scale: fresh daemon, idle reconcile at {r['services']} services: {r}", flush=True)
     finally:
-        await d.stop()
+        await d.close()
         if KEEP:
             print(f"scale: kept the deployment (BENCH_KEEP): config {d.config}", flush=True)
         else:  # leave the hosts and the Registry as found: the same clean-up as the e2e tests

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import rss_kib, ssh_opts  # noqa: E402
-from daemon_harness import DOCKERFILE, DesiredRepo, _remove_instance, git, registry_client, settings_for  # noqa: E402
+from daemon_harness import DOCKERFILE, DaemonProcess, DesiredRepo, _remove_instance, git, registry_client, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
 from deployerd.config import Settings  # noqa: E402
@@ -323,48 +323,22 @@ if _dir:
 '''
 
 
-class DaemonProcess:
-    """``python -m deployerd run`` with this checkout on PYTHONPATH, its config in a file, its log in a file.
-
-    With ``trace`` a sitecustomize hook makes SIGUSR1 dump the daemon's live objects counted by type."""
+class TracedDaemon(DaemonProcess):
+    """The daemon process, its config in ``workdir``; with ``trace`` a sitecustomize hook makes SIGUSR1 dump
+    its live objects counted by type."""
 
     def __init__(self, settings: Settings, workdir: Path, trace: bool = False) -> None:
-        self.settings = settings
+        super().__init__(settings, workdir, timeout_s=30)
         self.trace_dir = workdir / "trace" if trace else None
         self.snapshots: list[Path] = []
-        self.config = workdir / "config.yaml"
-        self.log = workdir / "daemon.log"
-        self.url = f"http://127.0.0.1:{settings.listen_port}"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=30)
 
-    async def start(self) -> None:
-        self.config.write_text(yaml.safe_dump(self.settings.model_dump(mode="json", exclude_none=True)))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env = {k: v for k, v in env.items() if not k.startswith("DEPLOYERD_")}  # the config file says it all
+    def env(self) -> dict[str, str]:
+        env = super().env()
         if self.trace_dir is not None:
-            self.trace_dir.mkdir()
+            self.trace_dir.mkdir(exist_ok=True)
             (self.trace_dir / "sitecustomize.py").write_text(TRACE_HOOK)
-            env.update(PYTHONPATH=f"{self.trace_dir}:{ROOT}", SOAK_TRACE_DIR=str(self.trace_dir))
-        with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "deployerd", "run", "--config", str(self.config),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=str(ROOT))
-        for _ in range(900):  # 3 minutes: a loaded machine starts Python slowly
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"the daemon exited ({self.proc.returncode}); see {self.log}")
-            try:
-                if (await self.http.get("/health")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"the daemon's API never answered; see {self.log}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+            env.update(PYTHONPATH=f"{self.trace_dir}{os.pathsep}{env['PYTHONPATH']}", SOAK_TRACE_DIR=str(self.trace_dir))
+        return env
 
     def figures(self) -> dict[str, int]:
         """RSS (KiB), open file descriptors and child processes of the daemon, from /proc."""
@@ -393,24 +367,6 @@ class DaemonProcess:
         grew.subtract(first["types"])
         return [f"allocated blocks {first['blocks']} -> {last['blocks']}"] + [
             f"{t}: {first['types'].get(t, 0)} -> {last['types'][t]}" for t, n in grew.most_common(limit) if n > 0]
-
-    async def get(self, path: str) -> Any:
-        resp = await self.http.get(path)
-        resp.raise_for_status()
-        return resp.json()
-
-    async def stop(self, limit_s: float = 120) -> int | None:
-        """SIGTERM, a bounded wait for the drain, then SIGKILL; returns the exit code."""
-        await self.http.aclose()
-        if self.proc is None or self.proc.returncode is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), limit_s)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            return None
 
 
 async def outstanding(d: DaemonProcess) -> int:
@@ -621,7 +577,7 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
     settings = settings_for(workdir / "daemon", info, repo).model_copy(update={
         "keep_releases": cfg.keep_releases, "resync_interval_s": cfg.resync_interval_s})
     work = Workload(repo, cfg, [h.name for h in info.hosts])
-    daemon = DaemonProcess(settings, workdir, trace=cfg.count_objects)
+    daemon = TracedDaemon(settings, workdir, trace=cfg.count_objects)
     log(f"soak: seed {cfg.seed}, {cfg.commits} commits, {cfg.services} services on {len(info.hosts)} hosts, "
         f"instance {settings.instance}, daemon log {daemon.log}")
     t0 = time.monotonic()
@@ -665,7 +621,7 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
             report.problems.append(f"jobs still in flight at the end: {health['jobs_in_flight']}")
         await job_figures(report, settings)
     finally:
-        report.daemon_exit = await daemon.stop()
+        report.daemon_exit = await daemon.close()
         report.wall_s = round(time.monotonic() - t0, 1)
     report.notes += [f"object growth: {line}" for line in daemon.top_growth()]
     report.daemon_log_errors = [line for line in daemon.log.read_text(errors="replace").splitlines()

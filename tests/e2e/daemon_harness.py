@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import secrets
+import signal
 import socket
 import subprocess
+import sys
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -26,6 +31,8 @@ from deployerd.engine import Engine
 from deployerd.registry_client import RegistryClient
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import Job
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DOCKERFILE = """FROM busybox:latest
 COPY www /www
@@ -192,3 +199,129 @@ def registry_client(sandbox: SandboxInfo) -> RegistryClient:
 async def http_get(url: str) -> httpx.Response:
     async with httpx.AsyncClient(timeout=5) as client:
         return await client.get(url)
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+
+
+class DaemonProcess:
+    """``python -m deployerd run`` (this checkout) as a process of its own, driven over its HTTP API.
+
+    Its config is written to ``work/config.yaml`` and its output appended to ``work/daemon.log``. The crash
+    test kills it; the benches and the soak read its memory and CPU from /proc, which are then its own.
+    """
+
+    def __init__(self, settings: Settings, work: Path, timeout_s: float = 600) -> None:
+        self.settings = settings
+        work.mkdir(parents=True, exist_ok=True)
+        self.config = work / "config.yaml"
+        self.log = work / "daemon.log"
+        self.config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+        self.url = f"http://127.0.0.1:{settings.listen_port}"
+        self.auth = {"Authorization": f"Bearer {settings.secret('api_token')}"}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout_s)
+
+    def env(self) -> dict[str, str]:
+        """The child's environment: no DEPLOYERD_* variables (the config file says it all), this checkout first."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYERD_")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    async def start(self, failpoints: str | None = None, limit_s: float = 180) -> None:
+        """Start it (``failpoints`` armed, see deployerd.failpoints) and wait until its API answers."""
+        env = self.env()
+        if failpoints:
+            env["DEPLOYERD_FAILPOINTS"] = failpoints
+        with self.log.open("ab") as out:
+            out.write(f"---- start (failpoints: {failpoints or '-'})\n".encode())
+            out.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "deployerd", "run", "--config", str(self.config), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + limit_s  # a loaded machine starts Python slowly
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"the daemon exited:\n{self.tail()}")
+            try:
+                if (await self.http.get("/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"the daemon's API did not answer within {limit_s:g} s:\n{self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+        self.proc = None
+
+    async def stop(self, limit_s: float = 120) -> int | None:
+        """SIGTERM (a graceful stop: the daemon drains its jobs), SIGKILL after ``limit_s``; the exit code."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), limit_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                return None
+        return proc.returncode
+
+    async def close(self) -> int | None:
+        """Stop it and close the API client."""
+        code = await self.stop()
+        await self.http.aclose()
+        return code
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    async def get(self, path: str) -> Any:
+        resp = await self.http.get(path)
+        resp.raise_for_status()
+        return resp.json()
+
+    async def sync(self) -> dict[str, Any]:
+        """POST /sync: one reconcile, answered when it has planned and launched its jobs."""
+        resp = await self.http.post("/sync", headers=self.auth, json={})
+        resp.raise_for_status()
+        return resp.json()
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The /metrics samples: (name, sorted labels) -> value."""
+        resp = await self.http.get("/metrics")
+        resp.raise_for_status()
+        out = {}
+        for line in resp.text.splitlines():
+            m = _SAMPLE.match(line)
+            if m:
+                labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))
+                out[(m.group(1), labels)] = float(m.group(3))
+        return out
+
+    async def wait_services(self, names: set[str], limit_s: float) -> float:
+        """Wait until every named service is Synced and Healthy; the seconds it took."""
+        t0 = time.monotonic()
+        rows: dict[str, Any] = {}
+        while time.monotonic() - t0 < limit_s:
+            rows = {r["name"]: r for r in (await self.get("/services"))["services"]}
+            if all(n in rows and (rows[n]["sync_status"], rows[n]["health_status"]) == ("Synced", "Healthy")
+                   for n in names):
+                return time.monotonic() - t0
+            await asyncio.sleep(1)
+        missing = sorted(n for n in names if n not in rows or rows[n]["sync_status"] != "Synced")
+        raise TimeoutError(f"{len(missing)} services not synced within {limit_s} s: {missing[:10]}")

@@ -21,9 +21,6 @@ import asyncio
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -50,7 +47,7 @@ from deployerd.sandbox import SandboxInfo
 from deployerd.store import PHASES
 from deployerd.tree import GitTree
 
-from daemon_harness import DesiredRepo, free_port, registry_client, running_daemon, settings_for
+from daemon_harness import DaemonProcess, DesiredRepo, free_port, registry_client, running_daemon, settings_for
 from test_systemd import make_wheel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -137,51 +134,6 @@ class SlowRegistry:
         await self._client.aclose()
 
 
-class DaemonProcess:
-    """``python -m deployerd run`` as a child process, its output appended to one log file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, failpoints: str | None = None) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYERD_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        if failpoints:
-            env["DEPLOYERD_FAILPOINTS"] = failpoints
-        with self.log.open("ab") as out:
-            out.write(f"---- start (failpoints: {failpoints or '-'})\n".encode())
-            out.flush()
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "deployerd", "run", "--config", str(self.config),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
-        self.proc = None
-
-    async def stop(self) -> None:
-        """SIGTERM (a graceful stop), SIGKILL if it has not ended within 30 s."""
-        if self.proc is None:
-            return
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                await self.kill()
-        self.proc = None
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
 class Stack:
     """One method's repository, daemon (config, state dir, process), host and service under test."""
 
@@ -193,9 +145,7 @@ class Stack:
         self.repo = DesiredRepo(tmp / "repo", sandbox)
         self.settings = settings_for(tmp, sandbox, self.repo, keep_releases=KEEP).model_copy(
             update={"registry_url": registry.url})
-        config = tmp / "config.yaml"
-        config.write_text(yaml.safe_dump(self.settings.model_dump(mode="json", exclude_none=True)))
-        self.daemon = DaemonProcess(config, tmp / "daemon.log")
+        self.daemon = DaemonProcess(self.settings, tmp)
         self.api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.settings.listen_port}", timeout=10)
         self.hosts = Hosts(self.settings.ssh_key, self.settings.known_hosts, instance=self.settings.instance)
         self.version = 0
@@ -250,16 +200,7 @@ class Stack:
 
     # ---------------------------------------------------------------- the daemon
     async def start(self, failpoints: str | None = None) -> None:
-        await self.daemon.start(failpoints)
-        for _ in range(600):
-            assert self.daemon.alive(), f"the daemon exited:\n{self.daemon.tail()}"
-            try:
-                if (await self.api.get("/health")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-        pytest.fail(f"the daemon's API did not answer within 60 s:\n{self.daemon.tail()}")
+        await self.daemon.start(failpoints, limit_s=60)
 
     async def get(self, path: str) -> Any:
         resp = await self.api.get(path)
@@ -369,7 +310,7 @@ class Stack:
 
     async def close(self) -> None:
         """Stop the daemon; remove its deployments and Registry entry with an in-process engine on its state."""
-        await self.daemon.stop()
+        await self.daemon.close()
         await self.api.aclose()
         await self.hosts.close()
         async with running_daemon(self.settings) as d:
@@ -470,3 +411,4 @@ async def test_sigkill_in_phase_converges_after_restart(stacks: Stacks, method: 
     assert any(r["release"] == st.release and r["status"] == "good" for r in history["releases"]), (
         "the converged release was never verified healthy (not recorded good)")
     await st.assert_host_clean()
+
