@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -62,13 +64,25 @@ async def _watchdog(server: uvicorn.Server) -> None:
         await asyncio.sleep(usec / 2e6)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, except for one thing: once it has shut down on SIGTERM or SIGINT it raises that signal again
+    with the default handler, which would end the process before ``serve`` drains the jobs in flight and
+    closes the store. Here the signal has done its work once the server stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM: uvicorn owns the signals; when it stops, the loop drains and stops."""
     for path in await asyncio.to_thread(sweep_socket_dirs):
         log.info("removed %s, left by a daemon that was killed", path)
     engine = await open_engine(settings)
     stop = asyncio.Event()
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         create_app(engine), host=settings.listen_host, port=settings.listen_port, log_level="warning",
         access_log=False,
     ))

@@ -412,3 +412,22 @@ async def test_sigkill_in_phase_converges_after_restart(stacks: Stacks, method: 
         "the converged release was never verified healthy (not recorded good)")
     await st.assert_host_clean()
 
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method", list(METHODS))
+async def test_sigterm_drains_the_deploy_in_flight(stacks: Stacks, method: str) -> None:
+    """A graceful stop (SIGTERM, what systemd sends) lets the deploy in flight finish before the process
+    ends, with exit code 0: nothing is left interrupted."""
+    st = await stacks.ready(method)
+    assert await st.not_converged() is None, "the service was not converged before the stop"
+    st.write(slow=HEALTH)
+    st.commit(f"version {st.version}: slow {HEALTH}, then SIGTERM")
+    job_id = await st.wait_phase(HEALTH)
+    code = await st.daemon.stop(limit_s=120)
+    assert code == 0, f"exit code {code} after SIGTERM:\n{st.daemon.tail()}"
+    await st.start()
+    job = await st.get(f"/deploy/{job_id}")
+    assert job["status"] == "succeeded", job
+    assert [p["status"] for p in job["phases"]] == ["succeeded"] * len(PHASES), job["phases"]
+    await st.wait_converged()
+    await st.assert_host_clean()
