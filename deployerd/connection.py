@@ -20,6 +20,7 @@ through ``input`` (stdin) or SFTP, never the command line. Nothing here logs arg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,7 +29,7 @@ import shlex
 import shutil
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -234,7 +235,6 @@ class Connection:
         self._tmpdir: str | None = None
         self._docker_socket: str | None = None
         self._listeners: list[asyncssh.SSHListener] = []
-        self._ports: dict[tuple[str, int], int] = {}
         # OpenSSH refuses more than MaxSessions (default 10) session channels at once; queue instead,
         # leaving room for the SFTP channel and for slots sshd has not freed yet.
         self._sessions = asyncio.Semaphore(max_sessions)
@@ -480,19 +480,22 @@ class Connection:
                 self._docker_socket = path
             return self._docker_socket
 
-    async def forward_port(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
-        """Local port on 127.0.0.1 tunnelled to ``remote_host:remote_port`` as seen from the host (cached)."""
-        key = (remote_host, remote_port)
-        async with self._forward_lock:
-            if key not in self._ports:
-                try:
-                    listener = await self._conn.forward_local_port("127.0.0.1", 0, remote_host, remote_port)
-                except _CONNECTION_ERRORS as exc:
-                    raise self._lost(exc) from None
-                self._listeners.append(listener)
-                self.stats.forwards += 1
-                self._ports[key] = listener.get_port()
-            return self._ports[key]
+    @contextlib.asynccontextmanager
+    async def forwarded_port(self, remote_port: int, remote_host: str = "127.0.0.1") -> AsyncIterator[int]:
+        """A local port on 127.0.0.1 tunnelled to ``remote_host:remote_port`` as seen from the host, open for
+        the block (one health wait): a daemon that deploys hundreds of services keeps no listener per port."""
+        try:
+            listener = await self._conn.forward_local_port("127.0.0.1", 0, remote_host, remote_port)
+        except _CONNECTION_ERRORS as exc:
+            raise self._lost(exc) from None
+        self.stats.forwards += 1
+        self._listeners.append(listener)
+        try:
+            yield listener.get_port()
+        finally:
+            listener.close()
+            if listener in self._listeners:  # close() may have cleared them
+                self._listeners.remove(listener)
 
     # -- lifecycle
 
@@ -504,7 +507,6 @@ class Connection:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
-        self._ports.clear()
         self._docker_socket = None
         if self._sftp is not None:
             self._sftp.exit()

@@ -8,6 +8,7 @@ runs, so a container that exits or a unit that fails ends the wait at once inste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,12 +56,21 @@ async def wait_healthy(
     ``client`` is the daemon's shared ``probe_client()``. ``stop`` is asked between probes: when it says
     so, the wait ends with HealthInterrupted.
     """
-    if spec.health.url:
-        base_url, shown = spec.health.url, spec.health.url
-    else:
-        local = await conn.forward_port(spec.port)
-        base_url = f"http://127.0.0.1:{local}{spec.health.path}"
-        shown = f"http://{runtime.host.name}:{spec.port}{spec.health.path} (via SSH)"
+    async with contextlib.AsyncExitStack() as scope:
+        if spec.health.url:
+            base_url, shown = spec.health.url, spec.health.url
+        else:
+            local = await scope.enter_async_context(conn.forwarded_port(spec.port))
+            base_url = f"http://127.0.0.1:{local}{spec.health.path}"
+            shown = f"http://{runtime.host.name}:{spec.port}{spec.health.path} (via SSH)"
+        return await _poll(client, runtime, spec, release, base_url, shown, stop)
+
+
+async def _poll(
+    client: httpx.AsyncClient, runtime: Runtime, spec: ServiceSpec, release: str, base_url: str, shown: str,
+    stop: Callable[[], bool],
+) -> HealthResult:
+    """Probe ``base_url`` every ``interval_s`` until 2xx, the release stops running, or ``timeout_s``."""
     start = time.monotonic()
     deadline = start + spec.health.timeout_s
     attempts, last = 0, "no answer yet"

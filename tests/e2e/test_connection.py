@@ -239,10 +239,8 @@ async def test_forward_port_reaches_host_loopback(conn: Connection, scratch: str
         await conn.run(["sh", "-c", '"$@" >/dev/null 2>&1 </dev/null & echo $!', "sh", *server])
     ).stdout.strip()
     try:
-        local_port = await conn.forward_port(remote_port)
-        assert await conn.forward_port(remote_port) == local_port
         body = None
-        async with httpx.AsyncClient() as client:
+        async with conn.forwarded_port(remote_port) as local_port, httpx.AsyncClient() as client:
             for _ in range(100):  # bounded: the server needs a moment to bind
                 try:
                     r = await client.get(f"http://127.0.0.1:{local_port}/index.html", timeout=5)
@@ -251,6 +249,10 @@ async def test_forward_port_reaches_host_loopback(conn: Connection, scratch: str
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
         assert body == token
+        # the tunnel lives only as long as the block: its local port is closed after it
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://127.0.0.1:{local_port}/index.html", timeout=5)
     finally:
         await conn.run(["kill", pid], check=False)
 

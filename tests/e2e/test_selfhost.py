@@ -53,8 +53,7 @@ async def _wait_active(conn: Connection, not_pid: str | None = None) -> str:
 
 
 async def _health(conn: Connection) -> dict:
-    port = await conn.forward_port(8007)
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with conn.forwarded_port(8007) as port, httpx.AsyncClient(timeout=5) as client:
         resp = await client.get(f"http://127.0.0.1:{port}/health")
     assert resp.status_code == 200
     return resp.json()
