@@ -316,9 +316,9 @@ async def main() -> None:
                 for k, p in srcs.items():
                     write_source(p, "s1", 8551 + list(srcs).index(k), "0")
                 # warm-up (not counted): each peer's first deploy builds its image and fills caches
-                plain_deploy(h1, srcs["plain"], "s1", 8551, "0")
-                ans.deploy(h1.name, srcs["ansible"], "s1", 8552, "0")
-                pyi.deploy(h1.name, srcs["pyinfra"], "s1", 8553, "0")
+                await asyncio.to_thread(plain_deploy, h1, srcs["plain"], "s1", 8551, "0")
+                await asyncio.to_thread(ans.deploy, h1.name, srcs["ansible"], "s1", 8552, "0")
+                await asyncio.to_thread(pyi.deploy, h1.name, srcs["pyinfra"], "s1", 8553, "0")
                 times: dict[str, list[float]] = {"deployerd": [], "plain": [], "ansible": [], "pyinfra": []}
                 order = list(times)
                 for r in range(1, ROUNDS + 1):
@@ -335,13 +335,13 @@ async def main() -> None:
                             phases = {p.phase: round(p.duration_seconds, 3) for p in job.phases}
                         elif tool == "plain":
                             (srcs["plain"] / "www" / "index.html").write_text(f"v{v}")
-                            times["plain"].append(plain_deploy(h1, srcs["plain"], "s1", 8551, v)["seconds"])
+                            times["plain"].append((await asyncio.to_thread(plain_deploy, h1, srcs["plain"], "s1", 8551, v))["seconds"])
                         elif tool == "ansible":
                             (srcs["ansible"] / "www" / "index.html").write_text(f"v{v}")
-                            times["ansible"].append(ans.deploy(h1.name, srcs["ansible"], "s1", 8552, v))
+                            times["ansible"].append(await asyncio.to_thread(ans.deploy, h1.name, srcs["ansible"], "s1", 8552, v))
                         else:
                             (srcs["pyinfra"] / "www" / "index.html").write_text(f"v{v}")
-                            times["pyinfra"].append(pyi.deploy(h1.name, srcs["pyinfra"], "s1", 8553, v))
+                            times["pyinfra"].append(await asyncio.to_thread(pyi.deploy, h1.name, srcs["pyinfra"], "s1", 8553, v))
                     log(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
                 m = {k: med(v) for k, v in times.items()}
                 results["1"] = {"rounds": ROUNDS, "median_s": m, "all_s": times, "deployerd_phases": phases}
@@ -355,9 +355,9 @@ async def main() -> None:
                 for i, (k, p) in enumerate(srcs.items()):
                     write_source(p, "s3", 8561 + i, "0")
                     big_tree(p)
-                first = plain_deploy(h2, srcs["plain"], "s3", 8561, "0", stats=True)
-                ans_first = ans.deploy(h2.name, srcs["ansible"], "s3", 8562, "0") if "ansible" in S3_PEERS else None
-                pyi_first = pyi.deploy(h2.name, srcs["pyinfra"], "s3", 8563, "0") if "pyinfra" in S3_PEERS else None
+                first = await asyncio.to_thread(plain_deploy, h2, srcs["plain"], "s3", 8561, "0", stats=True)
+                ans_first = await asyncio.to_thread(ans.deploy, h2.name, srcs["ansible"], "s3", 8562, "0") if "ansible" in S3_PEERS else None
+                pyi_first = await asyncio.to_thread(pyi.deploy, h2.name, srcs["pyinfra"], "s3", 8563, "0") if "pyinfra" in S3_PEERS else None
                 log(f"   20 MB first deploy: plain {first['seconds']:.1f}s (rsync sent {first['rsync_bytes_sent']} B), "
                     f"ansible {ans_first or 0:.1f}s, pyinfra {pyi_first or 0:.1f}s (0: not run; peers run: {sorted(S3_PEERS)})")
                 big: dict[str, list] = {"deployerd": [], "plain": [], "ansible": [], "pyinfra": [],
@@ -378,17 +378,17 @@ async def main() -> None:
                     big["deployerd_bytes_received_hashes"].append(tr.details.get("bytes_received_hashes"))
                     big["deployerd_transfer_s"].append(tr.duration_seconds)
                     touch_one(srcs["plain"], r)
-                    out = plain_deploy(h2, srcs["plain"], "s3", 8561, str(r), stats=True)
+                    out = await asyncio.to_thread(plain_deploy, h2, srcs["plain"], "s3", 8561, str(r), stats=True)
                     big["plain"].append(out["seconds"])
                     big["rsync_bytes"].append(out["rsync_bytes_sent"])
                     big["rsync_bytes_received"].append(out["rsync_bytes_received"])
                     big["rsync_s"].append(out["sync_seconds"])
                     if "ansible" in S3_PEERS:
                         touch_one(srcs["ansible"], r)
-                        big["ansible"].append(ans.deploy(h2.name, srcs["ansible"], "s3", 8562, str(r)))
+                        big["ansible"].append(await asyncio.to_thread(ans.deploy, h2.name, srcs["ansible"], "s3", 8562, str(r)))
                     if "pyinfra" in S3_PEERS:
                         touch_one(srcs["pyinfra"], r)
-                        big["pyinfra"].append(pyi.deploy(h2.name, srcs["pyinfra"], "s3", 8563, str(r)))
+                        big["pyinfra"].append(await asyncio.to_thread(pyi.deploy, h2.name, srcs["pyinfra"], "s3", 8563, str(r)))
                     log(f"  round {r}: " + ", ".join(f"{k} {v[-1]}" for k, v in big.items() if v))
                 results["3"] = {"rounds": ROUNDS_BIG, "all": big,
                                 "median": {k: med(v) for k, v in big.items() if k != "deployerd_bytes_detail"}}
@@ -443,12 +443,12 @@ async def main() -> None:
                     write_source(src, name, 8600 + i, "1")
                     per_host[host].append({"name": name, "src": str(src), "port": 8600 + i})
                 ans.set_services(per_host)
-                real = ans.play("many.yml")
+                real = await asyncio.to_thread(ans.play, "many.yml")
                 log(f"   Ansible real deploy of 50 services: {real:.1f} s")
                 ours, theirs = [], []
                 for _ in range(int(os.environ.get("BENCH_ANSIBLE_CHECKS", "3"))):
                     ours.append((await noop_reconciles(d, 1))["wall_median_s"])
-                    theirs.append(ans.play("many.yml", "--check"))
+                    theirs.append(await asyncio.to_thread(ans.play, "many.yml", "--check"))
                     assert "changed=0" in ans.last and "changed=1" not in ans.last, ans.last[-1500:]
                 results["2"]["ansible_real_deploy_50_s"] = real  # type: ignore[index]
                 results["2"]["interleaved"] = {"deployerd_s": ours, "ansible_check_s": theirs,  # type: ignore[index]
