@@ -204,7 +204,7 @@ class HostStats:
     commands: int = 0
     sftp_ops: int = 0  # one per public SFTP call (put_bytes, put_file, read_bytes, makedirs, link, ...)
     api_requests: int = 0  # Docker API requests through the forwarded socket (counted by the Docker runtime)
-    forwards: int = 0  # tunnels opened (cached ones are not counted again)
+    forwards: int = 0  # tunnels opened: the Docker socket once per connection, a health port once per wait
     failures: int = 0  # connect failures and connection-level errors
 
     @property
@@ -556,10 +556,18 @@ def sweep_socket_dirs() -> list[str]:
     return gone
 
 
+_TEMP_INFIX = ".tmp-"
+
+
+def temp_name_pattern(name: str = "*") -> str:
+    """The glob of ``_temp_name``'s names for files named ``name``: what a write cut short leaves behind."""
+    return f".{name}{_TEMP_INFIX}*"
+
+
 def _temp_name(path: str) -> str:
     """A hidden, unique sibling of ``path``: same filesystem, so the final rename is atomic."""
     p = PurePosixPath(path)
-    return str(p.with_name(f".{p.name}.tmp-{secrets.token_hex(6)}"))
+    return str(p.with_name(f".{p.name}{_TEMP_INFIX}{secrets.token_hex(6)}"))
 
 
 # ------------------------------------------------------------------------------------------------ pool

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployerd.connection import Connection
+from deployerd.connection import Connection, temp_name_pattern
 from deployerd.desired import HostSpec, Release, ServiceSpec
 from deployerd.observed import Instance, RunState
 
@@ -114,8 +114,8 @@ class Runtime(ABC):
         } - {""}
 
     async def remove_release_files(self, service: str, releases: list[str]) -> None:
-        """Delete every file of these releases on the host, whichever method made them, in one command;
-        also the temp files of atomic writes that a killed daemon left in the service's folders."""
+        """Delete every file of these releases on the host, whichever method made them, in one command, after
+        one more that deletes the temp files of atomic writes a killed daemon left in the service's folders."""
         sdir = self.service_dir(service)
         await self.remove_stale_temps([sdir, posixpath.join(sdir, "releases"), posixpath.join(sdir, "env")])
         if not releases:
@@ -132,11 +132,12 @@ class Runtime(ABC):
         await self.conn.run(["rm", "-rf", "--", *paths])
 
     async def remove_stale_temps(self, folders: list[str], name: str = "*") -> None:
-        """Delete ``.<name>.tmp-*`` files (``Connection._put_atomic``'s temp names) directly in ``folders``.
+        """Delete the temp files of atomic writes to files named ``name`` (``temp_name_pattern``) directly in
+        ``folders``.
 
         Only a SIGKILL between write and rename leaves one; called while the service's lock is held, so no
         write of ours to these folders is in flight. Missing folders are fine."""
-        await self.conn.run(["find", *folders, "-maxdepth", "1", "-type", "f", "-name", f".{name}.tmp-*",
+        await self.conn.run(["find", *folders, "-maxdepth", "1", "-type", "f", "-name", temp_name_pattern(name),
                              "-delete"], check=False)
 
     async def close(self) -> None:
