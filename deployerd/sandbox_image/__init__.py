@@ -25,9 +25,15 @@ IMAGE_REPO = "deployerd-testhost"
 IMAGE_DIR = Path(__file__).parent
 SUITE = "bookworm"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "openssh-server", "python3", "python3-venv", "dbus", "iproute2")
-CHROOT_PACKAGES = ("docker.io", "busybox-static", "git", "python3-docker", "rsync")  # git: deployerd itself runs on a test host too; python3-docker, rsync: the peers in bench/ (Ansible community.docker, rsync)
+# git: deployerd itself runs on a test host too; python3-docker, rsync: the peers in bench/ (Ansible
+# community.docker, rsync); caddy, haproxy: the per-host ingress proxy (zero-downtime switch); docker-registry:
+# a Swarm cluster's image registry. Their packaged units are left disabled: deployerd (or the sandbox) runs
+# them as its own units where a host is configured for them.
+CHROOT_PACKAGES = ("docker.io", "busybox-static", "git", "python3-docker", "rsync", "caddy", "haproxy",
+                   "docker-registry", "curl")
+DISABLED_UNITS = ("caddy.service", "caddy-api.service", "haproxy.service", "docker-registry.service")
 # Bump when the build steps below change in a way the helper files do not show.
-RECIPE_REVISION = "1"
+RECIPE_REVISION = "2"
 
 
 def cache_dir() -> Path:
@@ -171,6 +177,9 @@ def _configure_rootfs(rootfs: Path) -> None:
             link = d / unit
             link.unlink(missing_ok=True)
             link.symlink_to(f"/etc/systemd/system/{unit}")
+    for unit in DISABLED_UNITS:  # the packages' postinst enabled them
+        for link in (rootfs / "etc/systemd/system").glob(f"*.wants/{unit}"):
+            link.unlink()
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     (rootfs / "etc/machine-id").write_text("")
