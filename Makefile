@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # age decrypts the secrets files of a desired-state repository (deployerd.secrets).
 APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age
 
-.PHONY: deps apt venv wheelhouse test test-unit demo demo-down sandbox-up sandbox-down bench soak clean
+.PHONY: deps apt venv wheelhouse test test-unit fuzz demo demo-down sandbox-up sandbox-down bench soak clean
 
 deps: apt venv
 
@@ -40,11 +40,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Property tests run the same examples every time here (Hypothesis profile `ci`: derandomized), so a run
+# passes or fails on the code alone; `make fuzz` explores new ones.
 test: deps wheelhouse
-	DEPLOYERD_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(VENV)/bin/pytest -q -rs
+	DEPLOYERD_HYPOTHESIS_PROFILE=ci DEPLOYERD_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(VENV)/bin/pytest -q -rs
 
 test-unit: venv
-	$(VENV)/bin/pytest -q tests/unit
+	DEPLOYERD_HYPOTHESIS_PROFILE=ci $(VENV)/bin/pytest -q tests/unit
+
+# The property tests with random seeds and FUZZ_FACTOR times their examples; a failure prints the blob that
+# reproduces it (add the case as an @example).
+FUZZ_FACTOR ?= 10
+fuzz: venv
+	DEPLOYERD_HYPOTHESIS_PROFILE=fuzz DEPLOYERD_FUZZ_FACTOR=$(FUZZ_FACTOR) \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider $$(grep -rl --include='test_*.py' '@given' tests)
 
 demo: deps
 	$(PY) -m deployerd demo

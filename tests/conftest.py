@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import property_profiles
 
 from deployerd import sandbox as sbx
+
+property_profiles.load()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

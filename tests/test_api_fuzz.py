@@ -20,6 +20,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from property_profiles import examples
 from schemathesis.checks import not_a_server_error
 
 from deployerd.api import create_app
@@ -111,7 +112,7 @@ def test_no_server_error_from_schema_cases(daemon: tuple[_Loop, Any, str], with_
     headers = {"Authorization": f"Bearer {token}"} if with_token else {}
     sent = 0
     for op in _operations(app):
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+        @settings(max_examples=examples(EXAMPLES_PER_OPERATION), deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def run(case: Any) -> None:

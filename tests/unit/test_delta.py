@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from property_profiles import examples
 
 from deployerd import delta
 from deployerd.delta import Copy, Literal
@@ -102,7 +103,7 @@ def test_apply_refuses_a_frame_built_for_another_file() -> None:
         delta.apply(rnd(6 * BS, 9), frame)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(seed=st.integers(0, 2**32), size=st.integers(0, 6000),
        edits=st.lists(st.tuples(st.integers(0, 6000), st.integers(0, 40), st.binary(max_size=40)), max_size=5))
 def test_any_edit_rebuilds_exactly(seed: int, size: int, edits: list[tuple[int, int, bytes]]) -> None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from property_profiles import examples
 
 from deployerd.desired import (
     DesiredState,
@@ -354,7 +355,7 @@ _fields = st.sampled_from(list(WEB) + ["method", "health", "docker", "systemd", 
 _manifests = st.dictionaries(_fields, _values, max_size=8).map(lambda d: {**WEB, **d})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(manifest=_manifests)
 def test_random_manifest_dicts_never_crash(tmp_path_factory: pytest.TempPathFactory, manifest: dict[str, Any]) -> None:
     root = tmp_path_factory.mktemp("fuzz")
@@ -367,7 +368,7 @@ def test_random_manifest_dicts_never_crash(tmp_path_factory: pytest.TempPathFact
     shutil.rmtree(root)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200),
                       st.sampled_from(["a: &x [*x]", "!!python/object:os.system {}", "{", "a: b: c", "? [a]\n: 1",
                                        "port: 08", "port: 0x1F", "name: web\nname: web", "- - -"])))

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from property_profiles import examples as property_examples
 
 import deployerd.desired as desired
 from deployerd.desired import DesiredState, ManifestError, load_desired
@@ -44,7 +45,7 @@ _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter
 
 def profile(examples: int) -> settings:
     """No deadline (file I/O per example), no fixtures inside @given, a fixed number of examples."""
-    return settings(max_examples=examples, deadline=None, suppress_health_check=_SLOW_OK)
+    return settings(max_examples=property_examples(examples), deadline=None, suppress_health_check=_SLOW_OK)
 
 
 # --------------------------------------------------------------------------- a small reusable tree
