@@ -153,12 +153,14 @@ def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(
 
 
 @sandbox_app.command("up")
-def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Optional[Path] = None) -> None:
+def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Optional[Path] = None,
+               swarm: bool = typer.Option(False, "--swarm", help="form the hosts into a Docker Swarm (the first "
+                                          "is the manager, running the cluster's image registry)")) -> None:
     """Start N test hosts (systemd + sshd + Docker each) and the embedded Registry."""
     from deployerd import sandbox
 
     _logging()
-    info = sandbox.up(hosts, state_dir or sandbox.default_state_dir())
+    info = sandbox.up(hosts, state_dir or sandbox.default_state_dir(), swarm)
     typer.echo(info.model_dump_json(indent=2))
 
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from deployerd.sandbox_image import cache_dir, ensure_image, image_ref, image_version  # noqa: F401 - public here too
 from deployerd.sandbox_image._proc import Result, SandboxError, file_lock, pid_alive, run, terminate
+from deployerd.sandbox_swarm import SwarmInfo, form_swarm
 
 log = logging.getLogger("deployerd.sandbox")
 
@@ -95,6 +96,7 @@ class SandboxInfo(BaseModel):
     engine: EngineInfo
     hosts: list[HostInfo] = Field(default_factory=list)
     registry: RegistryInfo | None = None
+    swarm: SwarmInfo | None = None  # `up --swarm`: the hosts form one Swarm (sandbox_swarm)
 
 
 class HostStatus(BaseModel):
@@ -433,8 +435,10 @@ async def _remove_ours(engine: Engine, sid: str, state_dir: Path) -> int:
     return len(doomed)
 
 
-async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
+async def up_async(hosts: int, state_dir: Path | None = None, swarm: bool = False) -> SandboxInfo:
     """Bring up ``hosts`` fresh test hosts and the Registry; write and return ``<state_dir>/sandbox.json``.
+
+    ``swarm``: the hosts then form a Swarm (the first one its manager, with the cluster's image registry).
 
     Hosts this state dir already had are replaced (a clean slate per `up`); to reuse a running sandbox,
     check ``status(state_dir).healthy`` and ``load_info`` first.
@@ -451,7 +455,7 @@ async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
     await _stop_registry(state_dir, old)
     try:
         async with file_lock(ENGINE_USERS_LOCK, "engine users", shared=True):
-            return await _up_locked(hosts, state_dir, sid, key_path, pubkey, old, t0)
+            return await _up_locked(hosts, state_dir, sid, key_path, pubkey, old, t0, swarm)
     except BaseException:
         with contextlib.suppress(Exception):
             await down_async(state_dir)  # outside the users lock, so an engine we started can stop again
@@ -459,7 +463,7 @@ async def up_async(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
 
 
 async def _up_locked(hosts: int, state_dir: Path, sid: str, key_path: Path, pubkey: str,
-                     old: SandboxInfo | None, t0: float) -> SandboxInfo:
+                     old: SandboxInfo | None, t0: float, swarm: bool = False) -> SandboxInfo:
     """The body of `up`, run while this process counts as a user of the engine (so no `down` stops it)."""
     _raise_inotify_limits()
     engine_info = await find_engine(start=True)
@@ -490,6 +494,8 @@ async def _up_locked(hosts: int, state_dir: Path, sid: str, key_path: Path, pubk
         await asyncio.gather(*(_wait_ready(h) for h in info.hosts))
         log.info("%d host(s) ready in %.1f s", hosts, time.monotonic() - t1)
         info.registry = await _start_registry(state_dir)
+        if swarm:
+            info.swarm = await form_swarm(info.hosts)
         _save_info(info)
     except BaseException:
         await _diagnose(engine, info)
@@ -586,9 +592,9 @@ async def status_async(state_dir: Path | None = None) -> SandboxStatus:
     return st
 
 
-def up(hosts: int, state_dir: Path | None = None) -> SandboxInfo:
+def up(hosts: int, state_dir: Path | None = None, swarm: bool = False) -> SandboxInfo:
     """Sync wrapper of :func:`up_async` for the CLI."""
-    return asyncio.run(up_async(hosts, state_dir))
+    return asyncio.run(up_async(hosts, state_dir, swarm))
 
 
 def down(state_dir: Path | None = None) -> None:
@@ -616,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start N test hosts and the Registry")
     p_up.add_argument("--hosts", type=int, default=2)
+    p_up.add_argument("--swarm", action="store_true", help="form the hosts into a Swarm with an image registry")
     for name in ("down", "status"):
         sub.add_parser(name)
     for p in sub.choices.values():
@@ -626,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.cmd == "up":
-            print(up(args.hosts, args.state_dir).model_dump_json(indent=2))
+            print(up(args.hosts, args.state_dir, args.swarm).model_dump_json(indent=2))
         elif args.cmd == "down":
             down(args.state_dir)
         else:

@@ -35,3 +35,22 @@ async def sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[sbx
         yield info
     finally:
         await sbx.down_async(state_dir)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def swarm_sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[sbx.SandboxInfo]:
+    """A sandbox of 3 hosts formed into a Swarm (sbx-1 its manager, with the image registry).
+
+    DEPLOYERD_TEST_SWARM_SANDBOX=<state dir> reuses one from `deployerd sandbox up --hosts 3 --swarm`."""
+    if reuse := os.environ.get("DEPLOYERD_TEST_SWARM_SANDBOX"):
+        info = sbx.load_info(Path(reuse))
+        if info is None or info.swarm is None or len(info.hosts) < 3:
+            pytest.fail(f"DEPLOYERD_TEST_SWARM_SANDBOX={reuse}: no 3-host Swarm sandbox is up there")
+        yield info
+        return
+    state_dir = tmp_path_factory.mktemp("swarm-sandbox")
+    info = await sbx.up_async(3, state_dir, swarm=True)
+    try:
+        yield info
+    finally:
+        await sbx.down_async(state_dir)
