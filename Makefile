@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # What the tests and the sandbox need from Debian: an engine for the test hosts, the SSH client, the
 # image recipe's tools (debootstrap, zstd, busybox-static), git, and systemd-analyze for the unit tests.
-# age decrypts the secrets files of a desired-state repository (deployerd.secrets).
-APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age
+# age decrypts the secrets files of a desired-state repository (deployerd.secrets). prometheus gives promtool (the
+# monitoring/ checks) and the server the monitoring end-to-end test starts on loopback.
+APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age prometheus
 
 .PHONY: deps apt venv wheelhouse image test test-unit fuzz demo demo-down sandbox-up sandbox-down bench soak clean
 

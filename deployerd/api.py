@@ -1,12 +1,14 @@
-"""The daemon's HTTP surface: health, metrics, services, jobs, sync, webhook, and the older deploy API.
+"""The daemon's HTTP surface: health, metrics, services, jobs, audit, sync, webhook, and the older deploy API.
 
-Reads are open; every route that changes anything needs the API token (``Authorization: Bearer``). With no
-token configured those routes are refused outright rather than left open. ``/health`` is computed from
+Reads are open, except the audit trail (it names people and quotes commit messages); every route that changes
+anything needs the API token (``Authorization: Bearer``). With no token configured those routes are refused
+outright rather than left open. ``/health`` is computed from
 what the loop last saw and never waits on a remote call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployerd import __version__
+from deployerd.audit import parse_since, read_file
 from deployerd.desired import HealthSpec, ServiceSpec
 from deployerd.engine import Conflict, Engine
 from deployerd.store import Job, JobStatus
@@ -128,6 +131,18 @@ def create_app(engine: Engine) -> FastAPI:
             "releases": [r.model_dump(exclude={"spec"}) for r in releases],
             "quarantine": quarantine.model_dump() if quarantine else None,
         }
+
+    @app.get("/audit", dependencies=guard)
+    async def audit(service: str | None = None, since: str | None = None,
+                    limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
+        """The audit trail, oldest first (the last ``limit``). Read-only, yet behind the token: it names commit
+        authors with their e-mail addresses and holds commit messages and errors."""
+        try:
+            when = parse_since(since) if since else None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        records, bad = await asyncio.to_thread(read_file, settings.audit_path, service, when)
+        return {"records": [r.model_dump() for r in records[-limit:]], "unreadable_lines": bad}
 
     @app.get("/deploy/{job_id}")
     async def get_job(job_id: str) -> dict[str, Any]:

@@ -152,6 +152,49 @@ def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(
         typer.echo(f"{a['kind']:<9} {a['service']}@{a['host']}: {'; '.join(a['reasons'])}")
 
 
+@app.command()
+def audit(service: Optional[str] = typer.Option(None, "--service", help="one service's jobs only"),
+          since: Optional[str] = typer.Option(None, "--since", help="30m, 2h, 7d, 1w, or an ISO date or time"),
+          file: Optional[Path] = typer.Option(None, "--file", help="read this audit.jsonl instead of asking the daemon"),
+          as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
+          url: Optional[str] = UrlOpt) -> None:
+    """The audit trail: who deployed what, when, why, and how it ended (GET /audit, with the API token)."""
+    from deployerd.audit import AuditRecord, parse_since, read_file, table
+
+    try:
+        when = parse_since(since) if since else None
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from e
+    if file is not None:
+        records, bad = read_file(file, service, when)
+    else:
+        settings = _settings(config)
+        token = settings.secret("api_token")
+        if token is None:
+            typer.echo("no api_token_file configured: cannot authenticate to the daemon (or use --file)", err=True)
+            raise typer.Exit(2)
+        params = {k: v for k, v in (("service", service), ("since", when.isoformat() if when else None)) if v}
+        try:
+            resp = httpx.get(f"{_api(settings, url)}/audit", params=params,
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        except httpx.HTTPError as e:
+            typer.echo(f"cannot reach the daemon: {e}", err=True)
+            raise typer.Exit(1) from e
+        if resp.status_code >= 400:
+            typer.echo(f"audit refused: HTTP {resp.status_code}: {resp.text}", err=True)
+            raise typer.Exit(1)
+        data = resp.json()
+        records = [AuditRecord.model_validate(r) for r in data["records"]]
+        bad = data["unreadable_lines"]
+    if as_json:
+        typer.echo(json.dumps([r.model_dump() for r in records], indent=2))
+    else:
+        typer.echo(table(records), nl=False)
+    if bad:
+        typer.echo(f"({bad} unreadable lines skipped)", err=True)
+
+
 @sandbox_app.command("up")
 def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Optional[Path] = None,
                swarm: bool = typer.Option(False, "--swarm", help="form the hosts into a Docker Swarm (the first "

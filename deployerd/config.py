@@ -8,13 +8,60 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("/etc/deployerd/config.yaml")
+
+
+class _Destination(BaseModel):
+    """Where notifications go. URLs and tokens are read from files (0600) at each delivery, never from here:
+    the config file may be world-readable, and a rotated token needs no restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="its label in logs and /metrics")
+    reminder_s: float = Field(default=3600.0, gt=0, description="repeat a failure that persists this often")
+
+
+class WebhookDestination(_Destination):
+    """A generic webhook: the event as JSON, signed with HMAC-SHA256 of the body in X-Deployerd-Signature-256."""
+
+    kind: Literal["webhook"]
+    url_file: Path
+    secret_file: Path
+
+
+class SlackDestination(_Destination):
+    """A Slack-compatible incoming webhook (Mattermost, Rocket.Chat take the same ``{"text": ...}``)."""
+
+    kind: Literal["slack"]
+    url_file: Path
+
+
+class CommitStatusDestination(_Destination):
+    """Commit status, one context per service (``deployerd/<service>``): GitHub, Gitea or GitLab."""
+
+    kind: Literal["github", "gitea", "gitlab"]
+    api_url: str = Field(description="https://api.github.com, https://gitea.example.com, https://gitlab.com")
+    repo: str = Field(min_length=1, description="owner/name (GitHub, Gitea) or the project's id or path (GitLab)")
+    token_file: Path
+    target_url: str | None = Field(default=None, description="linked from the status; {service} is replaced")
+
+    @field_validator("repo")
+    @classmethod
+    def _owner_name(cls, v: str, info: Any) -> str:
+        if info.data.get("kind") in ("github", "gitea") and (v.count("/") != 1 or "" in v.split("/")):
+            raise ValueError(f"repo {v!r}: give owner/name")
+        return v
+
+
+Destination = Annotated[
+    WebhookDestination | SlackDestination | CommitStatusDestination, Field(discriminator="kind")
+]
 
 
 class Settings(BaseSettings):
@@ -58,12 +105,26 @@ class Settings(BaseSettings):
     age_identity_file: Path | None = Field(
         default=None, description="age identity that decrypts secrets/<service>.env.age in the repository"
     )
+    notifications: list[Destination] = Field(
+        default_factory=list, description="webhooks, chat and commit status told of deploy outcomes"
+    )
+    api_token_name: str = Field(
+        default="api-token", max_length=64, description="who the audit trail names for jobs the API token started"
+    )
 
     @field_validator("api_token_file", "webhook_secret_file", "registry_token_file", "secrets_file",
                      "age_identity_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v in ("", None) else v
+
+    @field_validator("notifications")
+    @classmethod
+    def _unique_names(cls, v: list[Any]) -> list[Any]:
+        names = [d.name for d in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"notifications: destination names must be unique: {', '.join(dupes)}")
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -86,6 +147,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.state_dir / "deployerd.db"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.jsonl"
 
     @property
     def api_source_root(self) -> Path:
