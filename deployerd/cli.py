@@ -45,9 +45,9 @@ def _api(settings: Settings, url: Optional[str]) -> str:
     return url or f"http://{host}:{settings.listen_port}"
 
 
-def _get(url: str) -> Any:
+def _get(url: str, params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> Any:
     try:
-        resp = httpx.get(url, timeout=10)
+        resp = httpx.get(url, params=params, headers=headers, timeout=10)
     except httpx.HTTPError as e:
         typer.echo(f"cannot reach the daemon at {url}: {e}", err=True)
         raise typer.Exit(1) from e
@@ -175,16 +175,7 @@ def audit(service: Optional[str] = typer.Option(None, "--service", help="one ser
             typer.echo("no api_token_file configured: cannot authenticate to the daemon (or use --file)", err=True)
             raise typer.Exit(2)
         params = {k: v for k, v in (("service", service), ("since", when.isoformat() if when else None)) if v}
-        try:
-            resp = httpx.get(f"{_api(settings, url)}/audit", params=params,
-                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
-        except httpx.HTTPError as e:
-            typer.echo(f"cannot reach the daemon: {e}", err=True)
-            raise typer.Exit(1) from e
-        if resp.status_code >= 400:
-            typer.echo(f"audit refused: HTTP {resp.status_code}: {resp.text}", err=True)
-            raise typer.Exit(1)
-        data = resp.json()
+        data = _get(f"{_api(settings, url)}/audit", params, {"Authorization": f"Bearer {token}"})
         records = [AuditRecord.model_validate(r) for r in data["records"]]
         bad = data["unreadable_lines"]
     if as_json:
