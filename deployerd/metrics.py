@@ -21,8 +21,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from deployerd.events import Event, JobEnded, ReconcileDone
-
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, float("inf"))
@@ -80,14 +78,6 @@ class Metrics:
             "deployerd_notifications_total", "Notifications by destination and result (sent, failed, dropped)",
             ["destination", "kind", "result"], registry=r,
         )
-
-    def on_event(self, event: Event) -> None:
-        """A bus subscriber (quick, inline): job durations and the last successful reconcile."""
-        if isinstance(event, JobEnded) and event.job.duration_seconds is not None:
-            self.job_duration.labels(kind=event.job.kind, status=event.job.status.value).observe(
-                event.job.duration_seconds)
-        elif isinstance(event, ReconcileDone) and event.error is None:
-            self.last_reconcile_ok.set_to_current_time()
 
     def watch_hosts(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export each host's connection counters (``HostStats``), read when scraped: a benchmark counts the

@@ -83,8 +83,8 @@ def rule_exprs() -> list[tuple[str, str]]:
 
 
 def live_metrics_text() -> str:
-    """What /metrics serves (the route returns ``Metrics.render()``), with a series in every family that can
-    have one without a running loop."""
+    """What /metrics serves (the route returns ``Metrics.render()``), with a series in most families (every
+    family has its # TYPE line, series or not)."""
     m = Metrics()
     m.watch_hosts(lambda: {"web-1": HostStats(connects=1, commands=2)})
     m.reconciles.labels(result="ok").inc()
@@ -97,8 +97,6 @@ def live_metrics_text() -> str:
     m.host_locks.labels(event="acquired").inc()
     m.notifications.labels(destination="gh", kind="github", result="sent").inc()
     m.reconcile_interval.set(60)
-    m.set_services([{"service": "web", "host": "web-1", "method": "docker", "sync_status": "Synced",
-                     "health_status": "Healthy", "release": "r1", "commit": "abc"}])
     return m.render().decode()
 
 
