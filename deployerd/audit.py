@@ -18,17 +18,19 @@ import logging
 import os
 import re
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from deployerd.events import EventBus, JobEnded
+from deployerd.events import Event, EventBus, JobEnded
 from deployerd.store import Job
 
 log = logging.getLogger(__name__)
 
+QUEUE_MAX = 10000
 ERROR_MAX = 500
 MESSAGE_MAX = 2000
 
@@ -121,30 +123,40 @@ def append(path: Path, record: AuditRecord) -> None:
 
 
 class AuditLog:
-    """The bus subscriber that writes the trail, on a task of its own (a deploy never waits on the disk)."""
+    """The bus subscriber that writes the trail: the callback enqueues, a task of its own writes (a deploy
+    never waits on the disk)."""
 
     def __init__(self, path: Path, commit_info: CommitLookup, token_name: str) -> None:
         self.path = path
         self.commit_info = commit_info
         self.token_name = token_name
         self.errors = 0
+        self._queue: asyncio.Queue[JobEnded] = asyncio.Queue(QUEUE_MAX)
+        self._busy = False
         self._task: asyncio.Task[None] | None = None
-        self._pending = 0
+        self._unsubscribe: Callable[[], None] = lambda: None
 
     def start(self, bus: EventBus) -> None:
-        stream = bus.stream()
+        self._unsubscribe = bus.subscribe(self.on_event)
+        self._task = asyncio.create_task(self._run(), name="audit trail")
 
-        async def run() -> None:
-            with stream:
-                async for event in stream:
-                    if isinstance(event, JobEnded):
-                        self._pending += 1
-                        try:
-                            await self.write(event.job, event.at)
-                        finally:
-                            self._pending -= 1
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, JobEnded):
+            if self._queue.full():  # thousands of jobs behind a stuck disk: say so rather than grow
+                self.errors += 1
+                log.error("audit trail: %s is not being written; the record of job %s is lost", self.path,
+                          event.job.id)
+                return
+            self._queue.put_nowait(event)
 
-        self._task = asyncio.create_task(run(), name="audit trail")
+    async def _run(self) -> None:
+        while True:
+            event = await self._queue.get()
+            self._busy = True
+            try:
+                await self.write(event.job, event.at)
+            finally:
+                self._busy = False
 
     async def write(self, job: Job, at: str) -> None:
         try:
@@ -154,7 +166,15 @@ class AuditLog:
             self.errors += 1
             log.exception("audit trail: could not write the record of job %s to %s", job.id, self.path)
 
+    async def drain(self, limit_s: float = 30.0) -> None:
+        """Wait (bounded) until every record handed over is written: at the daemon's stop, and in tests."""
+        deadline = time.monotonic() + limit_s
+        while (self._busy or not self._queue.empty()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     async def close(self) -> None:
+        self._unsubscribe()
+        await self.drain()
         if self._task is not None:
             self._task.cancel()
             try:

@@ -334,4 +334,19 @@ class Kick:
         return reasons
 
 
-__all__ = ["GitSource", "Kick", "SourceError", "is_ref_change", "redact", "start_polling"]
+def job_trigger(reasons: list[str], revision_changed: bool) -> str:
+    """What started a reconcile's jobs, from the Kick's reasons: ``webhook``, ``watch`` (the local repository
+    changed) or ``poll`` when it brought a new commit, ``sync`` when asked (POST /sync, ``deployerd sync``),
+    else ``resync`` (the periodic full reconcile, a job or a host coming back: drift healed)."""
+    if any(r.startswith("sync") for r in reasons):
+        return "sync"
+    if not revision_changed:
+        return "resync"
+    if any(r.startswith("webhook") for r in reasons):
+        return "webhook"
+    if "git watch" in reasons:
+        return "watch"
+    return "poll"  # the poller, the first fetch at start, or a reconcile that fetched for another reason
+
+
+__all__ = ["GitSource", "Kick", "SourceError", "is_ref_change", "job_trigger", "redact", "start_polling"]

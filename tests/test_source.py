@@ -258,3 +258,17 @@ async def test_kick_bounds_its_reasons() -> None:
         kick.set(f"r{i}")
     reasons = await kick.wait()
     assert len(reasons) == Kick.max_reasons and reasons[0] == "r0"
+
+
+def test_job_trigger_names_what_brought_the_commit() -> None:
+    from deployerd.source import job_trigger
+
+    assert job_trigger(["git watch"], True) == "watch"
+    assert job_trigger(["poll"], True) == "poll"
+    assert job_trigger(["start"], True) == "poll"
+    assert job_trigger(["webhook github", "poll"], True) == "webhook"
+    assert job_trigger(["git watch", "resync"], True) == "watch"
+    assert job_trigger(["sync web"], True) == "sync"
+    assert job_trigger(["sync all"], False) == "sync"
+    assert job_trigger(["resync"], False) == "resync"
+    assert job_trigger(["job deploy-1 failed", "host sbx-1 back"], False) == "resync"

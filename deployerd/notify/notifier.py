@@ -1,7 +1,7 @@
 """Delivery of notices: one task and one bounded queue per destination, fed from the event stream.
 
-A deploy never waits on a notification: the bus hands events to a bounded stream (oldest dropped), each
-destination has its own queue (oldest dropped, counted) and its own task, and a delivery is retried with
+A deploy never waits on a notification: the bus's callback only deduplicates and enqueues; each destination
+has its own bounded queue (oldest dropped, counted) and its own task, and a delivery is retried with
 exponential backoff a bounded number of times, then given up, logged and counted in ``/metrics``
 (``deployerd_notifications_total{destination,result}``: sent, failed, dropped). The URLs and tokens are read
 from their files (0600 enforced) at each delivery and never logged.
@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from deployerd.config import CommitStatusDestination, Destination, SlackDestination, WebhookDestination, read_private
-from deployerd.events import EventBus
+from deployerd.events import Event, EventBus
 from deployerd.metrics import Metrics
 from deployerd.notify.outcomes import Deduper, Notice, notice_of
 from deployerd.notify.render import Request, build
@@ -118,6 +118,7 @@ class Notifier:
         self.http = http or httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False)
         self.channels = [_Channel(d, self) for d in destinations]
         self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: Callable[[], None] = lambda: None
         for d in destinations:  # every series exists from the start: alerts on increase() see the first failure
             for result in ("sent", "failed", "dropped"):
                 metrics.notifications.labels(destination=d.name, kind=d.kind, result=result)
@@ -126,20 +127,17 @@ class Notifier:
         self.metrics.notifications.labels(destination=dest.name, kind=dest.kind, result=result).inc()
 
     def start(self, bus: EventBus) -> None:
+        """Subscribe (a quick inline callback: dedupe and enqueue) and start one delivery task per destination."""
         if not self.channels:
             return
-        stream = bus.stream()
+        self._unsubscribe = bus.subscribe(self.on_event)
+        self._tasks = [asyncio.create_task(c.run(), name=f"notify {c.dest.name}") for c in self.channels]
 
-        async def feed() -> None:
-            with stream:
-                async for event in stream:
-                    notice = notice_of(event)
-                    if notice is not None:
-                        for channel in self.channels:
-                            channel.offer(notice)
-
-        self._tasks = [asyncio.create_task(feed(), name="notify feed")]
-        self._tasks += [asyncio.create_task(c.run(), name=f"notify {c.dest.name}") for c in self.channels]
+    def on_event(self, event: Event) -> None:
+        notice = notice_of(event)
+        if notice is not None:
+            for channel in self.channels:
+                channel.offer(notice)
 
     async def drain(self, limit_s: float = 30.0) -> None:
         """Wait (bounded) until every queue is empty: tests, and the daemon's stop, use it."""
@@ -148,6 +146,7 @@ class Notifier:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        self._unsubscribe()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
