@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import posixpath
 import secrets
 import shlex
 import shutil
@@ -233,7 +234,7 @@ class Connection:
         self._sftp_lock = asyncio.Lock()
         self._forward_lock = asyncio.Lock()
         self._tmpdir: str | None = None
-        self._docker_socket: str | None = None
+        self._sockets: dict[str, str] = {}  # remote unix socket -> its local forward
         self._listeners: list[asyncssh.SSHListener] = []
         # OpenSSH refuses more than MaxSessions (default 10) session channels at once; queue instead,
         # leaving room for the SFTP channel and for slots sshd has not freed yet.
@@ -465,20 +466,26 @@ class Connection:
 
     async def docker_socket(self) -> str:
         """Local unix socket path forwarded to the host's Docker socket (private 0700 dir, cached)."""
+        return await self.forwarded_socket(REMOTE_DOCKER_SOCKET)
+
+    async def forwarded_socket(self, remote_path: str) -> str:
+        """A local unix socket forwarded to the host's unix socket ``remote_path`` (the Docker engine, the
+        ingress proxy's admin API), in a private 0700 dir; one per remote path, kept with the connection."""
         async with self._forward_lock:
-            if self._docker_socket is None:
+            path = self._sockets.get(remote_path)
+            if path is None:
                 if self._tmpdir is None:
                     self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
                     await asyncio.to_thread(os.chmod, self._tmpdir, 0o700)
-                path = os.path.join(self._tmpdir, "docker.sock")
+                path = os.path.join(self._tmpdir, f"{len(self._sockets)}-{posixpath.basename(remote_path)}")
                 try:
-                    listener = await self._conn.forward_local_path(path, REMOTE_DOCKER_SOCKET)
+                    listener = await self._conn.forward_local_path(path, remote_path)
                 except _CONNECTION_ERRORS as exc:
                     raise self._lost(exc) from None
                 self._listeners.append(listener)
                 self.stats.forwards += 1
-                self._docker_socket = path
-            return self._docker_socket
+                self._sockets[remote_path] = path
+            return path
 
     @contextlib.asynccontextmanager
     async def forwarded_port(self, remote_port: int, remote_host: str = "127.0.0.1") -> AsyncIterator[int]:
@@ -507,7 +514,7 @@ class Connection:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
-        self._docker_socket = None
+        self._sockets.clear()
         if self._sftp is not None:
             self._sftp.exit()
             self._sftp = None

@@ -178,6 +178,9 @@ class HostSpec(_Model):
     user: Annotated[str, AfterValidator(_posix_user)] = "root"
     base_dir: Annotated[str, AfterValidator(_base_dir)] = "/opt/fpai/services"
     public_address: Address | None = None  # what the Registry endpoint advertises (default: address)
+    # haproxy: a proxy deployerd runs on the host binds the public ports; a new release starts beside the old
+    # one on a private port and takes traffic once healthy (zero downtime). none: the old stops first.
+    ingress: Literal["haproxy", "none"] = "none"
 
 
 class HealthSpec(_Model):
@@ -225,6 +228,7 @@ class ServiceSpec(_Model):
     # names only: the daemon resolves the values at deploy time (deployerd.secrets), never from git in clear
     secrets: Annotated[list[str], AfterValidator(_secret_names), Field(max_length=100)] = Field(default_factory=list)
     register: bool = True
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=600)  # behind an ingress: requests in flight on the old release
     docker: DockerSpec = DockerSpec()
     systemd: SystemdSpec = SystemdSpec()
 
@@ -565,6 +569,8 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
         "health": _digest(spec.health.model_dump()),
         "host": _digest({"name": host.name, "base_dir": host.base_dir}),
     }
+    if host.ingress != "none":  # behind a proxy an instance listens elsewhere: a new release (none: ids unchanged)
+        inputs["ingress"] = _digest(host.ingress)
     return Release(id=_release_id(inputs), inputs=inputs)
 
 
