@@ -632,7 +632,8 @@ async def run_soak(cfg: SoakConfig, info: SandboxInfo, workdir: Path, log: Any =
     # The daemon's own plan of the last commit (what `deployerd plan` prints), then the hosts read directly.
     engine = await open_engine(settings)
     try:
-        desired, _, actions = await engine.preview()
+        snap = await engine.preview()
+        desired, actions = snap.desired, snap.actions
         quarantined = {s: q.release for s, q in (await engine.store.quarantined()).items()}
         for a in actions:
             if a.kind is ActionKind.NOOP or (a.kind is ActionKind.BLOCKED and any("quarantined" in r for r in a.reasons)):

@@ -78,9 +78,9 @@ def plan(config: Optional[Path] = ConfigOpt) -> None:
         engine = await open_engine(_settings(config))
         try:
             await engine.recall_interrupted()
-            desired, _, actions = await engine.preview()
-            errors = "".join(f"invalid: {e}\n" for e in desired.errors)
-            return f"revision {desired.revision[:12]}\n{errors}{describe(actions)}"
+            snap = await engine.preview()
+            errors = "".join(f"invalid: {e}\n" for e in snap.desired.errors)
+            return f"revision {snap.desired.revision[:12]}\n{errors}{describe(snap.actions)}"
         finally:
             await close_engine(engine)
 

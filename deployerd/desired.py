@@ -587,11 +587,16 @@ def expected_registry_entry(
     ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's.
     """
     return {
-        "endpoint": f"http://{_url_host(host.public_address or host.address)}:{spec.port}",
+        "endpoint": endpoint_url(host, spec.port),
         "status": "active",
         "metadata": {"managed_by": "deployerd", "instance": instance, "release": release.id, "host": host.name,
                      "method": spec.method},
     }
+
+
+def endpoint_url(host: HostSpec, port: int) -> str:
+    """Where a service on ``host`` answers, as the Registry and the API advertise it (IPv6 in brackets)."""
+    return f"http://{_url_host(host.public_address or host.address)}:{port}"
 
 
 def _url_host(address: str) -> str:

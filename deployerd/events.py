@@ -85,6 +85,8 @@ class ReconcileDone(Event):
     duration_s: float
     actions: int
     error: str | None = None
+    fetch_error: str | None = None  # git could not be fetched (the last good revision was used, if any)
+    commit_time: int | None = None  # the reconciled revision's commit time (Unix seconds)
 
 
 _KINDS: dict[type[Event], str] = {

@@ -1,5 +1,9 @@
 """Prometheus metrics of the reconcile loop, on a registry of their own (one per daemon, so tests can run several).
 
+The metrics are the event bus's first subscriber (``subscribe``): what the engine, the phase runner and
+observation publish is counted here, and nowhere else calls a counter. Per-service info and each host's
+connection counters are read when scraped.
+
 Duration buckets reach 15 minutes and beyond: Argo CD's and Flux's top buckets (16 s, 10 s) say nothing
 about image builds over SSH. No ``_created`` series: they double the output and ``promtool check metrics``
 flags them; the alert rules and the dashboard in monitoring/ name only what is exported here.
@@ -8,7 +12,7 @@ flags them; the alert rules and the dashboard in monitoring/ name only what is e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -19,7 +23,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from deployerd import events
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -46,10 +52,9 @@ class Metrics:
             "deployerd_rollbacks_total", "Automatic rollbacks by service and failed phase", ["service", "reason"],
             registry=r,
         )
-        self._service_rows: list[dict[str, str]] | None = None
-        self.service_info = Gauge(
-            "deployerd_service_info", "One series per service: sync and health status, release, commit",
-            ["service", "host", "method", "sync_status", "health_status", "release", "commit"], registry=r,
+        self.quarantines = Counter(
+            "deployerd_quarantines_total", "Releases quarantined after a failed deploy, by service", ["service"],
+            registry=r,
         )
         self.last_applied_commit = Gauge(
             "deployerd_last_applied_commit_timestamp_seconds", "Commit time of the last revision reconciled",
@@ -84,18 +89,74 @@ class Metrics:
         round trips of a reconcile from outside the process."""
         self.registry.register(_HostOperations(stats))
 
-    def set_services(self, rows: list[dict[str, str]]) -> None:
-        """Replace the per-service info series (a service that left git must not linger). Unchanged rows (every
-        idle reconcile) are left alone: rebuilding 500 series each time was ~5% of the daemon's CPU at 500."""
-        if rows == self._service_rows:
-            return
-        self._service_rows = rows
-        self.service_info.clear()
-        for row in rows:
-            self.service_info.labels(**row).set(1)
+    def watch_services(self, rows: Callable[[], Iterable[Mapping[str, str]]]) -> None:
+        """Export one ``deployerd_service_info`` series per row (labels: SERVICE_LABELS), read when scraped: a
+        service that left git leaves with its row, and a reconcile builds no series (rebuilding 500 series
+        at every reconcile was ~5% of the daemon's CPU at 500)."""
+        self.registry.register(_ServiceInfo(rows))
+
+    def lock_event(self, event: str) -> None:
+        """A host lock event (``HostLocks.on_event``)."""
+        self.host_locks.labels(event=event).inc()
+
+    def subscribe(self, bus: events.EventBus) -> Callable[[], None]:
+        """Count what ``bus`` carries; returns the function that unsubscribes."""
+        return bus.subscribe(self.on_event)
+
+    def on_event(self, event: events.Event) -> None:
+        """One event into its metrics (every kind of events.py is handled here)."""
+        match event:
+            case events.ReconcileDone():
+                self.reconciles.labels(result="error" if event.error else "ok").inc()
+                self.reconcile_duration.observe(event.duration_s)
+                if event.error is None:
+                    self.last_reconcile_ok.set_to_current_time()
+                if event.fetch_error is not None:
+                    self.fetch_errors.inc()
+                if event.commit_time is not None:
+                    self.last_applied_commit.set(event.commit_time)
+            case events.HostUp():
+                self.host_up.labels(host=event.host).set(1)
+            case events.HostDown():
+                self.host_up.labels(host=event.host).set(0)
+            case events.JobEnded():
+                job = event.job
+                self.jobs.labels(kind=job.kind, status=job.status.value).inc()
+                if job.duration_seconds is not None:
+                    self.job_duration.labels(kind=job.kind, status=job.status.value).observe(job.duration_seconds)
+            case events.PhaseChanged():
+                if event.duration_s is not None:
+                    self.phase_duration.labels(phase=event.phase, method=event.job.method).observe(event.duration_s)
+            case events.RolledBack():
+                self.rollbacks.labels(service=event.service, reason=event.phase).inc()
+            case events.Quarantined():
+                self.quarantines.labels(service=event.service).inc()
+            case events.JobStarted():
+                pass  # jobs in flight are /health's; a job is counted when it ends, with its outcome
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+SERVICE_LABELS = ("service", "host", "method", "sync_status", "health_status", "release", "commit")
+
+
+class _ServiceInfo:
+    def __init__(self, rows: Callable[[], Iterable[Mapping[str, str]]]) -> None:
+        self._rows = rows
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("deployerd_service_info", "One series per service: sync and health status, "
+                                 "release, commit", labels=list(SERVICE_LABELS))
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for row in self._rows():
+            family.add_metric([str(row[k]) for k in SERVICE_LABELS], 1)
+        yield family
 
 
 class _HostOperations:

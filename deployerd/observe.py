@@ -6,7 +6,8 @@ recorded as unreachable with the reason naming it; it is never taken as "nothing
 A host that failed is not tried again by the reconcile: a background probe retries it at doubling intervals
 (2 s to 10 s) and asks for a reconcile when it answers. So a dead host never makes the reconcile of the other
 hosts wait for its connect timeout, it gets no stream of attempts, and a healed one is seen within 10 s,
-whatever the resync interval.
+whatever the resync interval. A host going down or answering again (or answering for the first time) is
+published as HostDown / HostUp on the event bus.
 
 A host whose SSH answers but one runtime does not (its Docker engine stopped) is unreachable as a whole, the
 reason naming the runtime: half the facts of a host would let the planner take the silent half for "nothing
@@ -19,9 +20,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from deployerd import events
+from deployerd.backoff import Backoff
 from deployerd.connection import ConnectionPool, HostAddress, HostUnreachable
 from deployerd.desired import HostSpec
 from deployerd.observed import HostFacts, ObservedState
@@ -42,27 +45,32 @@ class HostDown:
     address: HostAddress
     error: str
     since: str
-    attempts: int = 0
     last_attempt_at: str = ""
-    retry_at: float = 0.0  # monotonic
     asked_at: float = 0.0  # monotonic: the last reconcile that wanted this host's facts
+    backoff: Backoff = field(default_factory=lambda: Backoff(HOST_RETRY_MIN_S, HOST_RETRY_MAX_S))
 
     def failed(self, error: str) -> None:
-        self.error, self.attempts, self.last_attempt_at = error, self.attempts + 1, utcnow()
-        self.retry_at = time.monotonic() + min(HOST_RETRY_MAX_S, HOST_RETRY_MIN_S * 2 ** (self.attempts - 1))
+        self.error, self.last_attempt_at = error, utcnow()
+        self.backoff.fail()
+
+    @property
+    def attempts(self) -> int:
+        return self.backoff.failures
 
     @property
     def retry_in_s(self) -> float:
-        return max(0.0, round(self.retry_at - time.monotonic(), 1))
+        return round(self.backoff.remaining_s(), 1)
 
 
 class Hosts:
     """The daemon's hosts: one pooled SSH connection each, and a handle (runtimes) bound to it."""
 
     def __init__(
-        self, key_path: Path | None, known_hosts: Path, connect_timeout: float = 10.0, instance: str = "default"
+        self, key_path: Path | None, known_hosts: Path, connect_timeout: float = 10.0, instance: str = "default",
+        bus: events.EventBus | None = None,
     ) -> None:
         self.instance = instance
+        self.bus = bus or events.EventBus()
         self.key_path = key_path
         self.known_hosts = known_hosts
         self.pool = ConnectionPool(connect_timeout=connect_timeout)
@@ -70,6 +78,7 @@ class Hosts:
         self.down: dict[str, HostDown] = {}  # hosts whose last observation failed (read by /health)
         self.on_back: Callable[[str], None] | None = None  # called when a down host answers again
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._up: set[str] = set()  # hosts whose last observation answered (HostUp published)
 
     def address(self, spec: HostSpec) -> HostAddress:
         return HostAddress(
@@ -100,9 +109,14 @@ class Hosts:
             facts = await self._read(spec)
             if facts.reachable:
                 self.down.pop(spec.name, None)
+                self._answered(spec.name)
                 return facts
+            went_down = down is None  # not a down host's new address
             down = self.down[spec.name] = HostDown(address=address, error="", since=utcnow())
             down.failed(facts.error or "unknown error")
+            self._up.discard(spec.name)
+            if went_down:
+                self.bus.publish(events.HostDown(host=spec.name, error=down.error))
         down.asked_at = time.monotonic()
         probe = self._probes.get(spec.name)
         if probe is None or probe.done():
@@ -113,17 +127,23 @@ class Hosts:
         """Retry a down host at its backoff times, off the reconcile; ends when it answers (then ``on_back``),
         when its record was replaced, or when no reconcile asked for it for PROBE_IDLE_S."""
         while self.down.get(spec.name) is down and time.monotonic() - down.asked_at < PROBE_IDLE_S:
-            await asyncio.sleep(max(0.0, down.retry_at - time.monotonic()))
+            await asyncio.sleep(down.backoff.remaining_s())
             facts = await self._read(spec)
             if self.down.get(spec.name) is not down:
                 return
             if facts.reachable:
                 del self.down[spec.name]
                 log.info("host %s answers again after %d failed attempts", spec.name, down.attempts)
+                self._answered(spec.name)
                 if self.on_back is not None:
                     self.on_back(spec.name)
                 return
             down.failed(facts.error or "unknown error")
+
+    def _answered(self, name: str) -> None:
+        if name not in self._up:
+            self._up.add(name)
+            self.bus.publish(events.HostUp(host=name))
 
     async def _read(self, spec: HostSpec) -> HostFacts:
         method = "ssh"

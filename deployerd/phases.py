@@ -27,6 +27,7 @@ from typing import Any
 
 from deployerd.connection import HostUnreachable
 from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
+from deployerd.events import EventBus
 from deployerd.failpoints import failpoint
 from deployerd.health import HealthInterrupted, probe_client, wait_healthy
 from deployerd.locks import HostLocks, LockBusy
@@ -120,8 +121,10 @@ class Deployer:
         tree_at: Callable[[str], Awaitable[GitTree]] | None = None,
         locks: HostLocks | None = None,
         secret_env: Callable[[ServiceSpec], Awaitable[dict[str, str]]] | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.store = store
+        self.events = events or EventBus()  # jobs, phases, rollbacks and quarantines are published here
         self.registry = registry
         self.metrics = metrics
         self.keep_releases = keep_releases

@@ -1,0 +1,132 @@
+"""Planning: one pinned look at the world (a ``Snapshot``) and the ``Planner`` that takes it.
+
+A snapshot holds what git wants at one commit, what runs, the secret values its release ids were computed
+from, the commit's files and the plan between them. Planning returns it and launching reads only it, so a
+``deployerd plan`` (or any preview) never changes what a reconcile acts on. The planner keeps the one cache
+that pays: the pinned commit's tree and its validated manifests, reused while the commit stays the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from deployerd.desired import DesiredState, load_desired
+from deployerd.observe import Hosts, observe
+from deployerd.observed import ObservedState
+from deployerd.plan import Action, plan
+from deployerd.registry_client import RegistryClient
+from deployerd.secrets import Secrets
+from deployerd.source import GitSource, SourceError
+from deployerd.store import Store
+from deployerd.tree import GitTree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    desired: DesiredState
+    observed: ObservedState
+    tree: GitTree  # the commit's files, shared by the jobs launched from this snapshot
+    secrets: Mapping[str, Mapping[str, str]] = field(repr=False)  # service -> values its release id used
+    actions: list[Action]
+    fetch_error: str | None = None  # git could not be fetched: this is the last good revision
+    stages: Mapping[str, float] = field(default_factory=dict)  # seconds per planning stage
+
+
+class _Stopwatch:
+    """Seconds per stage, each from the end of the previous one."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._t0 = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.stages[name] = round(now - self._t0, 4)
+        self._t0 = now
+
+
+class Planner:
+    """Fetch, load (validate, resolve secrets), observe, read quarantines, plan: a ``Snapshot``."""
+
+    def __init__(self, source: GitSource, secrets: Secrets, hosts: Hosts, registry: RegistryClient, store: Store,
+                 instance: str, idle: Callable[[], bool]) -> None:
+        self.source, self.secrets, self.hosts, self.registry, self.store = source, secrets, hosts, registry, store
+        self.instance = instance
+        self._idle = idle  # no job in flight: older trees can be closed
+        self._tree: GitTree | None = None  # the pinned commit's files
+        self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
+        self._loaded: DesiredState | None = None  # as validated from git, before secrets are resolved
+        self._closing: set[asyncio.Task[object]] = set()
+
+    @property
+    def tree(self) -> GitTree | None:
+        """The files of the commit the daemon follows (None before the first snapshot)."""
+        return self._tree
+
+    async def snapshot(self, force: set[str] | None = None,
+                       interrupted: Mapping[str, str] | None = None) -> Snapshot:
+        """One look and its plan. ``force`` names services whose quarantine is ignored (empty: all)."""
+        clock = _Stopwatch()
+        fetch_error = None
+        try:
+            revision = await self.source.fetch()
+        except SourceError as e:
+            if self.source.revision is None:
+                raise
+            fetch_error = str(e)
+            revision = self.source.revision  # keep reconciling the last good revision while git is down
+            log.warning("git fetch failed, using %s: %s", revision[:12], e)
+        clock.lap("fetch")
+        tree = await self._tree_for(revision)
+        if self._loaded is not None and self._loaded.revision == revision:
+            loaded = self._loaded  # same commit, same files: validation and release ids cannot differ
+        else:
+            loaded = self._loaded = await asyncio.to_thread(load_desired, tree, revision)
+        # secrets are resolved every time: a value rotated in the secrets file needs no commit
+        desired, secret_env = await self.secrets.apply(loaded, tree)
+        clock.lap("load")  # desired state and secrets
+        observed = await observe(self.hosts, desired.hosts, self.registry)
+        clock.lap("observe")
+        quarantined = {
+            s: q.release for s, q in (await self.store.quarantined()).items()
+            if force is None or (force and s not in force)
+        }
+        clock.lap("store")
+        actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted)
+        clock.lap("plan")
+        return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
+                        fetch_error=fetch_error, stages=clock.stages)
+
+    async def _tree_for(self, revision: str) -> GitTree:
+        if self._tree is None or self._tree.revision != revision:
+            if self._tree is not None:
+                self._retired.append(self._tree)
+            self._tree = await asyncio.to_thread(GitTree, self.source.repo_path, revision)
+            self.close_retired()
+        return self._tree
+
+    async def tree_at(self, commit: str) -> GitTree:
+        """The files of any fetched commit (the caller closes it)."""
+        return await asyncio.to_thread(GitTree, self.source.repo_path, commit)
+
+    def close_retired(self) -> None:
+        """Close older commits' trees (ending their git helper processes) once no job can read them."""
+        if self._idle() and self._retired:
+            trees, self._retired = self._retired, []
+            task: asyncio.Task[object] = asyncio.ensure_future(asyncio.to_thread(lambda: [t.close() for t in trees]))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every tree (call once no job runs)."""
+        if self._tree is not None:
+            self._retired.append(self._tree)
+            self._tree = None
+        self.close_retired()
+        await asyncio.gather(*self._closing, return_exceptions=True)

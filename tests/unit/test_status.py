@@ -1,0 +1,66 @@
+"""The status read model: sync and health state of each service from one snapshot, as enums."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from deployerd.desired import DesiredState, HostSpec, ServiceSpec
+from deployerd.observed import HostFacts, Instance, ObservedState, RunState
+from deployerd.plan import Action, ActionKind
+from deployerd.snapshot import Snapshot
+from deployerd.status import Board, HealthState, SyncState
+from deployerd.tree import GitTree
+
+HOSTS = {"h1": HostSpec(name="h1", address="2001:db8::1"), "h2": HostSpec(name="h2", address="10.0.0.2")}
+SPECS = {n: ServiceSpec(name=n, host=h, port=8000 + i, source=f"services/{n}")
+         for i, (n, h) in enumerate([("ok", "h1"), ("drift", "h1"), ("gone", "h1"), ("busy", "h1"),
+                                     ("sick", "h1"), ("dark", "h2")])}
+
+
+def _inst(service: str, state: RunState = RunState.RUNNING, healthy: bool | None = True,
+          managed_by: str = "git") -> Instance:
+    return Instance(service=service, host="h1", method="docker", release="r1", commit="c" * 40, state=state,
+                    healthy=healthy, managed_by=managed_by)
+
+
+def _snapshot(actions: list[Action]) -> Snapshot:
+    observed = ObservedState(hosts={
+        "h1": HostFacts(host="h1", reachable=True, instances=[
+            _inst("ok"), _inst("drift"), _inst("busy"), _inst("sick", RunState.FAILED), _inst("legacy", managed_by="api"),
+        ]),
+        "h2": HostFacts(host="h2", reachable=False, error="host h2 unreachable: refused"),
+    })
+    desired = DesiredState(revision="c" * 40, hosts=HOSTS, services=SPECS)
+    return Snapshot(desired=desired, observed=observed, tree=cast(GitTree, None), secrets={}, actions=actions)
+
+
+def test_each_state_from_one_snapshot() -> None:
+    noop, deploy = ActionKind.NOOP, ActionKind.DEPLOY
+    actions = [Action(service=n, host=SPECS[n].host, kind=k, release="r1")
+               for n, k in [("ok", noop), ("drift", deploy), ("gone", deploy), ("busy", deploy), ("sick", noop),
+                            ("dark", deploy)]]
+    board = Board()
+    board.update(_snapshot(actions), busy={"busy"})
+    got = {n: (s.sync_status, s.health_status) for n, s in board.services.items()}
+    assert got == {
+        "ok": (SyncState.SYNCED, HealthState.HEALTHY),
+        "drift": (SyncState.OUT_OF_SYNC, HealthState.HEALTHY),
+        "gone": (SyncState.OUT_OF_SYNC, HealthState.MISSING),
+        "busy": (SyncState.OUT_OF_SYNC, HealthState.PROGRESSING),
+        "sick": (SyncState.SYNCED, HealthState.DEGRADED),
+        "dark": (SyncState.UNKNOWN, HealthState.UNKNOWN),
+        "legacy": (SyncState.UNKNOWN, HealthState.HEALTHY),
+    }
+    assert board.services["ok"].url == "http://[2001:db8::1]:8000"
+    assert board.services["legacy"].managed_by == "api"
+    assert {r["service"]: r["sync_status"] for r in board.metric_rows()}["drift"] == "OutOfSync"
+
+
+def test_a_services_last_job_survives_the_next_update() -> None:
+    board = Board()
+    snap = _snapshot([Action(service="ok", host="h1", kind=ActionKind.NOOP, release="r1")])
+    board.update(snap, busy=())
+    board.job_ended("ok", "job-1")
+    board.job_ended("not-shown", "job-2")
+    board.update(snap, busy=())
+    assert board.services["ok"].last_job == "job-1" and "not-shown" not in board.services
