@@ -52,6 +52,8 @@ class Metrics:
             "deployerd_rollbacks_total", "Automatic rollbacks by service and failed phase", ["service", "reason"],
             registry=r,
         )
+        self._service_info = _ServiceInfo(lambda: ())
+        r.register(self._service_info)
         self.quarantines = Counter(
             "deployerd_quarantines_total", "Releases quarantined after a failed deploy, by service", ["service"],
             registry=r,
@@ -93,7 +95,7 @@ class Metrics:
         """Export one ``deployerd_service_info`` series per row (labels: SERVICE_LABELS), read when scraped: a
         service that left git leaves with its row, and a reconcile builds no series (rebuilding 500 series
         at every reconcile was ~5% of the daemon's CPU at 500)."""
-        self.registry.register(_ServiceInfo(rows))
+        self._service_info.rows = rows
 
     def lock_event(self, event: str) -> None:
         """A host lock event (``HostLocks.on_event``)."""
@@ -143,7 +145,7 @@ SERVICE_LABELS = ("service", "host", "method", "sync_status", "health_status", "
 
 class _ServiceInfo:
     def __init__(self, rows: Callable[[], Iterable[Mapping[str, str]]]) -> None:
-        self._rows = rows
+        self.rows = rows
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily("deployerd_service_info", "One series per service: sync and health status, "
@@ -154,7 +156,7 @@ class _ServiceInfo:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = self._family()
-        for row in self._rows():
+        for row in self.rows():
             family.add_metric([str(row[k]) for k in SERVICE_LABELS], 1)
         yield family
 
