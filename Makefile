@@ -41,6 +41,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Checked types (mypy --strict on deployerd/) and lint (ruff); configured in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check deployerd
+	$(VENV)/bin/mypy
+
 # Property tests run the same examples every time here (Hypothesis profile `ci`: derandomized), so a run
 # passes or fails on the code alone; `make fuzz` explores new ones.
 # The test-host image, built (minutes, the first time on a machine) or loaded before pytest starts, so that no

@@ -20,7 +20,7 @@ class Backoff:
     def fail(self) -> float:
         """Count one more failure; returns the wait before the next attempt."""
         self.failures += 1
-        wait = min(self.max_s, self.min_s * 2 ** (self.failures - 1))
+        wait: float = min(self.max_s, self.min_s * 2.0 ** (self.failures - 1))
         self.until = time.monotonic() + wait
         return wait
 

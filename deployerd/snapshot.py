@@ -62,7 +62,7 @@ class Planner:
         self._tree: GitTree | None = None  # the pinned commit's files
         self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
         self._loaded: DesiredState | None = None  # as validated from git, before secrets are resolved
-        self._closing: set[asyncio.Task[object]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def tree(self) -> GitTree | None:
@@ -119,7 +119,7 @@ class Planner:
         """Close older commits' trees (ending their git helper processes) once no job can read them."""
         if self._idle() and self._retired:
             trees, self._retired = self._retired, []
-            task: asyncio.Task[object] = asyncio.ensure_future(asyncio.to_thread(lambda: [t.close() for t in trees]))
+            task = asyncio.ensure_future(asyncio.to_thread(_close_all, trees))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -130,3 +130,8 @@ class Planner:
             self._tree = None
         self.close_retired()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _close_all(trees: list[GitTree]) -> None:
+    for tree in trees:
+        tree.close()
