@@ -12,9 +12,11 @@ from collections.abc import Iterator
 import uvicorn
 
 from deployerd.api import create_app
+from deployerd.audit import AuditLog, git_commit_info
 from deployerd.config import Settings
 from deployerd.connection import sweep_socket_dirs
 from deployerd.engine import Engine
+from deployerd.notify import Notifier
 from deployerd.registry_client import RegistryClient
 from deployerd.store import Store
 
@@ -29,6 +31,24 @@ async def open_engine(settings: Settings) -> Engine:
     store = await Store.open(settings.db_path)
     registry = RegistryClient(settings.registry_url, token=settings.secret("registry_token"))
     return Engine(settings, store, registry)
+
+
+class Subscribers:
+    """The event stream's slow subscribers, each on tasks of its own: notifications and the audit trail."""
+
+    def __init__(self, engine: Engine) -> None:
+        s = engine.settings
+        engine.metrics.reconcile_interval.set(s.resync_interval_s)
+        self.notifier = Notifier(s.notifications, engine.metrics)
+        self.audit = AuditLog(s.audit_path, git_commit_info(engine.source.repo_path), s.api_token_name)
+        self.notifier.start(engine.events)
+        self.audit.start(engine.events)
+
+    async def close(self) -> None:
+        """After the jobs drained: what they published is written and delivered (bounded), then stop."""
+        await self.audit.close()
+        await self.notifier.drain(limit_s=15)
+        await self.notifier.close()
 
 
 async def close_engine(engine: Engine) -> None:
@@ -86,6 +106,7 @@ async def serve(settings: Settings) -> None:
         create_app(engine), host=settings.listen_host, port=settings.listen_port, log_level="warning",
         access_log=False,
     ))
+    subscribers = Subscribers(engine)
     loop_task = asyncio.create_task(engine.run(stop))
     watchdog = asyncio.create_task(_watchdog(server))
     log.info("deployerd listening on http://%s:%d, watching %s (%s)", settings.listen_host, settings.listen_port,
@@ -97,4 +118,5 @@ async def serve(settings: Settings) -> None:
         watchdog.cancel()
         stop.set()
         await loop_task
+        await subscribers.close()
         await close_engine(engine)

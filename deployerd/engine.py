@@ -37,7 +37,7 @@ from deployerd.restore import Restorer
 from deployerd.runtimes import ReleaseContext
 from deployerd.secrets import Secrets
 from deployerd.snapshot import Planner, Snapshot
-from deployerd.source import GitSource, Kick, SourceError, start_polling
+from deployerd.source import GitSource, Kick, SourceError, job_trigger, start_polling
 from deployerd.status import Board, ReconcileRecord, ServiceStatus, health
 from deployerd.store import Job, JobStatus, Store, utcnow
 
@@ -178,7 +178,7 @@ class Engine:
                 snap = await self.preview(force)
                 stages.update(snap.stages)
                 launch_t0 = time.monotonic()
-                self._launch_all(snap, force, looked_at=t0)
+                self._launch_all(snap, force, looked_at=t0, reasons=trigger or [])
                 stages["launch"] = round(time.monotonic() - launch_t0, 4)
             except Exception as e:
                 error = str(e)
@@ -197,11 +197,11 @@ class Engine:
             ))
             return actions
 
-    def _launch_all(self, snap: Snapshot, force: set[str] | None, looked_at: float) -> None:
+    def _launch_all(self, snap: Snapshot, force: set[str] | None, looked_at: float, reasons: list[str]) -> None:
         """A job for every action of ``snap`` that needs one and may start now; then the statuses."""
         revision_changed = snap.desired.revision != self._last_revision
         self._last_revision = snap.desired.revision
-        kind = "git" if revision_changed else "resync"
+        kind = job_trigger(reasons, revision_changed)
         now = time.monotonic()
         # A service moving host is deployed on the new host first; the old one is pruned by a later
         # reconcile, once the new one serves (never a window with neither).

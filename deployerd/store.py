@@ -73,7 +73,7 @@ class Job(BaseModel):
     host: str
     method: str = "docker"
     kind: str = "deploy"  # deploy | register | prune
-    trigger: str = "git"  # git | api | resync | sync
+    trigger: str = "poll"  # watch | poll | webhook (a new commit) | api | sync | resync (source.job_trigger)
     managed_by: str = "git"
     commit: str = ""
     release: str = ""

@@ -26,7 +26,7 @@ import yaml
 
 from deployerd.api import create_app
 from deployerd.config import Settings
-from deployerd.daemon import close_engine, open_engine
+from deployerd.daemon import Subscribers, close_engine, open_engine
 from deployerd.engine import Engine
 from deployerd.registry_client import RegistryClient
 from deployerd.sandbox import SandboxInfo
@@ -100,8 +100,9 @@ class DesiredRepo:
 class Daemon:
     """deployerd with its API on a loopback port; tests drive reconciles directly, or run the real loop."""
 
-    def __init__(self, engine: Engine, url: str, token: str) -> None:
+    def __init__(self, engine: Engine, url: str, token: str, subscribers: Subscribers) -> None:
         self.engine = engine
+        self.subscribers = subscribers  # notifications and the audit trail, as the daemon runs them
         self.url = url
         self.token = token
         self.http = httpx.AsyncClient(base_url=url, timeout=30)
@@ -148,6 +149,7 @@ async def running_daemon(settings: Settings, loop: bool = False, cleanup: bool =
     daemon passes False for the first run so the second finds them.
     """
     engine = await open_engine(settings)
+    subscribers = Subscribers(engine)
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=settings.listen_port,
                                            log_level="warning"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -158,7 +160,8 @@ async def running_daemon(settings: Settings, loop: bool = False, cleanup: bool =
         if server.started:
             break
         await asyncio.sleep(0.05)
-    daemon = Daemon(engine, f"http://127.0.0.1:{settings.listen_port}", settings.secret("api_token") or "")
+    daemon = Daemon(engine, f"http://127.0.0.1:{settings.listen_port}", settings.secret("api_token") or "",
+                    subscribers)
     try:
         yield daemon
     finally:
@@ -170,6 +173,7 @@ async def running_daemon(settings: Settings, loop: bool = False, cleanup: bool =
         server.should_exit = True
         await serving
         await daemon.http.aclose()
+        await subscribers.close()
         await close_engine(engine)
 
 
