@@ -50,19 +50,22 @@ async def wait_healthy(
     spec: ServiceSpec,
     release: str,
     stop: Callable[[], bool] = lambda: False,
+    port: int | None = None,
 ) -> HealthResult:
     """Return once the release answers 2xx on its health path; raise StartError with its logs otherwise.
 
     ``client`` is the daemon's shared ``probe_client()``. ``stop`` is asked between probes: when it says
-    so, the wait ends with HealthInterrupted.
+    so, the wait ends with HealthInterrupted. ``port``: the instance's private port behind an ingress proxy
+    (it is proven there, before the proxy sends it anything; a manifest's ``health.url`` is not used then).
     """
     async with contextlib.AsyncExitStack() as scope:
-        if spec.health.url:
+        if spec.health.url and port is None:
             base_url, shown = spec.health.url, spec.health.url
         else:
-            local = await scope.enter_async_context(conn.forwarded_port(spec.port))
+            port = spec.port if port is None else port
+            local = await scope.enter_async_context(conn.forwarded_port(port))
             base_url = f"http://127.0.0.1:{local}{spec.health.path}"
-            shown = f"http://{runtime.host.name}:{spec.port}{spec.health.path} (via SSH)"
+            shown = f"http://{runtime.host.name}:{port}{spec.health.path} (via SSH)"
         return await _poll(client, runtime, spec, release, base_url, shown, stop)
 
 

@@ -48,6 +48,14 @@ class Metrics:
             "deployerd_phase_duration_seconds", "Duration of each deploy phase", ["phase", "method"],
             buckets=BUCKETS, registry=r,
         )
+        self.switch_duration = Histogram(
+            "deployerd_ingress_switch_seconds", "Ingress proxy switches to a new release (one runtime API change)",
+            ["host"], buckets=BUCKETS, registry=r,
+        )
+        self.drain_duration = Histogram(
+            "deployerd_ingress_drain_seconds", "Waits for the old release's requests in flight after a switch",
+            ["host"], buckets=BUCKETS, registry=r,
+        )
         self.rollbacks = Counter(
             "deployerd_rollbacks_total", "Automatic rollbacks by service and failed phase", ["service", "reason"],
             registry=r,

@@ -31,6 +31,7 @@ class Instance(BaseModel):
     state: RunState
     ref: str = ""  # runtime reference: container id, unit name
     port: int | None = None
+    private_port: int | None = None  # behind the host's ingress proxy: where it listens on 127.0.0.1
     managed_by: str = "git"  # "git" or "api" (out-of-band POST /deploy)
     current: bool = True  # the instance that should serve (False: kept stopped for rollback)
     inputs: dict[str, str] = Field(default_factory=dict)  # per-input digests (desired.Release.inputs) it was built from
@@ -45,6 +46,7 @@ class HostFacts(BaseModel):
     error: str | None = None  # why it is unreachable, naming the host
     instances: list[Instance] = Field(default_factory=list)
     releases_kept: dict[str, list[str]] = Field(default_factory=dict)  # service -> release ids kept on host
+    ingress_error: str | None = None  # the host's ingress proxy was found dead or refusing (named for /health)
     _by_service: dict[str, list[Instance]] | None = PrivateAttr(default=None)
 
     def of_service(self, service: str) -> list[Instance]:

@@ -29,7 +29,8 @@ from deployerd.connection import HostUnreachable
 from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
 from deployerd.events import EventBus
 from deployerd.failpoints import failpoint
-from deployerd.health import HealthInterrupted, probe_client, wait_healthy
+from deployerd.health import HealthInterrupted, HealthResult, probe_client, wait_healthy
+from deployerd.ingress import IngressProxy
 from deployerd.locks import HostLocks, LockBusy
 from deployerd.metrics import Metrics
 from deployerd.registry_client import RegistryClient, RegistryError
@@ -46,6 +47,7 @@ from deployerd.store import (
     Store,
     utcnow,
 )
+from deployerd.switch import switch_to
 from deployerd.transfer import transfer
 from deployerd.tree import GitTree, Tree
 
@@ -64,7 +66,7 @@ class PhaseFailed(Exception):
 
     @property
     def transient(self) -> bool:
-        if isinstance(self.cause, (HostUnreachable, LockBusy)):
+        if isinstance(self.cause, (HostUnreachable, LockBusy)) or getattr(self.cause, "transient", False) is True:
             return True
         return isinstance(self.cause, RegistryError) and self.cause.transient
 
@@ -257,12 +259,11 @@ class Deployer:
                     rec.details.update(await runtime.build(ctx))
             boundary()
             async with self._phase(job, START) as rec:
-                rec.details.update(await runtime.start(ctx))
+                started = await runtime.start(ctx)
+                rec.details.update(started)
             boundary()
             async with self._phase(job, HEALTH) as rec:
-                result = await wait_healthy(self.http, handle.conn, runtime, ctx.spec, ctx.release.id, stop=superseded)
-                rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
-                                   seconds=result.seconds)
+                await self._prove(rec, handle, runtime, ctx, started, superseded)
             await self.store.save_release(release_record(ctx, "good"))
             # a forced retry that works ends its quarantine; restoring the last good release does not
             await self.store.lift_quarantine(ctx.spec.name, ctx.release.id)
@@ -296,6 +297,22 @@ class Deployer:
                 await self._clear_unserved(runtime, ctx)  # under the lock: it removes the service's files
             await lock.release()
         return await self._finish(job, t0)
+
+    async def _prove(self, rec: PhaseRecord, handle: HostHandle, runtime: Runtime, ctx: ReleaseContext,
+                     started: dict[str, Any], stop: Callable[[], bool] = lambda: False) -> HealthResult:
+        """Verify Health: the new instance answers on its port; behind an ingress (its private port), then the
+        proxy switches to it, the front door proves it, the old one drains and stops (``switch.switch_to``)."""
+        private = started.get("private_port")
+        result = await wait_healthy(self.http, handle.conn, runtime, ctx.spec, ctx.release.id, stop=stop,
+                                    port=private)
+        rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
+                           seconds=result.seconds)
+        if ctx.behind_ingress and private is not None:
+            switched = await switch_to(handle.conn, runtime, ctx, self.http, int(private))
+            rec.details["switch"] = switched
+            self.metrics.switch_duration.labels(host=ctx.host.name).observe(switched["switch_seconds"])
+            self.metrics.drain_duration.labels(host=ctx.host.name).observe(switched["drain_seconds"])
+        return result
 
     async def _clear_unserved(self, runtime: Runtime, ctx: ReleaseContext) -> None:
         """A service's first release on a host that never came to serve (superseded, or failed with nothing to
@@ -331,9 +348,12 @@ class Deployer:
         """Restore the last good release (its kept container or unit), verify it, register it again."""
         runtime = handle.runtime(ctx.spec.method)
         t0 = time.monotonic()
-        await runtime.discard(ctx.spec.name, ctx.release.id)
+        if not ctx.behind_ingress:  # behind an ingress the failed one goes once the proxy serves the good one
+            await runtime.discard(ctx.spec.name, ctx.release.id)
         prev = await self.store.last_good(ctx.spec.name, exclude=ctx.release.id)
         if prev is None or prev.host != ctx.host.name:
+            if ctx.behind_ingress:
+                await self._discard_unserving(handle, runtime, ctx)
             job.status = JobStatus.FAILED
             job.rollback = {"release": None, "reason": "no earlier good release of this service on this host"}
             return
@@ -352,7 +372,11 @@ class Deployer:
                     await asyncio.to_thread(tree.close)
                 rebuilt = True
             started = await runtime.start(prev_ctx)
-            health = await wait_healthy(self.http, handle.conn, runtime, prev_ctx.spec, prev.release)
+            probe = PhaseRecord(phase=HEALTH)
+            health = await self._prove(probe, handle, runtime, prev_ctx, started)
+            switch: dict[str, Any] = probe.details.get("switch", {})
+            if ctx.behind_ingress:
+                await runtime.discard(ctx.spec.name, ctx.release.id)
             registration = await self._register(prev_ctx) if prev_ctx.spec.register else None
         except Exception as e:  # the rollback itself failed: say so, keep the job's original error too
             job.status = JobStatus.FAILED
@@ -369,8 +393,16 @@ class Deployer:
             "health_seconds": health.seconds,
             "container_reused": started.get("reused_container"),
             "rebuilt": rebuilt,
+            **({"switch": switch} if switch else {}),
         }
         self.metrics.rollbacks.labels(service=ctx.spec.name, reason=failure.phase).inc()
+
+    async def _discard_unserving(self, handle: HostHandle, runtime: Runtime, ctx: ReleaseContext) -> None:
+        """Behind an ingress, with nothing to roll back to: remove the failed instance unless the proxy sends it
+        requests (it never does before its switch)."""
+        active = (await IngressProxy(handle.conn, ctx.host.name).state()).active(ctx.qualified_name)
+        if active is None or active.name != ctx.release.id:
+            await runtime.discard(ctx.spec.name, ctx.release.id)
 
     async def _retain(self, runtime: Runtime, ctx: ReleaseContext) -> None:
         good = [r.release for r in await self.store.releases(ctx.spec.name) if r.status == "good"]

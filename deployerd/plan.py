@@ -182,6 +182,10 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
             reasons.append(f"not running ({inst.state.value})")
         elif inst.healthy is False:
             reasons.append("unhealthy")
+        others = [i for i in facts.of_service(spec.name) if i.state is RunState.RUNNING and i is not inst
+                  and i.managed_by == "git"]
+        if others:  # an interrupted switch behind an ingress: finish it, so one instance serves
+            reasons.append(f"{len(others)} more instance(s) running ({', '.join(i.release for i in others)})")
         if inst.release == release.id and interrupted == release.id:
             reasons.append("its deploy was interrupted (daemon stopped): verify, register and retain it again")
 

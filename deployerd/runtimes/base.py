@@ -17,6 +17,7 @@ from deployerd.desired import HostSpec, Release, ServiceSpec
 from deployerd.observed import Instance, RunState
 
 LABEL_PREFIX = "deployerd."
+PRIVATE_PORT_LABEL = f"{LABEL_PREFIX}private_port"
 
 
 def qualified_name(service: str, instance: str) -> str:
@@ -53,6 +54,11 @@ class ReleaseContext:
     def env_file(self) -> str:
         """Outside the release dir, so a Dockerfile's ``COPY .`` can never bake secrets into an image."""
         return posixpath.join(self.service_dir, "env", f"{self.release.id}.env")
+
+    @property
+    def behind_ingress(self) -> bool:
+        """The host's proxy binds the public port: the instance listens on a private port beside the old one."""
+        return self.host.ingress != "none"
 
     @property
     def endpoint(self) -> str:
@@ -166,6 +172,11 @@ class Runtime(ABC):
     @abstractmethod
     async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
         """Last output lines of one release, attached to a failed job."""
+
+    async def stop_others(self, ctx: ReleaseContext) -> list[str]:
+        """Stop every running instance of the service but ``ctx``'s (kept for rollback): behind an ingress,
+        once the proxy has switched to ``ctx`` and the old one drained. Returns what it stopped."""
+        raise NotImplementedError(f"{self.method} cannot run behind an ingress proxy yet")
 
     @abstractmethod
     async def discard(self, service: str, release: str) -> None:

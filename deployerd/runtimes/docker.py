@@ -19,8 +19,16 @@ from aiodocker.exceptions import DockerError
 
 from deployerd.connection import CommandError
 from deployerd.failpoints import failpoint
+from deployerd.ingress import IngressProxy, allocate_port
 from deployerd.observed import Instance, RunState
-from deployerd.runtimes.base import LABEL_PREFIX, ReleaseContext, Runtime, StartError, env_file_text
+from deployerd.runtimes.base import (
+    LABEL_PREFIX,
+    PRIVATE_PORT_LABEL,
+    ReleaseContext,
+    Runtime,
+    StartError,
+    env_file_text,
+)
 
 SERVICE_LABEL = f"{LABEL_PREFIX}service"
 INSTANCE_LABEL = f"{LABEL_PREFIX}instance"
@@ -109,6 +117,7 @@ class DockerRuntime(Runtime):
             except ValueError:
                 inputs = {}
             port = labels.get(f"{LABEL_PREFIX}port")
+            private = labels.get(PRIVATE_PORT_LABEL, "")
             instances.append(
                 Instance(
                     service=service,
@@ -119,6 +128,7 @@ class DockerRuntime(Runtime):
                     state=state,
                     ref=c.get("Id", "")[:12],
                     port=int(port) if port and port.isdigit() else None,
+                    private_port=int(private) if private.isdigit() else None,
                     managed_by=labels.get(f"{LABEL_PREFIX}managed_by", "git"),
                     current=current,
                     inputs=inputs,
@@ -156,54 +166,85 @@ class DockerRuntime(Runtime):
             raise StartError(f"docker build of {tag} failed on {self.host.name}", _tail(e.stderr)) from e
         return {"image": tag, "image_id": done.stdout.strip()[:19]}
 
-    def _config(self, ctx: ReleaseContext) -> dict[str, Any]:
+    def _config(self, ctx: ReleaseContext, private_port: int | None = None) -> dict[str, Any]:
+        """The container's config. Behind an ingress it publishes on ``private_port`` of 127.0.0.1 only (the
+        proxy binds the public port), recorded in a label where observation finds it."""
         cport = ctx.spec.docker.container_port or ctx.spec.port
+        labels = ctx.labels()
+        binding = {"HostIp": "0.0.0.0", "HostPort": str(ctx.spec.port)}
+        if private_port is not None:
+            labels[PRIVATE_PORT_LABEL] = str(private_port)
+            binding = {"HostIp": "127.0.0.1", "HostPort": str(private_port)}
         restart: dict[str, Any] = {"Name": "" if ctx.spec.docker.restart == "no" else ctx.spec.docker.restart}
         if ctx.spec.docker.restart == "on-failure":
             restart["MaximumRetryCount"] = 5
         return {
             "Image": image_tag(ctx.qualified_name, ctx.release.id),
             "Env": [f"{k}={v}" for k, v in sorted(ctx.env.items())],
-            "Labels": ctx.labels(),
+            "Labels": labels,
             "ExposedPorts": {f"{cport}/tcp": {}},
             "HostConfig": {
                 # An init as PID 1 forwards SIGTERM: a server that would ignore it as PID 1 (busybox httpd,
                 # many scripts) stops at once instead of after Docker's 10 s stop timeout, shortening the switch.
                 "Init": True,
-                "PortBindings": {f"{cport}/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(ctx.spec.port)}]},
+                "PortBindings": {f"{cport}/tcp": [binding]},
                 "RestartPolicy": restart,
                 "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
             },
         }
 
     async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
+        """Stop-first (no ingress): the previous release is stopped to free the port, then this one starts.
+        Behind an ingress: this one starts beside it on a private port; the switch stops the old one later."""
         d = await self._docker()
         name = container_name(ctx.qualified_name, ctx.release.id)
         # The env file is the host-side record of what the release runs with (0600, outside the build context).
         await self.conn.run(["install", "-d", "-m", "0700", "--", posixpath.dirname(ctx.env_file)])
         await self.conn.put_bytes(ctx.env_file, env_file_text(ctx.env), mode=0o600)
         existing = {c["Names"][0].lstrip("/"): c for c in await self._containers(ctx.spec.name)}
-        stopped = []
-        for cname, c in existing.items():  # free the port: the previous release is kept, stopped
-            if cname != name and c.get("State") in ("running", "restarting"):
-                await d.containers.container(c["Id"]).stop(t=10)
-                stopped.append(cname)
+        stopped = [] if ctx.behind_ingress else await self._stop(ctx, existing)
         reused = name in existing
         if reused and not await self._env_matches(existing[name]["Id"], ctx):
             # a kept container holds the env it was created with; a restored release runs with the values
             # resolved now (a rotated secret), so it is created again from its kept image
             await d.containers.container(existing[name]["Id"]).delete(force=True)
             reused = False
+        private = await self._private_port(ctx, existing[name] if reused else None)
         try:
             if not reused:
-                container = await d.containers.create(self._config(ctx), name=name)
+                container = await d.containers.create(self._config(ctx, private), name=name)
             else:
                 container = d.containers.container(existing[name]["Id"])
             await failpoint("Start Service")  # test-only: old one stopped, new one created, not started
-            await container.start()
+            if not (reused and existing[name].get("State") == "running"):
+                await container.start()
         except DockerError as e:
             raise StartError(f"container {name} did not start on {self.host.name}: {e.message}") from e
-        return {"container": name, "reused_container": reused, "stopped": stopped}
+        return {"container": name, "reused_container": reused, "stopped": stopped, "private_port": private}
+
+    async def _stop(self, ctx: ReleaseContext, existing: dict[str, dict[str, Any]]) -> list[str]:
+        d = await self._docker()
+        name = container_name(ctx.qualified_name, ctx.release.id)
+        stopped = []
+        for cname, c in existing.items():  # the previous release is kept, stopped
+            if cname != name and c.get("State") in ("running", "restarting"):
+                await d.containers.container(c["Id"]).stop(t=10)
+                stopped.append(cname)
+        return stopped
+
+    async def stop_others(self, ctx: ReleaseContext) -> list[str]:
+        return await self._stop(ctx, {c["Names"][0].lstrip("/"): c for c in await self._containers(ctx.spec.name)})
+
+    async def _private_port(self, ctx: ReleaseContext, kept: dict[str, Any] | None) -> int | None:
+        """Behind an ingress: the kept container's port, else a free one (not in any container's label)."""
+        if not ctx.behind_ingress:
+            return None
+        label = ((kept or {}).get("Labels") or {}).get(PRIVATE_PORT_LABEL, "")
+        if label.isdigit():
+            return int(label)
+        labels = [(c.get("Labels") or {}).get(PRIVATE_PORT_LABEL, "") for c in await self._containers()]
+        used = {int(p) for p in labels if p.isdigit()}
+        return allocate_port(used, ctx.qualified_name)
 
     async def _env_matches(self, container_id: str, ctx: ReleaseContext) -> bool:
         """Does the container run with ``ctx.env``? (Compared in memory: values are never shown or logged.)"""
@@ -256,6 +297,8 @@ class DockerRuntime(Runtime):
             await asyncio.sleep(0.5)
 
     async def remove_service(self, service: str) -> dict[str, Any]:
+        if self.host.ingress != "none":  # the proxy stops taking its public port first
+            await IngressProxy(self.conn, self.host.name).remove_route(self.qualified(service))
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
         removed = await self.retain(service, keep=[])
         await self.conn.run(["rm", "-rf", "--", self.service_dir(service)])
