@@ -198,6 +198,7 @@ async def _serving(handle: HostHandle, spec: HostSpec, instances: list[Instance]
             async with proxy.lock:
                 await proxy.apply(await proxy.routes())
             state = await proxy.state()
+            error += " (found dead; started again from its config)"
         except IngressError as again:
             return f"{error}; starting it again failed: {again}"
     for inst in instances:

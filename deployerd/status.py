@@ -142,7 +142,9 @@ def health(
     """What /health says: computed from what the loop last saw, never from a remote call."""
     hosts: dict[str, dict[str, Any]] = {}
     if observed is not None:
-        hosts = {n: {"reachable": f.reachable, "error": f.error} for n, f in observed.hosts.items()}
+        hosts = {n: {"reachable": f.reachable, "error": f.error, **({"ingress_error": f.ingress_error}
+                                                                   if f.ingress_error else {})}
+                 for n, f in observed.hosts.items()}
     for n, down in hosts_down.items():  # failed hosts are retried backing off: say since when, and when next
         if n in hosts and not hosts[n]["reachable"]:
             hosts[n].update(since=down.since, attempts=down.attempts, last_attempt_at=down.last_attempt_at,
@@ -159,6 +161,8 @@ def health(
             if "attempts" in h:
                 line += f" ({h['attempts']} attempts since {h['since']}, next in {h['next_attempt_in_s']:g} s)"
             degraded.append(line)
+        if h.get("ingress_error"):  # a dead proxy: found by the last observation (which started it again)
+            degraded.append(str(h["ingress_error"]))
     if observed is not None and not registry_ok:
         degraded.append(f"registry: {observed.registry_error}")
     if last and last.error:

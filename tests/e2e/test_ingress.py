@@ -15,6 +15,7 @@ import yaml
 from daemon_harness import DesiredRepo, git, running_daemon, settings_for
 from load_gen import LoadResult, run_load
 
+from deployerd.ingress.config import UNIT_NAME
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
 
@@ -93,3 +94,12 @@ async def test_change_failure_and_revert_drop_no_request(sandbox: SandboxInfo, t
         assert await running_containers(d, "zd-web") == [r1]
         metrics = (await d.http.get("/metrics")).text
         assert 'deployerd_ingress_switch_seconds_count{host="sbx-1"}' in metrics
+
+        # the proxy stopped by hand: the next observation names it in /health and starts it again
+        handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+        await handle.conn.run(["systemctl", "stop", UNIT_NAME])
+        await d.reconcile()
+        health = (await d.http.get("/health")).json()
+        assert any(line.startswith("host sbx-1: ingress proxy: its admin socket does not answer")
+                   for line in health["degraded"]), health["degraded"]
+        assert (await run_load(sandbox.hosts[0].internal_address, PORT, seconds=0.3)).upstreams() == [r1]
