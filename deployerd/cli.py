@@ -111,7 +111,7 @@ def history(name: str, config: Optional[Path] = ConfigOpt, url: Optional[str] = 
         q = data["quarantine"]
         typer.echo(f"QUARANTINED release {q['release']}: {q['reason']}")
     for j in data["jobs"]:
-        typer.echo(f"{j['started_at'] or '':<28} {j['deploy_job_id']} {j['status']:<12} release {j['release'] or '-'} "
+        typer.echo(f"{j['started_at'] or '':<28} {j['id']} {j['status']:<12} release {j['release'] or '-'} "
                    f"commit {(j['commit'] or '-')[:12]} {'; '.join(j['reasons'])}")
         if j["error"]:
             typer.echo(f"{'':<28} error: {j['error']}")
@@ -134,14 +134,16 @@ def validate(path: Path = typer.Argument(..., help="a desired-state folder (host
 
 @app.command()
 def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
+         prune_all: bool = typer.Option(False, "--prune-all", help="let a commit that removes every service prune them"),
          config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt) -> None:
-    """Reconcile now (one service or all); --force retries a quarantined release."""
+    """Reconcile now (one service or all); --force retries a quarantined release; --prune-all lets a commit that
+    removes every service prune them (refused otherwise: the empty desired state guard)."""
     settings = _settings(config)
     token = settings.secret("api_token")
     if token is None:
         typer.echo("no api_token_file configured: cannot authenticate to the daemon", err=True)
         raise typer.Exit(2)
-    resp = httpx.post(f"{_api(settings, url)}/sync", json={"service": name, "force": force},
+    resp = httpx.post(f"{_api(settings, url)}/sync", json={"service": name, "force": force, "prune_all": prune_all},
                       headers={"Authorization": f"Bearer {token}"}, timeout=120)
     if resp.status_code >= 400:
         typer.echo(f"sync refused: HTTP {resp.status_code}: {resp.text}", err=True)

@@ -158,16 +158,18 @@ class Engine:
         await self.deployer.aclose()
 
     # ------------------------------------------------------------------ one reconcile
-    async def preview(self, force: set[str] | None = None) -> Snapshot:
+    async def preview(self, force: set[str] | None = None, prune_all: bool = False) -> Snapshot:
         """Fetch, load, observe and plan without acting (``deployerd plan``)."""
-        snap = await self.planner.snapshot(force, self._interrupted)
+        snap = await self.planner.snapshot(force, self._interrupted, prune_all)
         self.seen = snap
         return snap
 
-    async def reconcile(self, trigger: list[str] | None = None, force: set[str] | None = None) -> list[Action]:
+    async def reconcile(self, trigger: list[str] | None = None, force: set[str] | None = None,
+                        prune_all: bool = False) -> list[Action]:
         """Fetch, load, observe, plan, and launch a job for every action; returns the plan.
 
-        ``force`` names services to deploy despite a quarantine (an empty set: every service).
+        ``force`` names services to deploy despite a quarantine (an empty set: every service); ``prune_all``
+        lets this one reconcile prune a commit that removes every service (see `plan.plan`).
         """
         async with self._reconcile_lock:
             t0 = time.monotonic()
@@ -175,7 +177,7 @@ class Engine:
             error = fetch_error = None
             stages: dict[str, float] = {}
             try:
-                snap = await self.preview(force)
+                snap = await self.preview(force, prune_all)
                 stages.update(snap.stages)
                 launch_t0 = time.monotonic()
                 self._launch_all(snap, force, looked_at=t0, reasons=trigger or [])
@@ -287,9 +289,10 @@ class Engine:
         return await self.secrets.resolve(spec, self.planner.tree)
 
     # ------------------------------------------------------------------ out-of-band deploys (older API)
-    async def deploy_out_of_band(self, spec: ServiceSpec, root: Path) -> Job:
-        """The older ``POST /deploy`` (see ``outofband``): raises Conflict, or ValueError."""
-        return await self.out_of_band.deploy(spec, root, self.desired)
+    async def deploy_out_of_band(self, spec: ServiceSpec, root: Path, request: dict[str, Any] | None = None) -> Job:
+        """The older ``POST /deploy`` (see ``outofband``; ``request`` is kept on the job as sent): raises
+        Conflict, or ValueError."""
+        return await self.out_of_band.deploy(spec, root, self.desired, request)
 
 
 def _observed_method(observed: ObservedState, action: Action) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from deployerd.desired import DesiredState, ServiceSpec, source_release
 from deployerd.observe import Hosts
@@ -30,9 +31,11 @@ class OutOfBand:
         self._busy = busy  # a job for this service is in flight
         self._launch = launch  # queue a job's work
 
-    async def deploy(self, spec: ServiceSpec, root: Path, desired: DesiredState | None) -> Job:
+    async def deploy(self, spec: ServiceSpec, root: Path, desired: DesiredState | None,
+                     request: dict[str, Any] | None = None) -> Job:
         """Deploy ``spec.source`` under ``root`` on a host of ``desired`` (what git last said); returns the job,
-        launched. Raises Conflict, or ValueError for a source the rules refuse."""
+        launched (``request``: the older API's request, kept on the job). Raises Conflict, or ValueError for a
+        source the rules refuse."""
         if desired is not None and (spec.name in desired.services or spec.name in desired.broken):
             raise Conflict(f"service {spec.name} is managed by git; commit to the desired-state repository instead")
         if desired is None or spec.host not in desired.hosts:
@@ -48,11 +51,13 @@ class OutOfBand:
             raise ValueError(str(e)) from None
         if spec.secrets:
             release = release.with_input("secrets", await self.secrets.digest(secret_env))
+        if spec.env:  # an API caller's env often holds keys: a keyed digest, not a plain hash anyone can test
+            release = release.with_input("env", await self.secrets.digest(spec.env))
         ctx = ReleaseContext(spec=spec, host=host, release=release, commit="", managed_by="api",
                              instance=self.instance, env={**spec.env, **secret_env})
         job = Job(service=spec.name, host=host.name, method=spec.method, trigger="api", managed_by="api",
                   release=release.id, reasons=["POST /deploy"], service_port=spec.port, droplet_id=spec.droplet_id,
-                  service_url=ctx.endpoint, service_path=ctx.release_dir)
+                  service_url=ctx.endpoint, service_path=ctx.release_dir, request=request)
         await self.store.save_job(job)
         handle = await self.hosts.handle(host)
         self._launch(job, self.deployer.deploy(job, ctx, handle, tree, previous=None))

@@ -63,6 +63,7 @@ def plan(
     force: bool = False,
     instance: str = "default",
     interrupted: Mapping[str, str] | None = None,
+    prune_all: bool = False,
 ) -> list[Action]:
     """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`.
 
@@ -70,13 +71,16 @@ def plan(
     ``interrupted`` maps a service to the release its last deploy was deploying when the daemon stopped:
     that release is deployed again even when it already runs, as it may never have been verified healthy,
     registered or retained (or may name the new release while the old code still serves).
+    ``prune_all`` lets a commit that removes every service prune them (the empty desired state guard refuses it
+    otherwise: an emptied checkout looks just like that); asked for one reconcile by ``sync --prune-all``.
     """
     quarantined = quarantined or {}
     interrupted = interrupted or {}
     managed = _managed_instances(observed)
     registry_owned = _registry_owned(observed, instance)
 
-    if not desired.services and not desired.broken and desired.complete and (managed or registry_owned):
+    if not desired.services and not desired.broken and desired.complete and (managed or registry_owned) \
+            and not prune_all:
         names = sorted({i.service for i in managed} | set(registry_owned))
         return sorted((_empty_guard(name, managed, registry_owned) for name in names), key=sort_key)
 
@@ -270,7 +274,8 @@ def _empty_guard(name: str, managed: list[Instance], registry_owned: dict[str, s
     hosts = sorted({i.host for i in managed if i.service == name})
     current = next((i.release for i in managed if i.service == name and i.current), None)
     return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED, current_release=current,
-                  reasons=["commit removes every service; prune refused (empty desired state guard)"])
+                  reasons=["commit removes every service; prune refused (empty desired state guard: "
+                           "`deployerd sync --prune-all` prunes them)"])
 
 
 # --------------------------------------------------------------------------- output

@@ -69,9 +69,10 @@ class Planner:
         """The files of the commit the daemon follows (None before the first snapshot)."""
         return self._tree
 
-    async def snapshot(self, force: set[str] | None = None,
-                       interrupted: Mapping[str, str] | None = None) -> Snapshot:
-        """One look and its plan. ``force`` names services whose quarantine is ignored (empty: all)."""
+    async def snapshot(self, force: set[str] | None = None, interrupted: Mapping[str, str] | None = None,
+                       prune_all: bool = False) -> Snapshot:
+        """One look and its plan. ``force`` names services whose quarantine is ignored (empty: all);
+        ``prune_all`` lets a commit that removes every service prune them."""
         clock = _Stopwatch()
         fetch_error = None
         try:
@@ -98,7 +99,8 @@ class Planner:
             if force is None or (force and s not in force)
         }
         clock.lap("store")
-        actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted)
+        actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted,
+                       prune_all=prune_all)
         clock.lap("plan")
         return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
                         fetch_error=fetch_error, stages=clock.stages)

@@ -88,6 +88,7 @@ class Job(BaseModel):
     service_url: str | None = None
     service_path: str | None = None
     droplet_id: int | None = None
+    request: dict[str, Any] | None = None  # the older API's request as sent (env var names, never values)
     registration: dict[str, Any] | None = None
     phases: list[PhaseRecord] = Field(default_factory=list)
     created_at: str = Field(default_factory=utcnow)

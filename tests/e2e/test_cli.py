@@ -81,3 +81,31 @@ async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) ->
         bad.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "api_token_file": str(wrong)}))
         code, out = await cli("sync", "--config", str(bad))
         assert code == 1 and "401" in out
+
+
+async def test_sync_prune_all_lets_an_emptying_commit_prune(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A commit that removes every service prunes nothing (it looks like an emptied checkout) until
+    `deployerd sync --prune-all` asks for it, with the token."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("last-one", 8411)
+    repo.commit("one")
+    settings = settings_for(tmp_path, sandbox, repo)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    async with running_daemon(settings) as d:
+        await d.reconcile()
+        assert (await d.last_job("last-one")).status is JobStatus.SUCCEEDED
+        repo.remove("services")
+        repo.commit("remove every service")
+        actions = await d.reconcile()
+        assert [(a.kind.value, a.service) for a in actions] == [("blocked", "last-one")]
+        assert "--prune-all" in actions[0].reasons[0]
+        code, out = await cli("sync", "--prune-all", "--config", str(config))
+        assert code == 0 and "prune" in out and "last-one@sbx-1: removed from git" in out, out
+        await d.engine.drain()
+        pruned = await d.last_job("last-one")
+        assert (pruned.kind, pruned.status) == ("prune", JobStatus.SUCCEEDED), pruned
+        handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+        instances, _ = await handle.runtime("docker").observe()
+        assert [i for i in instances if i.service == "last-one"] == []
+        assert [a.kind.value for a in await d.reconcile()] == []  # nothing left, nothing to guard

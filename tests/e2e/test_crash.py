@@ -220,10 +220,10 @@ class Stack:
                 status = {p["phase"]: p["status"] for p in job["phases"]}
                 later = [p for p in order[order.index(phase) + 1:] if status.get(p, "pending") != "pending"]
                 assert job["status"] in ("pending", "running") and not later, (
-                    f"missed {phase}: job {job['deploy_job_id']} is {job['status']}, phases {status}")
+                    f"missed {phase}: job {job['id']} is {job['status']}, phases {status}")
                 if status.get(phase) == "running" and (
                         phase not in FAILPOINTS or f"failpoint {phase} reached" in self.daemon.tail(200)):
-                    return str(job["deploy_job_id"])
+                    return str(job["id"])
             await asyncio.sleep(0.05)
         pytest.fail(f"{phase} of release {self.release} never ran:\n{self.daemon.tail()}")
 
@@ -242,7 +242,7 @@ class Stack:
             return f"service status {got}"
         last = svc["last_job"] or {}
         if (last.get("status"), last.get("release")) != ("succeeded", self.release):
-            return f"last job {last.get('deploy_job_id')} {last.get('status')} release {last.get('release')}"
+            return f"last job {last.get('id')} {last.get('status')} release {last.get('release')}"
         address = next(h.internal_address for h in self.sandbox.hosts if h.name == self.host)
         try:
             answer = (await self.api.get(f"http://{address}:{self.port}/health")).json()
@@ -404,7 +404,7 @@ async def test_sigkill_in_phase_converges_after_restart(stacks: Stacks, method: 
     assert not left, f"the killed daemon's socket dirs are still there: {left}"
     print(f"{method}-{SHORT[phase]}: converged {steps['converge']:.1f} s after the restart")
 
-    killed = await st.get(f"/deploy/{job_id}")
+    killed = await st.get(f"/jobs/{job_id}")
     assert killed["status"] == "interrupted", killed
     assert {p["phase"]: p["status"] for p in killed["phases"]}[phase] == "failed"
     history = await st.get(f"/services/{st.service}/history")
@@ -426,7 +426,7 @@ async def test_sigterm_drains_the_deploy_in_flight(stacks: Stacks, method: str) 
     code = await st.daemon.stop(limit_s=120)
     assert code == 0, f"exit code {code} after SIGTERM:\n{st.daemon.tail()}"
     await st.start()
-    job = await st.get(f"/deploy/{job_id}")
+    job = await st.get(f"/jobs/{job_id}")
     assert job["status"] == "succeeded", job
     assert [p["status"] for p in job["phases"]] == ["succeeded"] * len(PHASES), job["phases"]
     await st.wait_converged()

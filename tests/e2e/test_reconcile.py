@@ -149,10 +149,13 @@ async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo
             job = await d.engine.store.job(job.id)  # the failed job, for the checks below
             assert job is not None
 
-        # the API shows the failed job with its phases and logs
+        # the older API says failed, naming the failure and the rollback; deployerd's own route has it all
         body = (await d.http.get(f"/deploy/{job.id}")).json()
-        assert body["status"] == "rolled_back" and body["success"] is False
-        assert body["logs"] == job.logs
+        assert body["status"] == "failed" and body["success"] is False
+        assert body["error"].startswith(f"{failed_phase}: ") and f"rolled back to release {good.release}" in body["error"]
+        assert [p["status"] for p in body["phases"]][-1] == "skipped"
+        rich = (await d.http.get(f"/jobs/{job.id}")).json()
+        assert rich["status"] == "rolled_back" and rich["logs"] == job.logs
 
         # git changes (back to good): quarantine no longer applies
         git(repo.path, "revert", "--no-edit", "HEAD")
@@ -282,7 +285,7 @@ async def test_restart_keeps_history_releases_and_quarantine(sandbox: SandboxInf
         assert failed.status is JobStatus.ROLLED_BACK
     async with running_daemon(settings) as d:
         history = (await d.http.get("/services/durable/history")).json()
-        assert [j["deploy_job_id"] for j in history["jobs"]][0] == failed.id
+        assert [j["id"] for j in history["jobs"]][0] == failed.id
         assert history["quarantine"]["release"] == failed.release
         assert any(r["status"] == "good" for r in history["releases"])
         actions = await d.reconcile()
@@ -308,7 +311,8 @@ async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
     (src / "www" / "health").write_text('{"status": "active"}')
     async with running_daemon(settings) as d:
         await d.reconcile()
-        body = {"service_name": "legacy-svc", "service_path": str(src), "service_port": 8162, "droplet_id": 4242}
+        body = {"service_name": "legacy-svc", "service_path": str(src), "service_port": 8162, "droplet_id": 4242,
+                "environment_vars": {"GREETING": "from-legacy"}}
         assert (await d.http.post("/deploy", json=body)).status_code == 401  # no token
         resp = await d.http.post("/deploy", json=body, headers=d.auth)
         assert resp.status_code == 202, resp.text
@@ -321,15 +325,25 @@ async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
                     "service_url", "phases", "registration", "started_at", "completed_at", "duration_seconds",
                     "success"):
             assert key in job
-        assert job["success"] is True, job
+        assert job["success"] is True and job["status"] == "completed", job
+        assert job["service_path"] == str(src)  # as sent, not the host's release directory
         assert [p["phase"] for p in job["phases"]][-1] == "Register with Registry"
+        assert all(p["status"] == "success" and isinstance(p["details"], str) for p in job["phases"]), job
+        conn = (await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])).conn
+        ids = [c["Id"] for c in await containers(d, "legacy-svc")]
+        env = (await conn.run(["docker", "inspect", "--format", "{{json .Config.Env}}", *ids])).stdout.split()
+        assert ["GREETING=from-legacy" in json.loads(e) for e in env] == [True], env
         assert set(job["registration"]) >= {"droplet_id", "service_name", "endpoint", "registered_at"}
         assert job["registration"]["droplet_id"] == 4242
         # a name git manages is refused; an outside path is refused; a reconcile leaves the out-of-band one alone
         clash = {**body, "service_name": "in-git"}
         assert (await d.http.post("/deploy", json=clash, headers=d.auth)).status_code == 409
         outside = {**body, "service_path": "/etc"}
-        assert (await d.http.post("/deploy", json=outside, headers=d.auth)).status_code == 422
+        refused = await d.http.post("/deploy", json=outside, headers=d.auth)
+        assert refused.status_code == 422 and "under the API source directory" in refused.text
+        assert refused.json()["detail"][0]["loc"] == ["body", "service_path"]
+        unknown = await d.http.post("/deploy", json={**body, "env": {"GREETING": "x"}}, headers=d.auth)
+        assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "env"]
         actions = await d.reconcile()
         assert all(a.service != "legacy-svc" for a in actions if a.kind is ActionKind.PRUNE)
         assert (await http_get(url(sandbox, 8162, "/health"))).status_code == 200

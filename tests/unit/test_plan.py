@@ -23,6 +23,10 @@ HOSTS = {"prod-1": HostSpec(name="prod-1", address="10.0.0.1"),
          "prod-2": HostSpec(name="prod-2", address="10.0.0.2", public_address="web2.example.com")}
 
 
+GUARD = ("commit removes every service; prune refused (empty desired state guard: "
+         "`deployerd sync --prune-all` prunes them)")
+
+
 def spec(name: str = "web", host: str = "prod-1", port: int = 8080, **kw: Any) -> ServiceSpec:
     return ServiceSpec(name=name, host=host, port=port, source=f"services/{name}", **kw)
 
@@ -137,8 +141,7 @@ CASES: list[tuple[str, DesiredState, ObservedState, list[tuple[str, str, str, li
     ("no-prune-on-unreachable", desired(WEB), observed(inst(), unreachable={"prod-2": "down"}),
      [("noop", "web", "prod-1", ["in sync"])]),
     ("empty-guard", desired(), observed(inst(), inst("api", port=8081)),
-     [("blocked", "api", "prod-1", ["commit removes every service; prune refused (empty desired state guard)"]),
-      ("blocked", "web", "prod-1", ["commit removes every service; prune refused (empty desired state guard)"])]),
+     [("blocked", "api", "prod-1", [GUARD]), ("blocked", "web", "prod-1", [GUARD])]),
     ("empty-nothing-observed", desired(), observed(), []),
     ("broken-manifest", desired(broken={"web"}, errors=[
         ManifestError(file="services/web.yaml", field="port", reason="must be between 1 and 65535")]),
@@ -175,6 +178,16 @@ def test_quarantined_release_blocked_until_git_changes_or_force() -> None:
         "release rel000000001 quarantined after a failed deploy; waiting for git to change"])]
     assert [a.kind for a in plan(want, have, quarantined={"web": "rel999999999"})] == [ActionKind.DEPLOY]
     assert [a.kind for a in plan(want, have, quarantined={"web": R1.id}, force=True)] == [ActionKind.DEPLOY]
+
+
+def test_prune_all_lets_an_emptying_commit_prune() -> None:
+    """The guard's explicit way through: asked for (sync --prune-all), every service git left is pruned, and
+    its Registry entry with it; out-of-band instances stay."""
+    have = observed(inst(), inst("api", port=8081), inst("adhoc", managed_by="api"),
+                    registry=registry_for(WEB, metadata={"managed_by": "deployerd", "host": "prod-1"}))
+    assert summary(plan(desired(), have, prune_all=True)) == [
+        ("prune", "api", "prod-1", ["removed from git"]), ("prune", "web", "prod-1", ["removed from git"])]
+    assert {a.kind for a in plan(desired(), have)} == {ActionKind.BLOCKED}  # not asked: the guard holds
 
 
 def test_quarantine_does_not_block_in_sync_service() -> None:
