@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deployerd.config import Settings
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
 
@@ -28,6 +29,17 @@ async def cli(*args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
+def one_service(sandbox: SandboxInfo, tmp_path: Path, name: str, port: int) -> tuple[DesiredRepo, Settings, Path]:
+    """A repository with one committed service, the daemon's settings, and its config file for the CLI."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service(name, port)
+    repo.commit("one")
+    settings = settings_for(tmp_path, sandbox, repo)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    return repo, settings, config
+
+
 async def test_validate_bundled_and_broken(tmp_path: Path) -> None:
     code, out = await cli("validate", str(ROOT / "desired_state"))
     assert code == 0, out
@@ -45,12 +57,7 @@ async def test_validate_bundled_and_broken(tmp_path: Path) -> None:
 
 
 async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) -> None:
-    repo = DesiredRepo(tmp_path / "repo", sandbox)
-    repo.service("cli-web", 8401)
-    repo.commit("one")
-    settings = settings_for(tmp_path, sandbox, repo)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    repo, settings, config = one_service(sandbox, tmp_path, "cli-web", 8401)
 
     code, out = await cli("plan", "--config", str(config))
     assert code == 0, out
@@ -86,12 +93,7 @@ async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) ->
 async def test_sync_prune_all_lets_an_emptying_commit_prune(sandbox: SandboxInfo, tmp_path: Path) -> None:
     """A commit that removes every service prunes nothing (it looks like an emptied checkout) until
     `deployerd sync --prune-all` asks for it, with the token."""
-    repo = DesiredRepo(tmp_path / "repo", sandbox)
-    repo.service("last-one", 8411)
-    repo.commit("one")
-    settings = settings_for(tmp_path, sandbox, repo)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    repo, settings, config = one_service(sandbox, tmp_path, "last-one", 8411)
     async with running_daemon(settings) as d:
         await d.reconcile()
         assert (await d.last_job("last-one")).status is JobStatus.SUCCEEDED
