@@ -13,7 +13,6 @@ phases are scrubbed of the service's secret values, and it carries no logs, no e
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -257,5 +256,5 @@ def table(records: list[AuditRecord]) -> str:
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows
     ).rstrip() + "\n"
