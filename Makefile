@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 # What the tests and the sandbox need from Debian: an engine for the test hosts, the SSH client, the
 # image recipe's tools (debootstrap, zstd, busybox-static), git, and systemd-analyze for the unit tests.
 # age decrypts the secrets files of a desired-state repository (deployerd.secrets). prometheus gives promtool (the
-# monitoring/ checks) and the server the monitoring end-to-end test starts on loopback.
-APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age prometheus
+# monitoring/ checks) and the server the monitoring end-to-end test starts on loopback. chromium is the real browser
+# the status page's tests drive (headless, through Playwright: its own browser download is never used).
+APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age prometheus chromium
 
 .PHONY: deps apt venv wheelhouse image test test-unit fuzz demo demo-down sandbox-up sandbox-down bench soak clean
 
@@ -17,7 +18,7 @@ deps: apt venv
 WHEELHOUSE := .wheelhouse
 wheelhouse: $(WHEELHOUSE)/.built
 
-$(WHEELHOUSE)/.built: $(VENV)/.installed $(shell find deployerd -name '*.py' -o -name '*.service' -o -name '*.sh' -o -name '*.json' -o -name '*.conf' 2>/dev/null)
+$(WHEELHOUSE)/.built: $(VENV)/.installed $(shell find deployerd -name '*.py' -o -name '*.service' -o -name '*.sh' -o -name '*.json' -o -name '*.conf' -o -name '*.html' -o -name '*.css' -o -name '*.js' 2>/dev/null)
 	rm -rf $(WHEELHOUSE)
 	$(PY) -m pip wheel -q --wheel-dir $(WHEELHOUSE) .
 	touch $@

@@ -22,6 +22,7 @@ from deployerd import __version__, legacy
 from deployerd.audit import parse_since, read_file
 from deployerd.engine import Conflict, Engine
 from deployerd.store import Job
+from deployerd.ui import ui_router
 from deployerd.udc import CountRequests, RequestStats, iso_now, udc_router
 from deployerd.webhook import WebhookError, verify_webhook
 
@@ -192,6 +193,7 @@ def create_app(engine: Engine) -> FastAPI:
         engine.kick.set(f"webhook {push.provider}")
         return {"accepted": True, "after": push.after}
 
+    app.include_router(ui_router(engine, engine.events))
     app.include_router(udc_router(
         "deployerd", __version__, ["gitops", "docker", "rollback", "webhook", "metrics"],
         dependency_names=["git", "registry", "hosts"],
