@@ -11,9 +11,6 @@ from deployerd.events import EventBus, JobEnded, JobStarted, PhaseChanged, Recon
 from deployerd.store import Job, JobStatus
 from deployerd.ui.live import LiveJobs, Rendered, Renders, stream, summary
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
 def test_a_summary_holds_names_and_states_never_logs_or_errors() -> None:
     job = Job(service="web", host="h1", release="r1", status=JobStatus.FAILED, error="token hunter2 refused",
               logs=["echo hunter2"], reasons=["hunter2 in reasons"])
@@ -40,6 +37,7 @@ async def _next(body: object) -> str:
     return await asyncio.wait_for(anext(body), 5)  # type: ignore[call-overload, no-any-return]
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_browser_gets_the_page_then_only_the_parts_that_changed() -> None:
     bus, live = EventBus(), LiveJobs()
     bus.subscribe(live)
