@@ -11,6 +11,7 @@ from deployerd.events import EventBus, JobEnded, JobStarted, PhaseChanged, Recon
 from deployerd.store import Job, JobStatus
 from deployerd.ui.live import LiveJobs, Rendered, Renders, stream, summary
 
+
 def test_a_summary_holds_names_and_states_never_logs_or_errors() -> None:
     job = Job(service="web", host="h1", release="r1", status=JobStatus.FAILED, error="token hunter2 refused",
               logs=["echo hunter2"], reasons=["hunter2 in reasons"])
