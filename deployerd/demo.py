@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -112,9 +113,9 @@ def _start_daemon(config: Path) -> int:
     return proc.pid
 
 
-def _wait_converged(url: str) -> list[dict]:
+def _wait_converged(url: str) -> list[dict[str, Any]]:
     deadline = time.monotonic() + WAIT_S
-    services: list[dict] = []
+    services: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         try:
             services = httpx.get(f"{url}/services", timeout=5).json()["services"]

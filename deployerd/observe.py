@@ -28,7 +28,7 @@ from deployerd.backoff import Backoff
 from deployerd.connection import ConnectionPool, HostAddress, HostUnreachable
 from deployerd.desired import HostSpec
 from deployerd.ingress import IngressError, IngressProxy
-from deployerd.observed import HostFacts, Instance, ObservedState
+from deployerd.observed import HostFacts, Instance, ObservedState, RegistryEntry
 from deployerd.registry_client import RegistryClient, RegistryError
 from deployerd.runtimes import HostHandle
 from deployerd.runtimes.base import qualified_name
@@ -151,7 +151,8 @@ class Hosts:
         method = "ssh"
         try:
             handle = await self.handle(spec)
-            instances, kept = [], {}
+            instances: list[Instance] = []
+            kept: dict[str, list[str]] = {}
             for runtime in handle.runtimes.values():
                 method = runtime.method
                 found, releases = await runtime.observe()
@@ -219,7 +220,7 @@ async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryCl
     return ObservedState(hosts=dict(zip(names, facts_list)), registry=entries, registry_error=error)
 
 
-async def _registry(registry: RegistryClient) -> tuple[dict | None, str | None]:
+async def _registry(registry: RegistryClient) -> tuple[dict[str, RegistryEntry] | None, str | None]:
     try:
         return await registry.list(), None
     except RegistryError as e:

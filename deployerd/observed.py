@@ -8,6 +8,7 @@ mistaking an outage for a missing service, which would trigger a needless redepl
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field, PrivateAttr
 
@@ -63,7 +64,7 @@ class HostFacts(BaseModel):
         """The instance meant to serve for ``service`` (a running one first, else the newest current one)."""
         mine = [i for i in self.of_service(service) if i.current]
         running = [i for i in mine if i.state is RunState.RUNNING]
-        return (running or mine or [None])[0]
+        return running[0] if running else (mine[0] if mine else None)
 
 
 class RegistryEntry(BaseModel):
@@ -73,7 +74,7 @@ class RegistryEntry(BaseModel):
     name: str
     endpoint: str
     status: str
-    metadata: dict | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class ObservedState(BaseModel):

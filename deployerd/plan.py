@@ -128,7 +128,7 @@ def _unreachable(observed: ObservedState, host: str) -> str | None:
 def _current_managed(facts: HostFacts, service: str) -> Instance | None:
     mine = [i for i in facts.of_service(service) if i.current and i.managed_by == "git"]
     running = [i for i in mine if i.state is RunState.RUNNING]
-    return (running or mine or [None])[0]
+    return running[0] if running else (mine[0] if mine else None)
 
 
 def _changed(inst: Instance, release: Release) -> list[str]:
@@ -244,11 +244,11 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
     """PRUNE what git no longer names; refuse when the desired state could not be read in full."""
     keep = set(desired.services) | desired.broken
     targets: dict[tuple[str, str], Instance | None] = {}
-    for inst in managed:
-        if inst.service not in keep:
-            key = (inst.service, inst.host)
-            if targets.get(key) is None or inst.current:
-                targets[key] = inst
+    for m in managed:
+        if m.service not in keep:
+            key = (m.service, m.host)
+            if targets.get(key) is None or m.current:
+                targets[key] = m
     pruned_services = {s for s, _ in targets}
     for name, host in registry_owned.items():
         if name not in keep and name not in pruned_services:

@@ -98,7 +98,7 @@ async def host_key(engine: Engine, cid: str) -> str:
 async def connect(host: HostInfo, **kwargs: object) -> asyncssh.SSHClientConnection:
     """An SSH connection to a sandbox host, host key checked against the sandbox's known_hosts."""
     return await asyncssh.connect(host.address, host.ssh_port, username=host.user, client_keys=[host.key_path],
-                                  known_hosts=host.known_hosts, **kwargs)  # type: ignore[arg-type]
+                                  known_hosts=host.known_hosts, **kwargs)
 
 
 async def wait_ready(host: HostInfo) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aiodocker
 import aiohttp
@@ -127,7 +127,7 @@ async def _start_image_registry(conn: Connection) -> None:
         await asyncio.sleep(0.3)
 
 
-async def form_swarm(hosts: list[_Host] | list[BaseModel]) -> SwarmInfo:
+async def form_swarm(hosts: Sequence[BaseModel]) -> SwarmInfo:
     """The first host inits a Swarm (advertising its bridge address) and runs the registry; the rest join."""
     members = [_Host.model_validate(h.model_dump()) for h in hosts]
     if len(members) < 1:

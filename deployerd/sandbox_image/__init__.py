@@ -184,9 +184,8 @@ def _configure_rootfs(rootfs: Path) -> None:
         key.unlink()
     (rootfs / "etc/machine-id").write_text("")
     (rootfs / "var/lib/dbus/machine-id").unlink(missing_ok=True)
-    for d in ("var/lib/apt/lists", "var/cache/apt/archives", "var/log/apt"):
-        p = rootfs / d
-        for child in p.glob("*"):
+    for sub in ("var/lib/apt/lists", "var/cache/apt/archives", "var/log/apt"):
+        for child in (rootfs / sub).glob("*"):
             if child.is_file() or child.is_symlink():
                 child.unlink()
     (rootfs / "etc/resolv.conf").write_text("")
