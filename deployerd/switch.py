@@ -35,6 +35,7 @@ async def switch_to(conn: Connection, runtime: Runtime, ctx: ReleaseContext, htt
     proxy = IngressProxy(conn, ctx.host.name, ctx.spec.drain_timeout_s)
     name = ctx.qualified_name
     route = await proxy.ensure_route(name, ctx.spec.port)
+    await failpoint("Before Switch")  # test-only: the new instance runs beside the old one, which still serves
     switched = await proxy.switch(name, ctx.release.id, private_port)
     try:
         seen = await _front_door(proxy, http, ctx)

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL the daemon inside each of the six phases, for Docker and for systemd, and restart it.
+"""Crash safety: SIGKILL the daemon inside each of the six phases, for Docker and for systemd, and restart it
+(and, behind a host's ingress proxy, on either side of the switch).
 
 The daemon runs as a real process (``python -m deployerd run``) on a real git repository, the sandbox hosts
 and the sandbox Registry. Each case deploys a new release, watches the job through the HTTP API until the
@@ -431,3 +432,53 @@ async def test_sigterm_drains_the_deploy_in_flight(stacks: Stacks, method: str) 
     assert [p["status"] for p in job["phases"]] == ["succeeded"] * len(PHASES), job["phases"]
     await st.wait_converged()
     await st.assert_host_clean()
+
+
+INGRESS_PORT = 8433
+SWITCH_POINTS = ["Before Switch", "Switch"]  # failpoints in deployerd.switch: new instance up / proxy switched
+
+
+@pytest.mark.timeout(600)
+async def test_sigkill_around_the_ingress_switch(sandbox: SandboxInfo,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Behind the host's proxy (Docker): SIGKILL between starting the new instance and the switch, and between
+    the switch and stopping the old one. After a restart exactly one instance serves, none is orphaned, and a
+    bounded load through the public port saw no failed request over the whole crash and recovery."""
+    from load_gen import run_load
+
+    assert sandbox.registry is not None
+    async with SlowRegistry(sandbox.registry.url) as registry:
+        st = Stack("docker", sandbox, tmp_path_factory.mktemp("crash-ingress"), registry)
+        st.service, st.port = "crash-ingress", INGRESS_PORT
+        hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
+                          "public_address": h.internal_address, "ingress": "haproxy"} for h in sandbox.hosts}
+        st.repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
+        address = next(h.internal_address for h in sandbox.hosts if h.name == st.host)
+        try:
+            st.write(None)
+            st.commit("first good release")
+            await st.start()
+            await st.wait_converged()
+            for point in SWITCH_POINTS:
+                await st.daemon.stop()
+                await st.start(failpoints=point)
+                stop = asyncio.Event()
+                load = asyncio.create_task(run_load(address, INGRESS_PORT, rate=50, seconds=300, stop=stop,
+                                                         path="/health"))
+                try:
+                    st.write(None)
+                    st.commit(f"version {st.version}: killed at {point}")
+                    deadline = time.monotonic() + 120
+                    while f"failpoint {point} reached" not in st.daemon.tail(200):
+                        assert time.monotonic() < deadline, f"{point} never reached:\n{st.daemon.tail()}"
+                        await asyncio.sleep(0.05)
+                    await st.daemon.kill()
+                    await st.start()
+                    await st.wait_converged()
+                finally:
+                    stop.set()
+                result = await load
+                assert result.failed == 0, f"{point}: {result.summary()}"
+                await st.assert_host_clean()
+        finally:
+            await st.close()

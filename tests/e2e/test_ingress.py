@@ -103,3 +103,85 @@ async def test_change_failure_and_revert_drop_no_request(sandbox: SandboxInfo, t
         assert any(line.startswith("host sbx-1: ingress proxy: its admin socket does not answer")
                    for line in health["degraded"]), health["degraded"]
         assert (await run_load(sandbox.hosts[0].internal_address, PORT, seconds=0.3)).upstreams() == [r1]
+
+
+@pytest.mark.parametrize("point", ["Before Switch", "Switch"])
+async def test_ssh_lost_mid_switch_keeps_serving(sandbox: SandboxInfo, tmp_path: Path, point: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's SSH connection is cut at the switch (before the proxy change, or after it and before the old
+    release's drain and stop): the job fails transiently naming the host, what serves keeps serving, and the
+    next reconcile finishes the switch with exactly one instance running."""
+    from test_outages import ssh_down, ssh_up
+
+    import deployerd.switch
+
+    port = PORT + 1
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-ssh", port)
+    repo.commit("v1")
+    real = deployerd.switch.failpoint
+    cut: list[str] = []
+
+    async def cut_ssh(name: str) -> None:  # the fault, injected at the exact point of the switch
+        if name == point and not cut:
+            cut.append(name)
+            await ssh_down(sandbox, sandbox.hosts[0])
+        await real(name)
+
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        r1 = (await d.last_job("zd-ssh")).release
+        repo.write("services/zd-ssh/www/index.html", "<h1>zd-ssh v2</h1>\n")
+        repo.commit("v2")
+        monkeypatch.setattr(deployerd.switch, "failpoint", cut_ssh)
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(sandbox.hosts[0].internal_address, port, rate=50, seconds=120,
+                                            stop=stop))
+        try:
+            await d.reconcile()
+            job = await d.last_job("zd-ssh")
+            assert cut == [point]
+            assert job.status is JobStatus.FAILED and job.transient, (job.status, job.error)
+            assert "sbx-1" in (job.error or ""), job.error
+            await ssh_up(sandbox, sandbox.hosts[0])
+            for _ in range(20):  # the host's probe reconnects; bounded
+                await asyncio.sleep(0.5)
+                await d.reconcile()
+                last = await d.last_job("zd-ssh")
+                if last.status is JobStatus.SUCCEEDED and last.release != r1:
+                    break
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await ssh_up(sandbox, sandbox.hosts[0])
+        result = await load
+        assert result.failed == 0, result.summary()
+        r2 = (await d.last_job("zd-ssh")).release
+        assert r2 != r1 and result.upstreams()[-1] == r2
+        assert await running_containers(d, "zd-ssh") == [r2]
+
+
+async def test_a_taken_public_port_fails_naming_host_and_port(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    port = PORT + 2
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-taken", port)
+    repo.commit("v1")
+    from test_outages import in_host
+
+    host = sandbox.hosts[0]
+    await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
+    await in_host(sandbox, host, "systemctl", "reset-failed", "t-squatter", check=False)
+    await in_host(sandbox, host, "systemd-run", "--unit=t-squatter", "busybox", "httpd", "-f", "-p",
+                  f"0.0.0.0:{port}", "-h", "/tmp")
+    try:
+        async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+            await d.reconcile()
+            job = await d.last_job("zd-taken")
+            assert job.status is JobStatus.FAILED and job.transient, (job.status, job.error)
+            assert f"host sbx-1: ingress proxy: public port {port} of" in (job.error or ""), job.error
+            assert "taken by" in (job.error or "")
+            assert "zd-taken" not in await d.engine.store.quarantined()  # an outage of the host: retried
+    finally:
+        await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
