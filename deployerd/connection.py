@@ -291,6 +291,12 @@ class Connection:
         return cls(host, conn, stats, max_sessions=max_sessions)
 
     @property
+    def host_key(self) -> str:
+        """The SHA256 fingerprint of the host key the server presented (verified against known_hosts)."""
+        key = self._conn.get_server_host_key()
+        return key.get_fingerprint("sha256") if key is not None else ""
+
+    @property
     def is_closed(self) -> bool:
         """True once closed by us or lost (peer gone, keepalive failed): the pool then reconnects."""
         return self._closed or self._broken or self._conn.is_closed()

@@ -10,6 +10,7 @@ The schema's and the releases' public names are re-exported here: ``from deploye
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -162,9 +163,30 @@ def load_hosts(tree: Tree) -> dict[str, HostSpec]:
             hosts[name] = HostSpec.model_validate({**body, "name": name})
         except ValidationError as exc:
             errors.extend(_translate(file, exc, ("hosts", name)))
+    errors.extend(_same_machine(hosts))
     if errors:
         raise _Invalid(errors)
     return hosts
+
+
+def machine_key(host: HostSpec) -> tuple[str, int]:
+    """What reaches one SSH server: the address (IPs in canonical form, names case-folded) and the port."""
+    try:
+        address = str(ipaddress.ip_address(host.address))
+    except ValueError:
+        address = host.address.lower().rstrip(".")
+    return address, host.ssh_port
+
+
+def _same_machine(hosts: dict[str, HostSpec]) -> list[ManifestError]:
+    """Two entries reaching one machine would each see the other's services and prune them as "moved"."""
+    seen: dict[tuple[str, int], list[str]] = {}
+    for name, spec in hosts.items():
+        seen.setdefault(machine_key(spec), []).append(name)
+    return [ManifestError(file=HOSTS_FILE, field=f"hosts.{name}",
+                          reason=f"reaches the same machine as {', '.join(n for n in names if n != name)} "
+                                 f"({address} port {port}): one entry per machine")
+            for (address, port), names in seen.items() if len(names) > 1 for name in names]
 
 
 def _check_regular_file(tree: Tree, file: str) -> None:

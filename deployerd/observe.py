@@ -164,7 +164,7 @@ class Hosts:
                 method = "ingress proxy"
                 ingress_error = await _serving(handle, spec, instances)
             return HostFacts(host=spec.name, reachable=True, instances=instances, releases_kept=kept,
-                             ingress_error=ingress_error)
+                             ingress_error=ingress_error, host_key=handle.conn.host_key)
         except HostUnreachable as e:
             return HostFacts(host=spec.name, reachable=False, error=str(e))
         except Exception as e:  # the engine API over the tunnel failed: the host is not known, not empty
@@ -217,7 +217,28 @@ async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryCl
         _registry(registry),
     )
     entries, error = registry_result
-    return ObservedState(hosts=dict(zip(names, facts_list)), registry=entries, registry_error=error)
+    return ObservedState(hosts=same_machine(dict(zip(names, facts_list))), registry=entries, registry_error=error)
+
+
+def same_machine(facts: dict[str, HostFacts]) -> dict[str, HostFacts]:
+    """Entries whose hosts showed one SSH host key are one machine under two names (an alias, a second
+    address): each would see the other's services as its own and prune them as "moved". Their facts are
+    not trusted: every such entry is reported unknown, naming the others, so nothing there is pruned or
+    deployed until hosts.yaml keeps one of them."""
+    by_key: dict[str, list[str]] = {}
+    for name, f in facts.items():
+        if f.reachable and f.host_key:
+            by_key.setdefault(f.host_key, []).append(name)
+    out = dict(facts)
+    for key, names in by_key.items():
+        if len(names) < 2:
+            continue
+        for name in names:
+            others = ", ".join(n for n in names if n != name)
+            error = (f"host {name} is the same machine as {others} (same SSH host key {key}); "
+                     "keep one entry per machine in hosts.yaml")
+            out[name] = HostFacts(host=name, reachable=False, error=error, host_key=key)
+    return out
 
 
 async def _registry(registry: RegistryClient) -> tuple[dict[str, RegistryEntry] | None, str | None]:

@@ -48,6 +48,7 @@ class HostFacts(BaseModel):
     instances: list[Instance] = Field(default_factory=list)
     releases_kept: dict[str, list[str]] = Field(default_factory=dict)  # service -> release ids kept on host
     ingress_error: str | None = None  # the host's ingress proxy was found dead or refusing (named for /health)
+    host_key: str = ""  # fingerprint of the SSH host key seen: two entries showing one key are one machine
     _by_service: dict[str, list[Instance]] | None = PrivateAttr(default=None)
 
     def of_service(self, service: str) -> list[Instance]:

@@ -242,7 +242,7 @@ class Deployer:
                 rec.details.update(release=ctx.release.id, inputs=ctx.release.inputs, reasons=job.reasons,
                                    commit=ctx.commit, previous_release=previous)
                 rec.details["lock"] = await lock.acquire()
-                await handle.conn.makedirs(ctx.service_dir)
+                await runtime.claim(ctx.spec.name)  # the service dir with its marker, or refused if not ours
                 await failpoint(VALIDATION)  # test-only: crash tests kill the daemon here
             boundary()
             built = await runtime.has_artifact(ctx)

@@ -69,16 +69,47 @@ def _port(v: int) -> int:
     return v
 
 
+# Folders a service dir must never sit in: prune runs ``rm -rf <base_dir>/<name>`` and a service named ``ssh``
+# under /etc would take /etc/ssh with it. Whole trees the OS owns, and folders that are only containers of others.
+_SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev", "/proc",
+                 "/sys", "/run", "/var/lib/dpkg", "/var/lib/apt", "/var/lib/systemd", "/var/lib/docker", "/var/log",
+                 "/var/cache", "/var/spool", "/var/mail", "/var/run", "/var/lock", "/snap", "/lost+found")
+_SYSTEM_DIRS = ("/", "/var", "/var/lib", "/var/tmp", "/var/opt", "/var/local", "/var/www", "/root", "/home", "/tmp",
+                "/opt", "/srv", "/mnt", "/media", "/usr/local")
+# /usr/local/<x> is the admin's own, except the standard folders the OS and packages put things in
+_USR_LOCAL_STANDARD = {"bin", "sbin", "lib", "lib64", "include", "share", "etc", "src", "games", "man", "libexec"}
+
+
+def system_dir_reason(path: str) -> str | None:
+    """Why a normalised absolute path must not be a base_dir (None: fine)."""
+    if path in _SYSTEM_DIRS:
+        return f"{path} is a system directory; use a folder of its own, e.g. /opt/deployerd/services"
+    parts = path.split("/")
+    if path.startswith("/usr/local/") and parts[3] not in _USR_LOCAL_STANDARD:
+        return None
+    for tree in _SYSTEM_TREES:
+        if path == tree or path.startswith(tree + "/"):
+            return (f"{path} is inside the system directory {tree}; use a folder of its own, "
+                    "e.g. /opt/deployerd/services")
+    return None
+
+
 def _base_dir(v: str) -> str:
     if not v.startswith("/"):
         raise ValueError("must be an absolute path")
     if not _SAFE_PATH.fullmatch(v):
         raise ValueError("may contain only letters, digits and . _ / -")
-    if ".." in v.split("/") or posixpath.normpath(v) != v:
-        raise ValueError("must be a normalized path without '..'")
-    if v == "/":
+    norm = posixpath.normpath(v)
+    norm = "/" if norm.startswith("//") and norm.strip("/") == "" else norm  # POSIX keeps a leading '//'
+    norm = "/" + norm.lstrip("/")
+    if norm == "/":
         raise ValueError("must not be the root directory")
-    return v
+    reason = system_dir_reason(norm)
+    if reason:
+        raise ValueError(reason)
+    if ".." in v.split("/"):
+        raise ValueError(f"must not contain '..' (it means {norm})")
+    return norm
 
 
 def _rel_path(v: str) -> str:

@@ -16,6 +16,7 @@ import pytest_asyncio
 import property_profiles
 
 from deployerd import sandbox as sbx
+from deployerd.connection import Connection, HostAddress
 
 property_profiles.load()
 
@@ -54,3 +55,15 @@ async def swarm_sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         yield info
     finally:
         await sbx.down_async(state_dir)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def conn(sandbox: sbx.SandboxInfo) -> AsyncIterator[Connection]:
+    """An SSH connection to the sandbox's first host (its key checked against the sandbox's known_hosts)."""
+    h = sandbox.hosts[0]
+    c = await Connection.open(HostAddress(name=str(h.name), address=str(h.address), port=int(h.ssh_port),
+                                          user=str(h.user), key_path=str(h.key_path), known_hosts=str(h.known_hosts)))
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -7,17 +7,23 @@ so a reconcile that finds nothing to do stays cheap as services grow.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployerd.connection import Connection, temp_name_pattern
+from deployerd.connection import Connection, RemoteFileError, temp_name_pattern
 from deployerd.desired import HostSpec, Release, ServiceSpec
 from deployerd.observed import Instance, RunState
 
 LABEL_PREFIX = "deployerd."
 PRIVATE_PORT_LABEL = f"{LABEL_PREFIX}private_port"
+MARKER_FILE = ".deployerd.json"  # in each service dir deployerd made: what makes a folder ours to remove
+
+
+class ForeignDirectory(Exception):
+    """A service dir deployerd did not create (no marker of this instance and service): nothing is removed."""
 
 
 def qualified_name(service: str, instance: str) -> str:
@@ -65,8 +71,6 @@ class ReleaseContext:
         return f"http://{self.host.public_address or self.host.address}:{self.spec.port}"
 
     def labels(self) -> dict[str, str]:
-        import json
-
         return {
             f"{LABEL_PREFIX}instance": self.instance,
             f"{LABEL_PREFIX}service": self.spec.name,
@@ -106,6 +110,61 @@ class Runtime(ABC):
 
     def service_dir(self, service: str) -> str:
         return posixpath.join(self.host.base_dir, self.qualified(service))
+
+    def marker_path(self, service: str) -> str:
+        return posixpath.join(self.service_dir(service), MARKER_FILE)
+
+    def _marker_body(self, service: str) -> dict[str, str]:
+        return {"created_by": "deployerd", "instance": self.instance, "service": service}
+
+    async def _ownership(self, service: str) -> str:
+        """"ours" (the marker of this instance and service), "absent" (no service dir) or why it is not ours.
+
+        A dir from before markers existed is ours when deployerd's own traces prove it (an instance of this
+        daemon for the service: labelled containers or its unit; or Transfer's release manifests): the marker
+        is written then, once."""
+        sdir = self.service_dir(service)
+        try:
+            found = json.loads(await self.conn.read_bytes(self.marker_path(service)))
+        except RemoteFileError as e:
+            if not e.not_found:
+                raise
+            found = None
+        except ValueError:
+            return f"{self.marker_path(service)} is not deployerd's marker (not JSON)"
+        if found is not None:
+            if not isinstance(found, dict):
+                return f"{self.marker_path(service)} is not deployerd's marker"
+            if (found.get("instance"), found.get("service")) == (self.instance, service):
+                return "ours"
+            return (f"{self.marker_path(service)} names instance {found.get('instance')!r} service "
+                    f"{found.get('service')!r}, not {self.instance!r} {service!r}")
+        if not (await self.conn.run(["test", "-e", sdir], check=False)).ok:
+            return "absent"
+        listed = await self.conn.run(["ls", "-1", "--", posixpath.join(sdir, "releases")], check=False)
+        if await self.has_instances(service) or any(e.endswith(".manifest.json") for e in listed.stdout.split()):
+            await self.conn.put_bytes(self.marker_path(service), json.dumps(self._marker_body(service)).encode())
+            return "ours"
+        return f"{sdir} holds no {MARKER_FILE} and nothing deployerd deployed"
+
+    async def claim(self, service: str) -> None:
+        """Before a deploy writes into the service dir: create it with its marker, or check it is ours."""
+        why = await self._ownership(service)
+        if why == "absent":
+            await self.conn.makedirs(self.service_dir(service))
+            await self.conn.put_bytes(self.marker_path(service), json.dumps(self._marker_body(service)).encode())
+        elif why != "ours":
+            raise ForeignDirectory(f"{self.service_dir(service)} on {self.host.name} was not created by deployerd "
+                                   f"({why}); move it away or choose another base_dir")
+
+    async def owned_dir(self, service: str) -> bool:
+        """Before removing files of a service: True when its dir is ours, False when there is none; raises
+        ForeignDirectory (and nothing may be removed) otherwise."""
+        why = await self._ownership(service)
+        if why not in ("ours", "absent"):
+            raise ForeignDirectory(f"refusing to remove anything of {service} under {self.service_dir(service)} "
+                                   f"on {self.host.name}: {why}; deployerd removes only what it created")
+        return why == "ours"
 
     async def host_releases(self, service: str) -> set[str]:
         """Release ids that have files on the host (release dirs, partial transfers, manifests, venvs)."""
@@ -152,6 +211,10 @@ class Runtime(ABC):
     @abstractmethod
     async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
         """All deployerd instances on the host, and per service the release ids kept there (newest first)."""
+
+    @abstractmethod
+    async def has_instances(self, service: str) -> bool:
+        """Does this daemon run (or keep) an instance of ``service`` here (a container or a unit of ours)?"""
 
     @abstractmethod
     async def has_artifact(self, ctx: ReleaseContext) -> bool:

@@ -296,15 +296,23 @@ class DockerRuntime(Runtime):
             await self.conn.run(["docker", "update", "--restart", "no", ref], check=False)
             await asyncio.sleep(0.5)
 
+    async def has_instances(self, service: str) -> bool:
+        return bool(await self._containers(service))
+
     async def remove_service(self, service: str) -> dict[str, Any]:
+        owned = await self.owned_dir(service)  # refuses before anything is removed
         if self.host.ingress != "none":  # the proxy stops taking its public port first
             await IngressProxy(self.conn, self.host.name).remove_route(self.qualified(service))
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
-        removed = await self.retain(service, keep=[])
-        await self.conn.run(["rm", "-rf", "--", self.service_dir(service)])
+        removed = await self._retain(service, keep=[], owned=owned)
+        if owned:
+            await self.conn.run(["rm", "-rf", "--", self.service_dir(service)])
         return {"removed_releases": sorted(releases | set(removed["removed_releases"]))}
 
     async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
+        return await self._retain(service, keep, await self.owned_dir(service))
+
+    async def _retain(self, service: str, keep: list[str], owned: bool) -> dict[str, Any]:
         d = await self._docker()
         containers = await self._containers(service)
         images = await d.images.list(filters=self._filters(service))
@@ -323,9 +331,11 @@ class DockerRuntime(Runtime):
                     if e.status != 404:
                         raise
                 removed.add(release)
-        removed |= {r for r in await self.host_releases(service) if r not in keep}
+        if owned:
+            removed |= {r for r in await self.host_releases(service) if r not in keep}
         stale = sorted(r for r in removed if r)
-        await self.remove_release_files(service, stale)
+        if owned:
+            await self.remove_release_files(service, stale)
         return {"removed_releases": stale}
 
 

@@ -398,7 +398,11 @@ class SystemdRuntime(Runtime):
             await self.conn.run(["systemctl", "stop", "--", unit], check=False)
             await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)
 
+    async def has_instances(self, service: str) -> bool:
+        return bool(await self._probe(self.qualified(service)))
+
     async def remove_service(self, service: str) -> dict[str, Any]:
+        owned = await self.owned_dir(service)  # refuses before anything is removed
         q = self.qualified(service)
         unit = unit_name(q)
         sdir = self.service_dir(service)
@@ -408,12 +412,15 @@ class SystemdRuntime(Runtime):
         await self.conn.run(["rm", "-f", "--", posixpath.join(UNIT_DIR, unit)])
         await self.conn.run(["systemctl", "daemon-reload"])
         await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)
-        await self.conn.run(["rm", "-rf", "--", sdir])
+        if owned:
+            await self.conn.run(["rm", "-rf", "--", sdir])
         # the user deployerd made for it (a user named in the manifest is the admin's, left alone)
         await self.conn.run(["userdel", "--", default_user(q)], check=False)
         return {"unit": unit, "removed_releases": releases}
 
     async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
+        if not await self.owned_dir(service):
+            return {"removed_releases": []}
         sdir = self.service_dir(service)
         current = (await self.conn.run(["readlink", "--", posixpath.join(sdir, "current")], check=False)).stdout.strip()
         protect = set(keep) | {posixpath.basename(current)}  # never what serves, whatever keep says

@@ -27,6 +27,7 @@ import yaml
 from deployerd.api import create_app
 from deployerd.config import Settings
 from deployerd.daemon import Subscribers, close_engine, open_engine
+from deployerd.desired import HostSpec
 from deployerd.engine import Engine
 from deployerd.registry_client import RegistryClient
 from deployerd.sandbox import SandboxInfo
@@ -97,6 +98,18 @@ class DesiredRepo:
         return git(self.path, "rev-parse", "HEAD")
 
 
+async def containers_of(daemon: "Daemon", host: HostSpec, service: str) -> list[dict[str, Any]]:
+    """The daemon's containers of ``service`` on ``host``, read straight from its engine (not through deployerd)."""
+    import aiodocker
+
+    handle = await daemon.engine.hosts.handle(host)
+    sock = await handle.conn.docker_socket()
+    labels = [f"deployerd.service={service}", f"deployerd.instance={daemon.engine.settings.instance}"]
+    async with aiodocker.Docker(url=f"unix://{sock}") as d:
+        found = await d.containers.list(all=True, filters=json.dumps({"label": labels}))
+        return [c._container for c in found]
+
+
 class Daemon:
     """deployerd with its API on a loopback port; tests drive reconciles directly, or run the real loop."""
 
@@ -133,7 +146,8 @@ def settings_for(tmp: Path, sandbox: SandboxInfo, repo: DesiredRepo, **overrides
         repo_url=str(repo.path), branch="main", state_dir=tmp / "state",
         instance=overrides.pop("instance", None) or f"t{secrets.token_hex(3)}",  # shared by daemons that share hosts
         registry_url=sandbox.registry.url, registry_token_file=Path(sandbox.registry.token_path),
-        ssh_key=Path(sandbox.hosts[0].key_path), known_hosts=Path(sandbox.hosts[0].known_hosts),
+        ssh_key=Path(sandbox.hosts[0].key_path),
+        known_hosts=overrides.pop("known_hosts", None) or Path(sandbox.hosts[0].known_hosts),
         api_token_file=private_file(tmp / "api.token", secrets.token_urlsafe(24)),
         webhook_secret_file=private_file(tmp / "webhook.secret", secrets.token_urlsafe(24)),
         listen_port=free_port(), poll_interval_s=3600, resync_interval_s=3600,

@@ -9,15 +9,12 @@ import posixpath
 import random
 import secrets
 import shlex
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from deployerd import delta
-from deployerd.connection import Connection, HostAddress
+from deployerd.connection import Connection
 from deployerd.desired import HostSpec, Release, ServiceSpec
 from deployerd.runtimes.base import ReleaseContext
 from deployerd.transfer import DELTA_MIN_SIZE, manifest_path, transfer
@@ -26,17 +23,6 @@ from deployerd.tree import DirTree
 pytestmark = pytest.mark.e2e
 
 MiB, KiB = 1024 * 1024, 1024
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def conn(sandbox: Any) -> AsyncIterator[Connection]:
-    h = sandbox.hosts[0]
-    c = await Connection.open(HostAddress(name=str(h.name), address=str(h.address), port=int(h.ssh_port),
-                                          user=str(h.user), key_path=str(h.key_path), known_hosts=str(h.known_hosts)))
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def context(host: str, base_dir: str, release: str) -> ReleaseContext:

@@ -258,7 +258,8 @@ HOST_CASES = [
     ("user", hosts_with(user="root;id"), "hosts.prod-1.user", "POSIX"),
     ("ssh-port", hosts_with(ssh_port=0), "hosts.prod-1.ssh_port", "between 1 and 65535"),
     ("base-rel", hosts_with(base_dir="opt/x"), "hosts.prod-1.base_dir", "absolute"),
-    ("base-dotdot", hosts_with(base_dir="/opt/../etc"), "hosts.prod-1.base_dir", "'..'"),
+    ("base-dotdot", hosts_with(base_dir="/opt/../srv/x"), "hosts.prod-1.base_dir", "'..'"),
+    ("base-etc", hosts_with(base_dir="/opt/../etc"), "hosts.prod-1.base_dir", "system directory"),
     ("base-chars", hosts_with(base_dir="/opt/$HOME"), "hosts.prod-1.base_dir", "only letters"),
     ("base-root", hosts_with(base_dir="/"), "hosts.prod-1.base_dir", "root"),
     ("public", hosts_with(public_address="a b"), "hosts.prod-1.public_address", "hostname or an IP"),
@@ -387,3 +388,41 @@ def _check_consistent(state: DesiredState) -> None:
         assert "web" in state.broken and any(e.file == "services/web.yaml" or e.file == "hosts.yaml"
                                              for e in state.errors)
     assert not (set(state.services) & state.broken)
+
+
+@pytest.mark.parametrize("base_dir", ["/etc", "/etc/", "/etc/../etc", "//etc", "/./etc", "/usr", "/usr/lib",
+                                      "/bin", "/sbin", "/lib64", "/boot", "/dev", "/proc", "/sys", "/run", "/var",
+                                      "/var/", "/root", "/home", "/tmp", "/var/lib", "/usr/local", "/usr/local/bin",
+                                      "/etc/deployerd"])
+def test_base_dir_refuses_system_directories(tmp_path: Path, base_dir: str) -> None:
+    state = load(tmp_path, {"hosts.yaml": hosts_with(base_dir=base_dir)})
+    errors = [e for e in state.errors if e.file == "hosts.yaml" and e.field == "hosts.prod-1.base_dir"]
+    assert errors and "system directory" in errors[0].reason, state.errors
+    assert not state.complete and state.services == {}
+
+
+@pytest.mark.parametrize(("base_dir", "normal"), [("/opt/deployerd/services", "/opt/deployerd/services"),
+                                                  ("/srv/apps/", "/srv/apps"), ("/usr/local/deployerd", "/usr/local/deployerd"),
+                                                  ("/home/deploy/services", "/home/deploy/services"),
+                                                  ("/var/lib/deployerd", "/var/lib/deployerd")])
+def test_base_dir_accepts_own_folders_normalised(tmp_path: Path, base_dir: str, normal: str) -> None:
+    state = load(tmp_path, {"hosts.yaml": hosts_with(base_dir=base_dir)})
+    assert state.errors == [] and state.hosts["prod-1"].base_dir == normal
+
+
+@pytest.mark.parametrize(("second", "shown"), [({"address": "10.0.0.1"}, "10.0.0.1 port 22"),
+                                               ({"address": "10.0.0.1", "ssh_port": 22, "user": "deploy"}, "10.0.0.1 port 22"),
+                                               ({"address": "fd00:0::1", "ssh_port": 2222}, "fd00::1 port 2222")])
+def test_two_entries_for_one_machine_are_refused(tmp_path: Path, second: dict[str, Any], shown: str) -> None:
+    first = {"address": second["address"].replace("fd00:0::1", "fd00::1"), "ssh_port": second.get("ssh_port", 22)}
+    state = load(tmp_path, {"hosts.yaml": {"hosts": {"prod-1": first, "prod-1b": second}}})
+    assert sorted(str(e) for e in state.errors) == [
+        f"hosts.yaml: hosts.prod-1: reaches the same machine as prod-1b ({shown}): one entry per machine",
+        f"hosts.yaml: hosts.prod-1b: reaches the same machine as prod-1 ({shown}): one entry per machine"]
+    assert not state.complete and state.services == {}
+
+
+def test_same_address_other_port_is_two_machines(tmp_path: Path) -> None:
+    state = load(tmp_path, {"hosts.yaml": {"hosts": {"prod-1": {"address": "10.0.0.1"},
+                                                     "prod-2": {"address": "10.0.0.1", "ssh_port": 2222}}}})
+    assert state.errors == [] and state.complete
