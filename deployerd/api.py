@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict
 
 from deployerd import __version__, legacy
@@ -24,7 +26,7 @@ from deployerd.engine import Conflict, Engine
 from deployerd.store import Job
 from deployerd.ui import ui_router
 from deployerd.udc import CountRequests, RequestStats, iso_now, udc_router
-from deployerd.webhook import WebhookError, verify_webhook
+from deployerd.webhook import WebhookError, WebhookEvent, verify_webhook
 
 WEBHOOK_MAX_BYTES = 1 << 20
 
@@ -60,20 +62,30 @@ def _is_dir_under(path: str, root: Path) -> Path | None:
 
 def create_app(engine: Engine) -> FastAPI:
     settings = engine.settings
-    app = FastAPI(title="deployerd", version=__version__)
+    # /docs serves Swagger UI's own files from the package (fastapi-offline): no CDN, so it renders offline
+    app: FastAPI = FastAPIOffline(title="deployerd", version=__version__, redoc_url=None)
     app.add_exception_handler(RequestValidationError, _validation_error)
     stats = RequestStats()
     app.add_middleware(CountRequests, stats=stats)
+    # a declared security scheme: the OpenAPI document says which routes need the token, and /docs can send it
+    bearer = HTTPBearer(auto_error=False, scheme_name="api_token",
+                        description="the daemon's API token (the contents of api_token_file)")
 
-    def require_token(authorization: str | None = Header(default=None)) -> None:
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         token = settings.secret("api_token")
         if token is None:
             raise HTTPException(403, "no API token is configured (api_token_file): write routes are disabled")
-        given = (authorization or "").removeprefix("Bearer ").strip()
+        given = credentials.credentials.strip() if credentials else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
 
     guard = [Depends(require_token)]
+
+    def known(name: str) -> bool:
+        """Named by git (valid or not) or seen running at the last look."""
+        desired = engine.desired
+        return name in engine.services or (desired is not None and (name in desired.services
+                                                                       or name in desired.broken))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -104,6 +116,8 @@ def create_app(engine: Engine) -> FastAPI:
         jobs = await engine.store.jobs(name, limit=min(limit, 200))
         releases = await engine.store.releases(name)
         quarantine = (await engine.store.quarantined()).get(name)
+        if not (jobs or releases or quarantine or known(name)):  # a pruned service keeps its history
+            raise HTTPException(404, f"no service named {name!r} (not in git, not running, no history)")
         return {
             "service": name,
             "jobs": [j.model_dump(mode="json") for j in jobs],
@@ -169,6 +183,8 @@ def create_app(engine: Engine) -> FastAPI:
         actions = await engine.reconcile([f"sync {req.service or 'all'}"], force=force, prune_all=req.prune_all)
         if req.service:
             actions = [a for a in actions if a.service == req.service]
+            if not actions and not known(req.service):
+                raise HTTPException(404, f"no service named {req.service!r} (not in git, not running)")
         return {"revision": engine.source.revision, "actions": [a.model_dump(mode="json") for a in actions]}
 
     @app.post("/webhook")
@@ -188,6 +204,8 @@ def create_app(engine: Engine) -> FastAPI:
             push = verify_webhook(request.headers, bytes(body), secret, max_bytes=WEBHOOK_MAX_BYTES)
         except WebhookError as e:
             raise HTTPException(e.status_code, e.reason) from e
+        if isinstance(push, WebhookEvent):  # GitHub's ping when the hook is added, or another event: not a push
+            return {"accepted": False, "reason": f"{push.provider} {push.event} event: nothing to fetch"}
         if push.branch != settings.branch:
             return {"accepted": False, "reason": f"push to {push.branch}, watching {settings.branch}"}
         engine.kick.set(f"webhook {push.provider}")

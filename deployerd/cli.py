@@ -14,7 +14,8 @@ import typer
 
 from deployerd.config import Settings, load_settings
 
-app = typer.Typer(help="deployerd: GitOps deployments to servers over SSH (Docker and systemd).", no_args_is_help=True)
+app = typer.Typer(help="deployerd: GitOps deployments to servers over SSH (Docker and systemd).", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 sandbox_app = typer.Typer(help="Throwaway production-like test hosts on this machine.", no_args_is_help=True)
 registry_app = typer.Typer(help="The embedded Registry.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
@@ -51,9 +52,18 @@ def _get(url: str, params: dict[str, str] | None = None, headers: dict[str, str]
         typer.echo(f"cannot reach the daemon at {url}: {e}", err=True)
         raise typer.Exit(1) from e
     if resp.status_code >= 400:
-        typer.echo(f"{url}: HTTP {resp.status_code}: {resp.text}", err=True)
+        typer.echo(f"{url}: HTTP {resp.status_code}: {_detail(resp)}", err=True)
         raise typer.Exit(1)
     return resp.json()
+
+
+def _detail(resp: httpx.Response) -> str:
+    """An error answer's own words (FastAPI's ``detail``), else its body."""
+    try:
+        detail = resp.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return detail if isinstance(detail, str) else resp.text
 
 
 @app.command()
@@ -122,6 +132,10 @@ def validate(path: Path = typer.Argument(..., help="a desired-state folder (host
     from deployerd.desired import load_desired
     from deployerd.tree import DirTree
 
+    if not path.is_dir():
+        typer.echo(f"error: {path} is not a folder: give the desired-state folder holding hosts.yaml and services/",
+                   err=True)
+        raise typer.Exit(2)
     desired = load_desired(DirTree(path), revision="working-tree")
     for e in desired.errors:
         typer.echo(f"error: {e}", err=True)
@@ -145,7 +159,7 @@ def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(
     resp = httpx.post(f"{_api(settings, url)}/sync", json={"service": name, "force": force, "prune_all": prune_all},
                       headers={"Authorization": f"Bearer {token}"}, timeout=120)
     if resp.status_code >= 400:
-        typer.echo(f"sync refused: HTTP {resp.status_code}: {resp.text}", err=True)
+        typer.echo(f"sync refused: HTTP {resp.status_code}: {_detail(resp)}", err=True)
         raise typer.Exit(1)
     data = resp.json()
     typer.echo(f"revision {(data['revision'] or '?')[:12]}")
@@ -236,7 +250,13 @@ def demo(down: bool = typer.Option(False, "--down", help="stop the demo daemon a
 
 
 def main() -> None:
-    app()
+    from deployerd.tree import TreeError
+
+    try:
+        app()
+    except (ValueError, OSError, TreeError) as e:  # bad configuration or a missing file: one line, no traceback
+        typer.echo(f"deployerd: {e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import uvicorn
 
 from deployerd.api import create_app
 from deployerd.audit import AuditLog, git_commit_info
-from deployerd.config import Settings
+from deployerd.config import ConfigError, Settings
 from deployerd.connection import sweep_socket_dirs
 from deployerd.engine import Engine
 from deployerd.notify import Notifier
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 async def open_engine(settings: Settings) -> Engine:
     """Everything the loop needs, opened (store, Registry client); the caller closes it with ``close_engine``."""
     if not settings.repo_url:
-        raise ValueError("repo_url is not set (config file or DEPLOYERD_REPO_URL)")
+        raise ConfigError("repo_url is not set: set it in the config file (--config FILE, $DEPLOYERD_CONFIG or "
+                          "/etc/deployerd/config.yaml) or as DEPLOYERD_REPO_URL")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = await Store.open(settings.db_path)
     registry = RegistryClient(settings.registry_url, token=settings.secret("registry_token"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -317,8 +318,11 @@ def _manifest_files(tree: Tree) -> dict[str, list[Entry]]:
     return out
 
 
-def load_desired(tree: Tree, revision: str) -> DesiredState:
-    """Validate the tree; a broken manifest fails that service alone, a broken hosts.yaml fails all."""
+def load_desired(tree: Tree, revision: str, incumbents: Mapping[str, ServiceSpec] | None = None) -> DesiredState:
+    """Validate the tree; a broken manifest fails that service alone, a broken hosts.yaml fails all.
+
+    ``incumbents`` are the services as validated at the last applied commit: in a clash (a port, a droplet
+    id) between one of them, unchanged, and a newcomer, the newcomer alone is blocked."""
     errors: list[ManifestError] = []
     hosts: dict[str, HostSpec] = {}
     hosts_ok = True
@@ -353,7 +357,7 @@ def load_desired(tree: Tree, revision: str) -> DesiredState:
             errors.append(ManifestError(file=file, reason=str(exc)))
             broken.add(stem)
 
-    errors.extend(_check_unique(specs, broken))
+    errors.extend(_check_unique(specs, broken, incumbents or {}))
 
     services: dict[str, ServiceSpec] = {}
     releases: dict[str, Release] = {}
@@ -381,8 +385,10 @@ def load_desired(tree: Tree, revision: str) -> DesiredState:
                         errors=errors, broken=broken, complete=hosts_ok)
 
 
-def _check_unique(specs: dict[str, tuple[str, ServiceSpec]], broken: set[str]) -> list[ManifestError]:
-    """Ports per host and droplet ids must be unique; both colliding services are broken (neither wins)."""
+def _check_unique(specs: dict[str, tuple[str, ServiceSpec]], broken: set[str],
+                  incumbents: Mapping[str, ServiceSpec]) -> list[ManifestError]:
+    """Ports per host and droplet ids must be unique. In a clash, a service unchanged since the last applied
+    commit keeps its place and the others are broken; with no such service every one of them is (neither wins)."""
     errors: list[ManifestError] = []
     ports: dict[tuple[str, int], list[str]] = {}
     ids: dict[int, list[str]] = {}
@@ -390,16 +396,24 @@ def _check_unique(specs: dict[str, tuple[str, ServiceSpec]], broken: set[str]) -
         ports.setdefault((spec.host, spec.port), []).append(stem)
         if spec.droplet_id is not None:
             ids.setdefault(spec.droplet_id, []).append(stem)
-    for (host, port), names in ports.items():
-        for name in names if len(names) > 1 else []:
-            others = ", ".join(n for n in names if n != name)
-            errors.append(ManifestError(file=specs[name][0], field="port",
-                                        reason=f"port {port} on host {host} is also used by {others}"))
-            broken.add(name)
-    for did, names in ids.items():
-        for name in names if len(names) > 1 else []:
-            others = ", ".join(n for n in names if n != name)
-            errors.append(ManifestError(file=specs[name][0], field="droplet_id",
-                                        reason=f"droplet_id {did} is also used by {others}"))
+    clashes = [("port", f"port {port} on host {host}", names) for (host, port), names in ports.items()]
+    clashes += [("droplet_id", f"droplet_id {did}", names) for did, names in ids.items()]
+    for field, what, names in clashes:
+        if len(names) < 2:
+            continue
+        settled = [n for n in names if incumbents.get(n) == specs[n][1]]
+        if len(settled) == 1:
+            keeper = settled[0]
+            for name in names:
+                if name != keeper:
+                    errors.append(ManifestError(
+                        file=specs[name][0], field=field,
+                        reason=f"{what} is already used by {keeper} ({specs[keeper][0]}, unchanged since the "
+                               f"last applied commit): {name} is blocked, {keeper} keeps running"))
+                    broken.add(name)
+            continue
+        for name in names:
+            others = ", ".join(f"{n} ({specs[n][0]})" for n in names if n != name)
+            errors.append(ManifestError(file=specs[name][0], field=field, reason=f"{what} is also used by {others}"))
             broken.add(name)
     return errors

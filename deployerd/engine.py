@@ -102,7 +102,8 @@ class Engine:
 
     def health(self) -> dict[str, Any]:
         """What /health says: computed from what the loop last saw, never from a remote call."""
-        return health(board=self.board, observed=self.observed, source=self.source, branch=self.settings.branch,
+        return health(board=self.board, desired=self.desired, observed=self.observed, source=self.source,
+                      branch=self.settings.branch,
                       registry_url=self.registry.base_url, hosts_down=self.hosts.down, failing=self.queue.failing,
                       in_flight=self.queue.in_flight, started_at=self.started_at)
 

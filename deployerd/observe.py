@@ -81,6 +81,7 @@ class Hosts:
         self.on_back: Callable[[str], None] | None = None  # called when a down host answers again
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._up: set[str] = set()  # hosts whose last observation answered (HostUp published)
+        self._warned: dict[str, str] = {}  # host -> the problem last logged: one WARNING per change, not per pass
 
     def address(self, spec: HostSpec) -> HostAddress:
         return HostAddress(
@@ -119,6 +120,7 @@ class Hosts:
             self._up.discard(spec.name)
             if went_down:
                 self.bus.publish(events.HostDown(host=spec.name, error=down.error))
+            self.warn(spec.name, down.error)
         down.asked_at = time.monotonic()
         probe = self._probes.get(spec.name)
         if probe is None or probe.done():
@@ -141,8 +143,21 @@ class Hosts:
                     self.on_back(spec.name)
                 return
             down.failed(facts.error or "unknown error")
+            self.warn(spec.name, down.error)
+
+    def warn(self, name: str, problem: str | None, kind: str = "unreachable") -> None:
+        """Log a host's problem of one kind as a WARNING when it differs from the last one logged (None: it has
+        none now), so a host down for an hour gives one line, not one per reconcile."""
+        key = f"{kind} {name}"
+        if problem is None:
+            if self._warned.pop(key, None) is not None:
+                log.info("host %s: no longer %s", name, kind)
+        elif self._warned.get(key) != problem:
+            self._warned[key] = problem
+            log.warning("%s", problem if problem.startswith(f"host {name}") else f"host {name}: {problem}")
 
     def _answered(self, name: str) -> None:
+        self.warn(name, None)
         if name not in self._up:
             self._up.add(name)
             self.bus.publish(events.HostUp(host=name))
@@ -217,7 +232,10 @@ async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryCl
         _registry(registry),
     )
     entries, error = registry_result
-    return ObservedState(hosts=same_machine(dict(zip(names, facts_list))), registry=entries, registry_error=error)
+    checked = same_machine(dict(zip(names, facts_list, strict=True)))
+    for name, f in checked.items():  # made unknown here (its connection is fine, the entry is not)?
+        hosts.warn(name, f.error if not f.reachable and f.host_key else None, kind="the same machine as another")
+    return ObservedState(hosts=checked, registry=entries, registry_error=error)
 
 
 def same_machine(facts: dict[str, HostFacts]) -> dict[str, HostFacts]:

@@ -88,7 +88,9 @@ def system_dir_reason(path: str) -> str | None:
     if path.startswith("/usr/local/") and parts[3] not in _USR_LOCAL_STANDARD:
         return None
     for tree in _SYSTEM_TREES:
-        if path == tree or path.startswith(tree + "/"):
+        if path == tree:
+            return f"{path} is a system directory; use a folder of its own, e.g. /opt/deployerd/services"
+        if path.startswith(tree + "/"):
             return (f"{path} is inside the system directory {tree}; use a folder of its own, "
                     "e.g. /opt/deployerd/services")
     return None

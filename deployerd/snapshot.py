@@ -63,6 +63,7 @@ class Planner:
         self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
         self._loaded: DesiredState | None = None  # as validated from git, before secrets are resolved
         self._closing: set[asyncio.Task[None]] = set()
+        self._invalid: set[str] = set()  # the validation errors last logged
 
     @property
     def tree(self) -> GitTree | None:
@@ -88,7 +89,10 @@ class Planner:
         if self._loaded is not None and self._loaded.revision == revision:
             loaded = self._loaded  # same commit, same files: validation and release ids cannot differ
         else:
-            loaded = self._loaded = await asyncio.to_thread(load_desired, tree, revision)
+            # the services of the last applied commit: a newcomer clashing with one of them is the one blocked
+            before = self._loaded.services if self._loaded is not None else None
+            loaded = self._loaded = await asyncio.to_thread(load_desired, tree, revision, before)
+            self._log_invalid(loaded)
         # secrets are resolved every time: a value rotated in the secrets file needs no commit
         desired, secret_env = await self.secrets.apply(loaded, tree)
         clock.lap("load")  # desired state and secrets
@@ -104,6 +108,15 @@ class Planner:
         clock.lap("plan")
         return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
                         fetch_error=fetch_error, stages=clock.stages)
+
+    def _log_invalid(self, loaded: DesiredState) -> None:
+        """A WARNING per validation error when it appears, once (not at every reconcile of the same files)."""
+        errors = {str(e) for e in loaded.errors}
+        for line in sorted(errors - self._invalid):
+            log.warning("invalid desired state at %s: %s", loaded.revision[:12], line)
+        if self._invalid and not errors:
+            log.info("desired state valid again at %s", loaded.revision[:12])
+        self._invalid = errors
 
     async def _tree_for(self, revision: str) -> GitTree:
         if self._tree is None or self._tree.revision != revision:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from deployerd.desired import endpoint_url
+from deployerd.desired import DesiredState, endpoint_url
 from deployerd.jobqueue import Failing
 from deployerd.observe import HostDown
 from deployerd.observed import ObservedState, RunState
@@ -135,7 +135,8 @@ class Board:
 
 
 def health(
-    *, board: Board, observed: ObservedState | None, source: GitSource, branch: str, registry_url: str,
+    *, board: Board, desired: DesiredState | None, observed: ObservedState | None, source: GitSource, branch: str,
+    registry_url: str,
     hosts_down: Mapping[str, HostDown], failing: Mapping[str, Failing], in_flight: Collection[str],
     started_at: float,
 ) -> dict[str, Any]:
@@ -154,6 +155,8 @@ def health(
     degraded = []
     if source.last_error:
         degraded.append(f"git: {source.last_error}")
+    if desired is not None:  # a broken hosts.yaml blocks every service; an invalid manifest blocks its own
+        degraded += [f"desired state: {e}" for e in desired.errors]
     for n, h in hosts.items():
         if not h["reachable"]:
             error = str(h["error"])
@@ -181,6 +184,8 @@ def health(
                 "last_fetch_at": source.last_fetch_at.isoformat() if source.last_fetch_at else None,
                 "error": source.last_error},
         "hosts": hosts,
+        "desired": {"complete": desired.complete, "invalid": sorted(desired.broken),
+                    "errors": [str(e) for e in desired.errors]} if desired is not None else None,
         "registry": {"url": registry_url, "reachable": registry_ok,
                      "error": observed.registry_error if observed else None},
         "jobs_in_flight": sorted(in_flight),

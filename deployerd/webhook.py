@@ -50,6 +50,19 @@ class WebhookPush(BaseModel):
         return bool(_ZERO_SHA.match(self.after))
 
 
+class WebhookEvent(BaseModel):
+    """A verified event that is not a push (GitHub's ``ping`` when a webhook is added, or any other event the
+    hook was set to send): answered 200 so the git host shows the hook as working, and nothing is fetched."""
+
+    provider: Provider
+    event: str
+
+
+# the event header each provider sends, and its name for a push
+_EVENT_HEADERS = {"x-gitea-event": "push", "x-gogs-event": "push", "x-github-event": "push",
+                  "x-gitlab-event": "push hook"}
+
+
 def _hmac_hex(secret: str, body: bytes) -> bytes:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
 
@@ -78,8 +91,9 @@ def _authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> Provi
 
 def verify_webhook(
     headers: Mapping[str, str], body: bytes, secret: str, max_bytes: int = 1 << 20
-) -> WebhookPush:
-    """Verify a push webhook and return what moved; raise `WebhookError` (413, 401 or 400) otherwise."""
+) -> WebhookPush | WebhookEvent:
+    """Verify a webhook and return what moved (or, for an event that is not a push, which event it was);
+    raise `WebhookError` (413, 401 or 400) otherwise."""
     if len(body) > max_bytes:
         raise WebhookError(413, f"body larger than {max_bytes} bytes")
     if not secret:
@@ -87,6 +101,10 @@ def verify_webhook(
         raise WebhookError(401, "webhook secret is not configured")
     lowered = {k.lower(): v for k, v in headers.items()}
     provider = _authenticate(lowered, body, secret)
+    for header, push in _EVENT_HEADERS.items():
+        event = lowered.get(header, "").strip()
+        if event and event.lower() != push:
+            return WebhookEvent(provider=provider, event=event[:64])
 
     try:
         payload = json.loads(body)
@@ -103,4 +121,4 @@ def verify_webhook(
     return WebhookPush(provider=provider, ref=ref, branch=branch or None, after=after.lower())
 
 
-__all__ = ["Provider", "WebhookError", "WebhookPush", "verify_webhook"]
+__all__ = ["Provider", "WebhookError", "WebhookEvent", "WebhookPush", "verify_webhook"]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from deployerd.webhook import WebhookError, WebhookPush, verify_webhook
+from deployerd.webhook import WebhookError, WebhookEvent, WebhookPush, verify_webhook
 
 SECRET = "It's a Secret to Everybody"
 AFTER = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"
@@ -204,3 +204,12 @@ def test_error_never_echoes_the_secret() -> None:
     body = body_of(GITHUB_PUSH)
     err = refused({"X-Gitlab-Token": "guess"}, body)
     assert SECRET not in str(err) and "guess" not in str(err)
+
+
+def test_github_ping_is_an_event_not_a_push() -> None:
+    body = body_of({"zen": "Keep it logically awesome.", "hook_id": 1})
+    event = verify_webhook({**github(body), "X-GitHub-Event": "ping"}, body, SECRET)
+    assert event == WebhookEvent(provider="github", event="ping")
+    with pytest.raises(WebhookError) as e:  # still authenticated first
+        verify_webhook({**github(body, "other"), "X-GitHub-Event": "ping"}, body, SECRET)
+    assert e.value.status_code == 401

@@ -426,3 +426,21 @@ def test_same_address_other_port_is_two_machines(tmp_path: Path) -> None:
     state = load(tmp_path, {"hosts.yaml": {"hosts": {"prod-1": {"address": "10.0.0.1"},
                                                      "prod-2": {"address": "10.0.0.1", "ssh_port": 2222}}}})
     assert state.errors == [] and state.complete
+
+
+def test_newcomer_clashing_with_an_unchanged_service_is_the_one_blocked(tmp_path: Path) -> None:
+    before = load(tmp_path / "a")
+    newcomer = {**API, "name": "nc", "port": WEB["port"], "droplet_id": 3, "source": "services/api"}
+    tree = build(tmp_path / "b", {"services/nc.yaml": newcomer})
+    state = load_desired(tree, "rev2", before.services)
+    assert state.broken == {"nc"} and set(state.services) == {"web", "api"}
+    assert [str(e) for e in state.errors] == [
+        "services/nc.yaml: port: port 8080 on host prod-1 is already used by web (services/web.yaml, unchanged "
+        "since the last applied commit): nc is blocked, web keeps running"]
+    # with no last applied commit (or when both changed) neither wins, and each error names the other's file
+    alone = load_desired(tree, "rev2")
+    assert alone.broken == {"nc", "web"}
+    assert "services/web.yaml: port: port 8080 on host prod-1 is also used by nc (services/nc.yaml)" in \
+        [str(e) for e in alone.errors]
+    changed = build(tmp_path / "c", {"services/nc.yaml": newcomer, "services/web.yaml": {**WEB, "env": {"A": "1"}}})
+    assert load_desired(changed, "rev3", before.services).broken == {"nc", "web"}
