@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +28,11 @@ UrlOpt = typer.Option(None, "--url", help="the daemon's API (default: from the c
 
 
 def _settings(config: Optional[Path]) -> Settings:
+    named = config or (Path(os.environ["DEPLOYERD_CONFIG"]) if os.environ.get("DEPLOYERD_CONFIG") else None)
+    if named is not None and not named.is_file():  # the default file may be absent (all set in DEPLOYERD_*)
+        typer.echo(f"configuration error: config file {named} not found: create it (see README, Configure) or "
+                   "give another with --config FILE", err=True)
+        raise typer.Exit(2)
     try:
         return load_settings(config)
     except Exception as e:

@@ -183,11 +183,7 @@ class ConfigError(ValueError):
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Precedence, lowest first: defaults, the config file, ``DEPLOYERD_*`` variables, explicit overrides."""
-    named = path or (Path(os.environ["DEPLOYERD_CONFIG"]) if os.environ.get("DEPLOYERD_CONFIG") else None)
-    path = named or Path(DEFAULT_CONFIG_PATH)
-    if named is not None and not named.is_file():  # the default file may be absent (all in DEPLOYERD_*)
-        raise ConfigError(f"config file {named} not found: create it (see README, Configure) or give another "
-                          "with --config FILE")
+    path = path or Path(os.environ.get("DEPLOYERD_CONFIG", DEFAULT_CONFIG_PATH))
     data: dict[str, Any] = {}
     if path.exists():
         loaded = yaml.safe_load(path.read_text()) or {}
