@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -71,7 +71,7 @@ def create_app(engine: Engine) -> FastAPI:
     bearer = HTTPBearer(auto_error=False, scheme_name="api_token",
                         description="the daemon's API token (the contents of api_token_file)")
 
-    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         token = settings.secret("api_token")
         if token is None:
             raise HTTPException(403, "no API token is configured (api_token_file): write routes are disabled")

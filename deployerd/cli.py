@@ -114,7 +114,7 @@ def status(config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, as_j
     for s in data["services"]:
         typer.echo(f"{s['name']:<24} {s['sync_status']:<10} {s['health_status']:<11} "
                    f"{(s['running_release'] or '-'):<13} {s['host']:<10} {s.get('url') or ''}")
-        if s["sync_status"] != "Synced":
+        if s["sync_status"] != "Synced" or s["health_status"] != "Healthy":
             for reason in s["reasons"]:
                 typer.echo(f"{'':<24} - {reason}")
 

@@ -21,10 +21,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from deployerd import memory
 from deployerd.config import Settings
-from deployerd.connection import HostUnreachable
-from deployerd.desired import DesiredState, ServiceSpec, endpoint_url
+from deployerd.connection import Connection, HostUnreachable
+from deployerd.desired import DesiredState, HostSpec, ServiceSpec, endpoint_url
 from deployerd.events import EventBus, ReconcileDone
 from deployerd.jobqueue import BACKOFF_MAX_S, BACKOFF_MIN_S, JobQueue
+from deployerd.liveness import Liveness
 from deployerd.locks import HostLocks
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts
@@ -73,6 +74,9 @@ class Engine:
         self.out_of_band = OutOfBand(self.secrets, store, self.hosts, self.deployer, settings.instance,
                                      busy=self.queue.busy, launch=self._launch)
         self.board = Board()
+        # "Healthy" is the manifest's probe passing: checked at start and at every resync, off the reconcile
+        self.liveness = Liveness(self.deployer.http, self._connection)
+        self._probing: asyncio.Task[None] | None = None
         self.metrics.watch_services(self.board.metric_rows)
         self.kick = Kick()
         self.hosts.on_back = lambda name: self.kick.set(f"host {name} back")
@@ -149,8 +153,10 @@ class Engine:
         self.kick.set("resync")
 
     async def drain(self) -> None:
-        """Wait for the jobs in flight (used at shutdown and by tests)."""
+        """Wait for the jobs in flight and the health probes (used at shutdown and by tests)."""
         await self.queue.drain()
+        if self._probing is not None:
+            await asyncio.gather(self._probing, return_exceptions=True)
 
     async def close(self) -> None:
         await self.drain()
@@ -224,7 +230,21 @@ class Engine:
                 continue
             job = self._job_for(action, snap, kind)
             self._launch(job, self._run_action(job, action, snap))
-        self.board.update(snap, self.queue.in_flight)
+        self.board.update(snap, self.queue.in_flight, self.liveness.probes)
+        if any(r in ("start", "resync") for r in reasons) and (self._probing is None or self._probing.done()):
+            self._probing = asyncio.create_task(self._check_health(snap), name="health probes")
+
+    async def _connection(self, host: HostSpec) -> Connection:
+        return (await self.hosts.handle(host)).conn
+
+    async def _check_health(self, snap: Snapshot) -> None:
+        """Probe what ``snap`` saw running, then show the verdicts on the latest look."""
+        try:
+            await self.liveness.check(snap)
+        except Exception as e:  # a status read-out: never fails the loop
+            log.warning("health probes failed: %s", e)
+        if self.seen is not None:
+            self.board.update(self.seen, self.queue.in_flight, self.liveness.probes)
 
     def _job_for(self, action: Action, snap: Snapshot, trigger: str) -> Job:
         desired = snap.desired

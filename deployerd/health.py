@@ -101,3 +101,22 @@ async def _poll(
                 logs,
             )
         await asyncio.sleep(spec.health.interval_s)
+
+
+async def probe_once(client: httpx.AsyncClient, conn: Connection, spec: ServiceSpec) -> tuple[bool, str]:
+    """One probe of a running service's health path (as Verify Health does it): (passed, what it answered).
+
+    For the status model between deploys: "Healthy" means this answered 2xx at the last check."""
+    try:
+        async with contextlib.AsyncExitStack() as scope:
+            if spec.health.url:
+                url = spec.health.url
+            else:
+                local = await scope.enter_async_context(conn.forwarded_port(spec.port))
+                url = f"http://127.0.0.1:{local}{spec.health.path}"
+            resp = await client.get(url, timeout=min(5.0, spec.health.timeout_s))
+    except httpx.HTTPError as e:
+        return False, f"{spec.health.url or spec.health.path}: {type(e).__name__}"
+    except Exception as e:  # the tunnel (host gone meanwhile): not a verdict on the service
+        return False, f"probe failed: {type(e).__name__}: {e}"
+    return 200 <= resp.status_code < 300, f"{spec.health.url or spec.health.path}: HTTP {resp.status_code}"

@@ -159,14 +159,24 @@ class _ServiceInfo:
         return GaugeMetricFamily("deployerd_service_info", "One series per service: sync and health status, "
                                  "release, commit", labels=list(SERVICE_LABELS))
 
+    @staticmethod
+    def _checked() -> GaugeMetricFamily:
+        return GaugeMetricFamily("deployerd_service_health_checked_timestamp_seconds",
+                                 "When each service's health probe last ran against its running release",
+                                 labels=["service"])
+
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield self._family()
+        yield self._checked()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = self._family()
+        family, checked = self._family(), self._checked()
         for row in self.rows():
             family.add_metric([str(row[k]) for k in SERVICE_LABELS], 1)
+            if row.get("health_checked_at"):
+                checked.add_metric([str(row["service"])], float(row["health_checked_at"]))
         yield family
+        yield checked
 
 
 class _HostOperations:

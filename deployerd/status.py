@@ -15,6 +15,7 @@ from typing import Any
 
 from deployerd.desired import DesiredState, endpoint_url
 from deployerd.jobqueue import Failing
+from deployerd.liveness import Probe
 from deployerd.observe import HostDown
 from deployerd.observed import ObservedState, RunState
 from deployerd.plan import Action, ActionKind
@@ -50,12 +51,16 @@ class ServiceStatus:
     reasons: list[str] = field(default_factory=list)
     url: str | None = None
     last_job: str | None = None
+    health_checked_at: str | None = None  # when its health probe last ran against the running release
+    health_detail: str | None = None  # what the probe answered then
+    health_checked_ts: float | None = None  # the same, seconds since the epoch
 
     def metric_row(self) -> dict[str, str]:
-        """Its ``deployerd_service_info`` labels."""
+        """Its ``deployerd_service_info`` labels (and ``health_checked_at``: seconds since the epoch, or "")."""
         return {"service": self.name, "host": self.host, "method": self.method, "sync_status": self.sync_status,
                 "health_status": self.health_status, "release": self.running_release or "",
-                "commit": (self.commit or "")[:12]}
+                "commit": (self.commit or "")[:12],
+                "health_checked_at": "" if self.health_checked_ts is None else f"{self.health_checked_ts:.3f}"}
 
 
 @dataclass
@@ -77,9 +82,10 @@ class Board:
         self.last_reconcile: ReconcileRecord | None = None
         self._rows: list[dict[str, str]] = []
 
-    def update(self, snap: Snapshot, busy: Collection[str]) -> None:
-        """The statuses of what ``snap`` saw and planned; ``busy`` names the services with a job in flight."""
-        rows = {a.service: self._row(snap, a, busy) for a in snap.actions}
+    def update(self, snap: Snapshot, busy: Collection[str], probes: Mapping[str, Probe] | None = None) -> None:
+        """The statuses of what ``snap`` saw and planned; ``busy`` names the services with a job in flight;
+        ``probes``, each service's last health probe (a running release is Healthy only if its probe passed)."""
+        rows = {a.service: self._row(snap, a, busy, probes or {}) for a in snap.actions}
         for name, facts in snap.observed.hosts.items():
             for inst in facts.instances:
                 if inst.managed_by == "api" and inst.current and inst.service not in rows:
@@ -104,7 +110,7 @@ class Board:
         if status is not None:
             status.last_job = job_id
 
-    def _row(self, snap: Snapshot, a: Action, busy: Collection[str]) -> ServiceStatus:
+    def _row(self, snap: Snapshot, a: Action, busy: Collection[str], probes: Mapping[str, Probe]) -> ServiceStatus:
         spec = snap.desired.services.get(a.service)
         facts = snap.observed.hosts.get(a.host)
         reachable = facts is not None and facts.reachable
@@ -123,14 +129,23 @@ class Board:
             health = HealthState.HEALTHY
         else:
             health = HealthState.DEGRADED
+        probe = probes.get(a.service)
+        if probe is not None and (inst is None or probe.release != inst.release):
+            probe = None  # it checked another release
+        reasons = list(a.reasons)
+        if probe is not None and not probe.passed and health is HealthState.HEALTHY:
+            health = HealthState.DEGRADED
+            reasons.append(f"health probe failed at {probe.checked_at}: {probe.detail}")
         host = snap.desired.hosts.get(a.host)
         prev = self.services.get(a.service)
         return ServiceStatus(
             name=a.service, host=a.host, method=spec.method if spec else (inst.method if inst else "docker"),
             managed_by="git", sync_status=sync, health_status=health, release=a.release,
             running_release=inst.release if inst else None, commit=inst.commit if inst else None,
-            reasons=a.reasons, url=endpoint_url(host, spec.port) if spec and host else None,
+            reasons=reasons, url=endpoint_url(host, spec.port) if spec and host else None,
             last_job=prev.last_job if prev else None,
+            health_checked_at=probe.checked_at if probe else None, health_detail=probe.detail if probe else None,
+            health_checked_ts=probe.checked_ts if probe else None,
         )
 
 

@@ -20,7 +20,7 @@ from deployerd.plan import ActionKind
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
 
-from daemon_harness import DesiredRepo, http_get, running_daemon, settings_for
+from daemon_harness import DesiredRepo, containers_of, http_get, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -138,3 +138,32 @@ async def test_unknown_names_missing_files_and_the_api_surfaces(sandbox: Sandbox
         assert ping.status_code == 200 and ping.json()["accepted"] is False, ping.text
         unsigned = await d.http.post("/webhook", content=body, headers={"X-GitHub-Event": "ping"})
         assert unsigned.status_code == 401
+
+
+async def test_healthy_means_its_health_probe_passes(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("trial-probe", 8164)
+    repo.commit("one")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+
+        async def row() -> dict[str, object]:
+            await d.engine.reconcile(["resync"])  # the resync probes what runs
+            await d.engine.drain()
+            rows = (await d.http.get("/services")).json()["services"]
+            return next(r for r in rows if r["name"] == "trial-probe")
+
+        first = await row()
+        assert first["health_status"] == "Healthy" and first["health_checked_at"], first
+        # by hand: the process goes on running, its health path answers 404
+        spec = d.engine.desired.hosts["sbx-1"]
+        [running] = [c for c in await containers_of(d, spec, "trial-probe") if c["State"] == "running"]
+        conn = (await d.engine.hosts.handle(spec)).conn
+        await conn.run(["docker", "exec", running["Id"], "rm", "/www/health"])
+        broken = await row()
+        assert broken["health_status"] == "Degraded", broken
+        assert any("health probe failed at" in r and "/health: HTTP 404" in r for r in broken["reasons"]), broken
+        assert broken["health_checked_at"] and broken["health_checked_at"] >= first["health_checked_at"]
+        metrics = (await d.http.get("/metrics")).text
+        assert 'health_status="Degraded"' in metrics and 'service="trial-probe"' in metrics
+        assert 'deployerd_service_health_checked_timestamp_seconds{service="trial-probe"}' in metrics

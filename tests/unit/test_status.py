@@ -64,3 +64,24 @@ def test_a_services_last_job_survives_the_next_update() -> None:
     board.job_ended("not-shown", "job-2")
     board.update(snap, busy=())
     assert board.services["ok"].last_job == "job-1" and "not-shown" not in board.services
+
+
+def test_healthy_only_while_its_probe_of_the_running_release_passes() -> None:
+    from deployerd.liveness import Probe
+
+    snap = _snapshot([Action(service=n, host="h1", kind=ActionKind.NOOP, release="r1") for n in ("ok", "drift")])
+    board = Board()
+    failed = Probe(release="r1", passed=False, detail="/health: HTTP 404", checked_at="2026-12-01T20:00:00+00:00",
+                   checked_ts=1.5)
+    older = Probe(release="r0", passed=False, detail="/health: HTTP 500", checked_at="2026-12-01T19:00:00+00:00",
+                  checked_ts=1.0)
+    board.update(snap, busy=(), probes={"ok": failed, "drift": older})
+    ok, drift = board.services["ok"], board.services["drift"]
+    assert ok.health_status is HealthState.DEGRADED and ok.health_checked_at == failed.checked_at
+    assert "health probe failed at 2026-12-01T20:00:00+00:00: /health: HTTP 404" in ok.reasons
+    assert drift.health_status is HealthState.HEALTHY and drift.health_checked_at is None  # another release's probe
+    rows = {r["service"]: r for r in board.metric_rows()}
+    assert rows["ok"]["health_checked_at"] == "1.500" and rows["drift"]["health_checked_at"] == ""
+    board.update(snap, busy=(), probes={"ok": Probe(release="r1", passed=True, detail="/health: HTTP 200",
+                                                    checked_at="2026-12-01T20:01:00+00:00", checked_ts=2.0)})
+    assert board.services["ok"].health_status is HealthState.HEALTHY
