@@ -22,8 +22,8 @@ from deployerd import __version__, legacy
 from deployerd.audit import parse_since, read_file
 from deployerd.engine import Conflict, Engine
 from deployerd.store import Job
-from deployerd.ui import ui_router
 from deployerd.udc import CountRequests, RequestStats, iso_now, udc_router
+from deployerd.ui import ui_router
 from deployerd.webhook import WebhookError, verify_webhook
 
 WEBHOOK_MAX_BYTES = 1 << 20

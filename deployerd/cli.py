@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import typer
@@ -20,11 +20,12 @@ registry_app = typer.Typer(help="The embedded Registry.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(registry_app, name="registry")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="config file (default /etc/deployerd/config.yaml or $DEPLOYERD_CONFIG)")
+ConfigOpt = typer.Option(None, "--config", "-c",
+                         help="config file (default /etc/deployerd/config.yaml or $DEPLOYERD_CONFIG)")
 UrlOpt = typer.Option(None, "--url", help="the daemon's API (default: from the config's listen address)")
 
 
-def _settings(config: Optional[Path]) -> Settings:
+def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except Exception as e:
@@ -39,7 +40,7 @@ def _logging(verbose: bool = False) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def _api(settings: Settings, url: Optional[str]) -> str:
+def _api(settings: Settings, url: str | None) -> str:
     host = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::") else settings.listen_host
     return url or f"http://{host}:{settings.listen_port}"
 
@@ -57,7 +58,7 @@ def _get(url: str, params: dict[str, str] | None = None, headers: dict[str, str]
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, verbose: bool = typer.Option(False, "-v")) -> None:
+def run(config: Path | None = ConfigOpt, verbose: bool = typer.Option(False, "-v")) -> None:
     """Run the daemon: watch git, reconcile, serve the API."""
     from deployerd import memory
     from deployerd.daemon import serve
@@ -68,7 +69,7 @@ def run(config: Optional[Path] = ConfigOpt, verbose: bool = typer.Option(False, 
 
 
 @app.command()
-def plan(config: Optional[Path] = ConfigOpt) -> None:
+def plan(config: Path | None = ConfigOpt) -> None:
     """Show what would change and why, changing nothing."""
     from deployerd.daemon import close_engine, open_engine
     from deployerd.plan import describe
@@ -87,7 +88,8 @@ def plan(config: Optional[Path] = ConfigOpt) -> None:
 
 
 @app.command()
-def status(config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(config: Path | None = ConfigOpt, url: str | None = UrlOpt,
+           as_json: bool = typer.Option(False, "--json")) -> None:
     """Services with their sync and health status (asks the running daemon)."""
     data = _get(f"{_api(_settings(config), url)}/services")
     if as_json:
@@ -103,7 +105,7 @@ def status(config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, as_j
 
 
 @app.command()
-def history(name: str, config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, limit: int = 10) -> None:
+def history(name: str, config: Path | None = ConfigOpt, url: str | None = UrlOpt, limit: int = 10) -> None:
     """Jobs, releases and quarantine of one service."""
     data = _get(f"{_api(_settings(config), url)}/services/{name}/history?limit={limit}")
     if data["quarantine"]:
@@ -132,9 +134,11 @@ def validate(path: Path = typer.Argument(..., help="a desired-state folder (host
 
 
 @app.command()
-def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
-         prune_all: bool = typer.Option(False, "--prune-all", help="let a commit that removes every service prune them"),
-         config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt) -> None:
+def sync(name: str | None = typer.Argument(None),
+         force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
+         prune_all: bool = typer.Option(False, "--prune-all",
+                                        help="let a commit that removes every service prune them"),
+         config: Path | None = ConfigOpt, url: str | None = UrlOpt) -> None:
     """Reconcile now (one service or all); --force retries a quarantined release; --prune-all lets a commit that
     removes every service prune them (refused otherwise: the empty desired state guard)."""
     settings = _settings(config)
@@ -154,11 +158,11 @@ def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(
 
 
 @app.command()
-def audit(service: Optional[str] = typer.Option(None, "--service", help="one service's jobs only"),
-          since: Optional[str] = typer.Option(None, "--since", help="30m, 2h, 7d, 1w, or an ISO date or time"),
-          file: Optional[Path] = typer.Option(None, "--file", help="read this audit.jsonl instead of asking the daemon"),
-          as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
-          url: Optional[str] = UrlOpt) -> None:
+def audit(service: str | None = typer.Option(None, "--service", help="one service's jobs only"),
+          since: str | None = typer.Option(None, "--since", help="30m, 2h, 7d, 1w, or an ISO date or time"),
+          file: Path | None = typer.Option(None, "--file", help="read this audit.jsonl instead of asking the daemon"),
+          as_json: bool = typer.Option(False, "--json"), config: Path | None = ConfigOpt,
+          url: str | None = UrlOpt) -> None:
     """The audit trail: who deployed what, when, why, and how it ended (GET /audit, with the API token)."""
     from deployerd.audit import AuditRecord, parse_since, read_file, table
 
@@ -188,7 +192,7 @@ def audit(service: Optional[str] = typer.Option(None, "--service", help="one ser
 
 
 @sandbox_app.command("up")
-def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Optional[Path] = None,
+def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Path | None = None,
                swarm: bool = typer.Option(False, "--swarm", help="form the hosts into a Docker Swarm (the first "
                                           "is the manager, running the cluster's image registry)")) -> None:
     """Start N test hosts (systemd + sshd + Docker each) and the embedded Registry."""
@@ -200,7 +204,7 @@ def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir:
 
 
 @sandbox_app.command("down")
-def sandbox_down(state_dir: Optional[Path] = None) -> None:
+def sandbox_down(state_dir: Path | None = None) -> None:
     """Remove every container, volume and process the sandbox started, and nothing else."""
     from deployerd import sandbox
 
@@ -209,7 +213,7 @@ def sandbox_down(state_dir: Optional[Path] = None) -> None:
 
 
 @sandbox_app.command("status")
-def sandbox_status(state_dir: Optional[Path] = None) -> None:
+def sandbox_status(state_dir: Path | None = None) -> None:
     from deployerd import sandbox
 
     typer.echo(sandbox.status(state_dir or sandbox.default_state_dir()).model_dump_json(indent=2))
@@ -218,7 +222,7 @@ def sandbox_status(state_dir: Optional[Path] = None) -> None:
 @registry_app.command("serve")
 def registry_serve(db: Path = typer.Option(Path("registry.db"), help="SQLite file"),
                    host: str = "127.0.0.1", port: int = 8000,
-                   token_file: Optional[Path] = typer.Option(None, help="bearer token for write routes")) -> None:
+                   token_file: Path | None = typer.Option(None, help="bearer token for write routes")) -> None:
     """Serve the Registry contract (droplets + the five service endpoints), persisted in SQLite."""
     from deployerd.registry.server import read_token, serve
 

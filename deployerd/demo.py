@@ -142,7 +142,8 @@ def up() -> int:
     services = _wait_converged(url)
     print()
     for s in services:
-        print(f"  {s['name']:<14} {s['sync_status']:<10} {s['health_status']:<9} release {s['running_release']}  {s['url']}")
+        print(f"  {s['name']:<14} {s['sync_status']:<10} {s['health_status']:<9} "
+              f"release {s['running_release']}  {s['url']}")
     ok = bool(services) and all(s["health_status"] == "Healthy" for s in services)
     print(f"""
 {'All services deployed, healthy and registered.' if ok else 'Not every service converged yet: see the log.'}

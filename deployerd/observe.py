@@ -217,7 +217,7 @@ async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryCl
         _registry(registry),
     )
     entries, error = registry_result
-    return ObservedState(hosts=dict(zip(names, facts_list)), registry=entries, registry_error=error)
+    return ObservedState(hosts=dict(zip(names, facts_list, strict=True)), registry=entries, registry_error=error)
 
 
 async def _registry(registry: RegistryClient) -> tuple[dict[str, RegistryEntry] | None, str | None]:

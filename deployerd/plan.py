@@ -84,7 +84,8 @@ def plan(
         names = sorted({i.service for i in managed} | set(registry_owned))
         return sorted((_empty_guard(name, managed, registry_owned) for name in names), key=sort_key)
 
-    hosts_of: dict[str, set[str]] = {}  # service -> hosts a managed instance of it is on (one pass, not one per service)
+    # service -> hosts a managed instance of it is on (one pass, not one per service)
+    hosts_of: dict[str, set[str]] = {}
     for i in managed:
         hosts_of.setdefault(i.service, set()).add(i.host)
     actions: list[Action] = []
@@ -273,7 +274,8 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
 def _empty_guard(name: str, managed: list[Instance], registry_owned: dict[str, str]) -> Action:
     hosts = sorted({i.host for i in managed if i.service == name})
     current = next((i.release for i in managed if i.service == name and i.current), None)
-    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED, current_release=current,
+    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED,
+                  current_release=current,
                   reasons=["commit removes every service; prune refused (empty desired state guard: "
                            "`deployerd sync --prune-all` prunes them)"])
 

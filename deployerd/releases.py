@@ -25,8 +25,9 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
     """Per-input digests (source, image, env, port, health, host) and the id over all of them.
 
     Env values only enter as a digest; the commit does not enter at all, so an unrelated commit keeps
-    the id. Secret values are not known here: the daemon adds their keyed digest (`Release.with_input`). Only the settings of the chosen method count (editing the systemd block of a docker
-    service changes nothing that runs).
+    the id. Secret values are not known here: the daemon adds their keyed digest (`Release.with_input`).
+    Only the settings of the chosen method count (editing the systemd block of a docker service changes
+    nothing that runs).
     """
     prefix = len(spec.source) + 1
     image: dict[str, Any] = {"method": spec.method}
