@@ -21,7 +21,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from deployerd import memory
 from deployerd.config import Settings
-from deployerd.connection import HostUnreachable
 from deployerd.desired import DesiredState, ServiceSpec, endpoint_url
 from deployerd.events import EventBus, ReconcileDone
 from deployerd.jobqueue import BACKOFF_MAX_S, BACKOFF_MIN_S, JobQueue
@@ -30,7 +29,7 @@ from deployerd.metrics import Metrics
 from deployerd.observe import Hosts
 from deployerd.observed import ObservedState, RegistryEntry
 from deployerd.outofband import Conflict, OutOfBand
-from deployerd.phases import Deployer
+from deployerd.phases import Deployer, is_transient
 from deployerd.plan import Action, ActionKind
 from deployerd.registry_client import RegistryClient
 from deployerd.restore import Restorer
@@ -67,7 +66,7 @@ class Engine:
                                idle=lambda: not self.queue.in_flight)
         locks = HostLocks(settings.state_dir, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s,
                           instance=settings.instance, on_event=self.metrics.lock_event)
-        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self.planner.tree_at,
+        self.deployer = Deployer(store, registry, settings.keep_releases, tree_at=self.planner.tree_at,
                                  locks=locks, secret_env=self._current_secrets, events=self.events)
         self.restorer = Restorer(store, self.deployer, self.hosts, self.planner.tree_at)
         self.out_of_band = OutOfBand(self.secrets, store, self.hosts, self.deployer, settings.instance,
@@ -246,13 +245,9 @@ class Engine:
 
     async def _crashed(self, job: Job, e: Exception) -> Job:
         """End a job whose work raised (a host lost mid-job is transient: retried, never quarantined)."""
-        if not isinstance(e, HostUnreachable):
+        if not is_transient(e):
             log.exception("job %s crashed", job.id, exc_info=e)
-        job.status, job.error = JobStatus.FAILED, self.deployer.crashed(job, f"{type(e).__name__}: {e}")
-        job.transient = isinstance(e, HostUnreachable)
-        job.completed_at = utcnow()
-        await self.store.save_job(job)
-        return job
+        return await self.deployer.end_crashed(job, e)
 
     def _ended(self, job: Job) -> None:
         self.planner.close_retired()

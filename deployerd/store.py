@@ -92,6 +92,7 @@ class Job(BaseModel):
     request: dict[str, Any] | None = None  # the older API's request as sent (env var names, never values)
     registration: dict[str, Any] | None = None
     phases: list[PhaseRecord] = Field(default_factory=list)
+    rollback_phases: list[PhaseRecord] = Field(default_factory=list)  # the restored release's pass, if any
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     completed_at: str | None = None

@@ -4,7 +4,9 @@ Layout under the service dir (``<base_dir>/<qualified name>``)::
 
     releases/<release>/          the transferred source (root-owned, world-readable)
     releases/<release>.manifest.json
-    venvs/<release>/             the release's venv; ``.deployerd-complete`` in it is written last
+    venvs/<release> -> ../pyenvs/<key>   the release's venv: one per set of dependencies (requirements,
+                                 wheels, the host's Python), shared by releases that share them, so an env-
+                                 or command-only change builds nothing; ``.deployerd-complete`` is written last
     env/<release>.env            EnvironmentFile (0600 in a 0700 dir; read by PID 1, never by the service)
     current -> releases/<id>     the unit's WorkingDirectory, switched atomically (``current.new`` + ``mv -T``)
     data/                        the only path the service may write (ReadWritePaths=)
@@ -13,6 +15,9 @@ One unit per service, ``/etc/systemd/system/deployerd-<qualified name>.service``
 lines (ignored by systemd) carry what Docker keeps in labels: service, release, commit, instance,
 managed_by, port and inputs; observe reads them back. A rollback is a ``start`` of the previous release:
 its venv and source are still on the host, so only the unit, ``current`` and a restart change.
+
+The build and start steps are data (``build_steps``, ``start_steps``), executed by ``steps.execute``: Start
+Service is three round trips (the release's facts, naming it, running it), Build two.
 
 Facts are read by one constant helper (``python3 -c PROBE args``, no value ever spliced into code or a
 shell string): every deployerd unit of this instance, its metadata, its systemd state, ``current`` and
@@ -25,12 +30,15 @@ import hashlib
 import json
 import posixpath
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from deployerd.connection import CommandError
 from deployerd.failpoints import failpoint
 from deployerd.observed import Instance, RunState
-from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
+from deployerd.layout import release_id
+from deployerd.runtimes.base import BuildResult, Output, ReleaseContext, Removed, Runtime, StartError, StartResult
+from deployerd.runtimes.steps import Run, Step, Write, execute
 
 UNIT_DIR = "/etc/systemd/system"
 META_PREFIX = "X-Deployerd-"
@@ -111,6 +119,7 @@ def service_user(ctx: ReleaseContext) -> str:
 
 
 def venv_dir(service_dir: str, release: str) -> str:
+    """The venv path a release's unit names (a link to the venv its dependencies share, see ``layout``)."""
     return posixpath.join(service_dir, "venvs", release)
 
 
@@ -272,6 +281,159 @@ def _tail(text: str, lines: int = 40) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
+# --------------------------------------------------------------------------- pure: steps
+
+# One release's facts, in one round trip: is it complete on the host, which venv it needs (the digest of what
+# the venv depends on: the requirements file and the wheels as the release manifest lists them, and the host's
+# Python), is that venv built, what the venv's bin holds, what ``current`` names.
+RELEASE_FACTS = r"""
+import hashlib, json, os, sys
+sdir, release, req = sys.argv[1], sys.argv[2], sys.argv[3]
+rdir = os.path.join(sdir, "releases", release)
+try:
+    with open(os.path.join(sdir, "releases", release + ".manifest.json")) as f:
+        manifest = json.load(f)
+except (OSError, ValueError):
+    manifest = None
+m = manifest or {}
+has_req = os.path.isfile(os.path.join(rdir, req))
+has_wheels = os.path.isdir(os.path.join(rdir, "wheels"))
+deps = {"python": [sys.version, os.path.realpath(sys.executable)], "requirements": m.get(req) if has_req else None,
+        "wheels": sorted([k, v] for k, v in m.items() if k.startswith("wheels/")) if has_wheels else None}
+key = hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:16]
+venv = os.path.join(sdir, "venvs", release)
+try:
+    bins = sorted(os.listdir(os.path.join(venv, "bin")))
+except OSError:
+    bins = []
+try:
+    current = os.path.basename(os.readlink(os.path.join(sdir, "current")))
+except OSError:
+    current = None
+print(json.dumps({
+    "release_dir": os.path.isdir(rdir), "manifest": manifest is not None, "key": key,
+    "has_req": has_req, "has_wheels": has_wheels,
+    "built": os.path.isfile(os.path.join(sdir, "pyenvs", key, ".deployerd-complete")),
+    "linked": os.path.isfile(os.path.join(venv, ".deployerd-complete")), "bins": bins, "current": current}))
+"""
+
+# Venvs in ``pyenvs/`` that no release's ``venvs/`` link points at any more (run under the service's lock).
+PRUNE_PYENVS = r"""
+import os, shutil, sys
+sdir = sys.argv[1]
+pyenvs, venvs = os.path.join(sdir, "pyenvs"), os.path.join(sdir, "venvs")
+try:
+    used = {os.path.realpath(os.path.join(venvs, v)) for v in os.listdir(venvs)}
+    have = os.listdir(pyenvs)
+except OSError:
+    sys.exit(0)
+for k in have:
+    if os.path.realpath(os.path.join(pyenvs, k)) not in used:
+        shutil.rmtree(os.path.join(pyenvs, k), ignore_errors=True)
+        print(k)
+"""
+
+
+@dataclass(frozen=True)
+class ReleaseFacts:
+    """What ``RELEASE_FACTS`` reads for one release."""
+
+    release_dir: bool
+    manifest: bool
+    key: str  # the venv's key: the digest of what it depends on
+    has_req: bool
+    has_wheels: bool
+    built: bool  # the venv for ``key`` is complete
+    linked: bool  # the release's venv link leads to a complete venv
+    bins: tuple[str, ...]
+    current: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> ReleaseFacts:
+        d = json.loads(text)
+        return cls(d["release_dir"], d["manifest"], d["key"], d["has_req"], d["has_wheels"], d["built"],
+                   d["linked"], tuple(d["bins"]), d["current"])
+
+
+def _link(target: str, link: str) -> list[Step]:
+    """Point ``link`` at ``target`` atomically (a new link beside it, renamed over it)."""
+    new = f"{link}.new"
+    return [Run("ln", "-sfnT", "--", target, new), Run("mv", "-T", "--", new, link)]
+
+
+def build_steps(ctx: ReleaseContext, facts: ReleaseFacts) -> list[Step]:
+    """Build: the venv for the release's dependencies when no release built it yet, then the release's link
+    to it. A build cut short by a daemon crash goes on running on the host (no pty: no SIGHUP when the SSH
+    connection dies), so every step that writes a venv holds the service's build lock: the next build waits
+    for that orphan to end before it deletes and rewrites the same directory."""
+    layout, rid = ctx.layout, ctx.release.id
+    venv = layout.pyenv(facts.key)
+    steps: list[Step] = [Run("install", "-d", "-m", "0755", "--", layout.pyenvs_dir, layout.venvs_dir)]
+    if not facts.built:
+        locked = ("flock", "--wait", "900", "--", layout.build_lock)
+        steps += [Run(*locked, "rm", "-rf", "--", venv, timeout=16 * 60),
+                  # pip only when there is something to install: ensurepip is most of a venv's build time
+                  Run(*locked, "python3", "-m", "venv", *([] if facts.has_req else ["--without-pip"]), "--", venv,
+                      timeout=5 * 60)]
+        if facts.has_req:
+            pip = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                   "--no-input", "--progress-bar", "off"]
+            if facts.has_wheels:
+                pip += ["--no-index", "--find-links", posixpath.join(ctx.release_dir, "wheels")]
+            steps.append(Run(*locked, *pip, "-r", posixpath.join(ctx.release_dir, ctx.spec.systemd.requirements),
+                             timeout=15 * 60))
+    # readable by the service user whatever umask wrote them; nothing writable but by root
+    steps += [Run("chmod", "-R", "u+rwX,go+rX,go-w", "--", ctx.release_dir, venv),
+              Run("chmod", "0755", "--", layout.service_dir, layout.releases_dir)]
+    if not facts.built:
+        marker = {"key": facts.key, "built_for": rid, "commit": ctx.commit}
+        steps.append(Write(posixpath.join(venv, COMPLETE_MARKER), json.dumps(marker).encode()))
+    return steps + _link(posixpath.join("..", "pyenvs", facts.key), layout.venv(rid))
+
+
+def start_steps(ctx: ReleaseContext, user: str, unit_text: str) -> tuple[list[Step], list[Step]]:
+    """Start Service as two lists: what makes the host name the new release (user, env file, data dir, unit,
+    ``current``), then what makes systemd run it. The caller runs them in two round trips (a crash test
+    stops the daemon between them)."""
+    layout, unit = ctx.layout, unit_name(ctx.qualified_name)
+    name = [
+        Run("useradd", "--system", "--no-create-home", "--user-group", "--home-dir", "/nonexistent",
+            "--shell", "/usr/sbin/nologin", "--", user, ok=(0, 9)),  # 9: it exists
+        Run("install", "-d", "-m", "0700", "--", layout.env_dir),
+        Write(ctx.env_file, systemd_env_file_text(ctx.env), 0o600),
+        Run("install", "-d", "-m", "0750", "--", layout.data_dir),
+        Run("chown", "--", f"{user}:", layout.data_dir),  # the user and its login group
+        Write(posixpath.join(UNIT_DIR, unit), unit_text.encode()),
+        *_link(posixpath.join("releases", ctx.release.id), layout.current),
+    ]
+    run = [
+        Run("systemctl", "daemon-reload"),
+        Run("systemctl", "enable", "--quiet", "--", unit),
+        Run("systemctl", "reset-failed", "--", unit, ok=None),  # clear a spent start limit
+        Run("systemctl", "restart", "--", unit, timeout=120),
+    ]
+    return name, run
+
+
+# The journal of one unit since its file was last written (the start of the release it names), and how its
+# main process last ended: a failed release's own lines, not the previous release's.
+UNIT_LOGS = r"""
+import json, os, subprocess, sys
+unit_path, unit, lines = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    since = ["--since", "@%.6f" % os.stat(unit_path).st_mtime]
+except OSError:
+    since = []
+j = subprocess.run(["journalctl", "-u", unit, *since, "-n", lines, "--no-pager", "-o", "cat"],
+                   capture_output=True, text=True, errors="replace")
+s = subprocess.run(["systemctl", "show", "--property=ExecMainStatus,ExecMainCode", "--", unit],
+                   capture_output=True, text=True)
+props = dict(line.split("=", 1) for line in s.stdout.splitlines() if "=" in line)
+print(json.dumps({"lines": j.stdout.splitlines(), "status": props.get("ExecMainStatus"),
+                  "code": props.get("ExecMainCode")}))
+"""
+
+
 # --------------------------------------------------------------------------- the runtime
 
 
@@ -287,141 +449,110 @@ class SystemdRuntime(Runtime):
             raise CommandError(self.host.name, "python3 (systemd probe)", done.exit_status, done.stderr)
         return json.loads(done.stdout)
 
+    async def _facts(self, ctx: ReleaseContext) -> ReleaseFacts:
+        done = await self.conn.run(["python3", "-c", RELEASE_FACTS, ctx.service_dir, ctx.release.id,
+                                    ctx.spec.systemd.requirements])
+        return ReleaseFacts.parse(done.stdout)
+
     async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
         return parse_probe(await self._probe(), self.host.name, self.method)
 
     async def has_artifact(self, ctx: ReleaseContext) -> bool:
-        marker = posixpath.join(venv_dir(ctx.service_dir, ctx.release.id), COMPLETE_MARKER)
-        manifest = posixpath.join(ctx.service_dir, "releases", f"{ctx.release.id}.manifest.json")
-        done = await self.conn.run(["test", "-f", marker, "-a", "-f", manifest, "-a", "-d", ctx.release_dir],
-                                   check=False)
-        return done.exit_status == 0
+        facts = await self._facts(ctx)
+        return facts.linked and facts.manifest and facts.release_dir
 
-    async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
-        venv = venv_dir(ctx.service_dir, ctx.release.id)
-        requirements = posixpath.join(ctx.release_dir, ctx.spec.systemd.requirements)
-        wheels = posixpath.join(ctx.release_dir, "wheels")
-        has_req = (await self.conn.run(["test", "-f", requirements], check=False)).ok
-        has_wheels = (await self.conn.run(["test", "-d", wheels], check=False)).ok
-        # A build cut short by a daemon crash goes on running on the host (no pty: no SIGHUP when the SSH
-        # connection dies). Every step that writes the venv holds the service's build lock, so the next
-        # build waits for that orphan to end before it deletes and rewrites the same directory.
-        locked = ["flock", "--wait", "900", "--", posixpath.join(ctx.service_dir, ".build.lock")]
-        await self.conn.run(["install", "-d", "-m", "0755", "--", posixpath.dirname(venv)])
-        await self.conn.run([*locked, "rm", "-rf", "--", venv], timeout=16 * 60)
+    async def build(self, ctx: ReleaseContext) -> BuildResult:
+        facts = await self._facts(ctx)
         try:
-            # pip only when there is something to install: ensurepip is most of a venv's build time
-            await self.conn.run([*locked, "python3", "-m", "venv", *([] if has_req else ["--without-pip"]), "--",
-                                 venv], timeout=5 * 60)
-            if has_req:
-                argv = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                        "--no-input", "--progress-bar", "off"]
-                if has_wheels:
-                    argv += ["--no-index", "--find-links", wheels]
-                await self.conn.run([*locked, *argv, "-r", requirements], timeout=15 * 60)
+            await execute(self.conn, build_steps(ctx, facts))
         except CommandError as e:
             raise StartError(f"venv of {ctx.qualified_name} release {ctx.release.id} failed on {self.host.name}",
                              _tail(e.stderr)) from e
-        # readable by the service user whatever umask wrote them; nothing writable but by root
-        await self.conn.run(["chmod", "-R", "u+rwX,go+rX,go-w", "--", ctx.release_dir, venv])
-        await self.conn.run(["chmod", "0755", "--", ctx.service_dir, posixpath.join(ctx.service_dir, "releases")])
-        await self.conn.put_bytes(posixpath.join(venv, COMPLETE_MARKER),
-                                  json.dumps({"release": ctx.release.id, "commit": ctx.commit}).encode(), mode=0o644)
-        return {"venv": venv, "requirements": ctx.spec.systemd.requirements if has_req else None,
-                "offline_wheels": has_wheels and has_req}
+        venv = venv_dir(ctx.service_dir, ctx.release.id)
+        return BuildResult(venv, {"venv": venv, "venv_key": facts.key, "venv_reused": facts.built,
+                                  "requirements": ctx.spec.systemd.requirements if facts.has_req else None,
+                                  "offline_wheels": facts.has_wheels and facts.has_req})
 
-    async def _ensure_user(self, user: str) -> bool:
-        """Create the service's system user if missing; True when it was created now."""
-        done = await self.conn.run(["useradd", "--system", "--no-create-home", "--user-group",
-                                    "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--", user],
-                                   check=False)
-        if done.exit_status == 9:  # already exists
-            return False
-        if done.exit_status != 0:
-            raise StartError(f"useradd {user} failed on {self.host.name}", _tail(done.stderr))
-        return True
-
-    async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
+    async def start(self, ctx: ReleaseContext) -> StartResult:
         unit = unit_name(ctx.qualified_name)
         user = service_user(ctx)
-        venv = venv_dir(ctx.service_dir, ctx.release.id)
-        created = await self._ensure_user(user)
-        await self.conn.run(["install", "-d", "-m", "0700", "--", posixpath.dirname(ctx.env_file)])
-        await self.conn.put_bytes(ctx.env_file, systemd_env_file_text(ctx.env), mode=0o600)
-        data = posixpath.join(ctx.service_dir, "data")
-        await self.conn.run(["install", "-d", "-m", "0750", "--", data])
-        await self.conn.run(["chown", "--", f"{user}:", data])  # the user and its login group
-        bins = (await self.conn.run(["ls", "-1", "--", posixpath.join(venv, "bin")], check=False)).stdout.split()
-        text = render_unit(ctx, user, command_argv(ctx, set(bins)))
-        previous = (await self.conn.run(["readlink", "--", posixpath.join(ctx.service_dir, "current")],
-                                        check=False)).stdout.strip()
-        await self.conn.put_bytes(posixpath.join(UNIT_DIR, unit), text.encode(), mode=0o644)
-        new_link = posixpath.join(ctx.service_dir, "current.new")
-        await self.conn.run(["ln", "-sfnT", "--", posixpath.join("releases", ctx.release.id), new_link])
-        await self.conn.run(["mv", "-T", "--", new_link, posixpath.join(ctx.service_dir, "current")])
+        facts = await self._facts(ctx)
+        text = render_unit(ctx, user, command_argv(ctx, set(facts.bins)))
+        name, run = start_steps(ctx, user, text)
+        done = await execute(self.conn, name)
         await failpoint("Start Service")  # test-only: the host names the new release, the old code still runs
-        await self.conn.run(["systemctl", "daemon-reload"])
-        await self.conn.run(["systemctl", "enable", "--quiet", "--", unit])
-        await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)  # clear a spent start limit
         try:
-            await self.conn.run(["systemctl", "restart", "--", unit], timeout=120)
+            await execute(self.conn, run)
         except CommandError as e:
-            raise StartError(f"unit {unit} did not start on {self.host.name}",
-                             await self._journal(unit) or _tail(e.stderr)) from e
-        return {"unit": unit, "user": user, "user_created": created, "release_dir": ctx.release_dir,
-                "previous_release": posixpath.basename(previous) or None, "reused_container": None}
+            out = await self.logs(ctx)
+            raise StartError(f"unit {unit} did not start on {self.host.name}{_ended(out)}",
+                             out.lines or _tail(e.stderr)) from e
+        return StartResult(unit, None, facts.current,
+                           {"unit": unit, "user": user, "user_created": done[0].exit_status == 0,
+                            "release_dir": ctx.release_dir, "previous_release": facts.current})
 
-    async def state(self, service: str, release: str) -> RunState | None:
-        units = await self._probe(self.qualified(service))
+    async def state(self, ctx: ReleaseContext) -> RunState | None:
+        units = await self._probe(ctx.qualified_name)
         if not units:
             return None
         u = units[0]
         state = run_state(u.get("props") or {})
         if state is None:
             return None
+        release = ctx.release.id
         if u.get("current") != release or (u.get("meta") or {}).get("release") != release:
             return RunState.STOPPED
         return state
 
-    async def _journal(self, unit: str, lines: int = 40) -> list[str]:
-        done = await self.conn.run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"],
+    async def logs(self, ctx: ReleaseContext, lines: int = 40) -> Output:
+        unit = unit_name(ctx.qualified_name)
+        done = await self.conn.run(["python3", "-c", UNIT_LOGS, posixpath.join(UNIT_DIR, unit), unit, str(lines)],
                                    check=False)
-        return [line for line in done.stdout.splitlines() if line.strip()][-lines:]
+        try:
+            d = json.loads(done.stdout)
+        except ValueError:
+            return Output([])
+        status = d.get("status") or ""
+        code = int(status) if status.isdigit() and d.get("code") == "exited" else None
+        return Output([line for line in d.get("lines") or [] if line.strip()][-lines:], code)
 
-    async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
-        return await self._journal(unit_name(self.qualified(service)), lines)
-
-    async def discard(self, service: str, release: str) -> None:
-        units = await self._probe(self.qualified(service))
-        if units and (units[0].get("meta") or {}).get("release") == release:
-            unit = unit_name(self.qualified(service))
+    async def discard(self, ctx: ReleaseContext) -> None:
+        units = await self._probe(ctx.qualified_name)
+        if units and (units[0].get("meta") or {}).get("release") == ctx.release.id:
+            unit = unit_name(ctx.qualified_name)
             await self.conn.run(["systemctl", "stop", "--", unit], check=False)
             await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)
 
-    async def remove_service(self, service: str) -> dict[str, Any]:
+    async def remove_service(self, service: str) -> Removed:
         q = self.qualified(service)
         unit = unit_name(q)
-        sdir = self.service_dir(service)
-        listed = await self.conn.run(["ls", "-1", "--", posixpath.join(sdir, "releases")], check=False)
-        releases = sorted({e.removesuffix(".manifest.json").removesuffix(".partial") for e in listed.stdout.split()})
+        layout = self.layout(service)
+        listed = await self.conn.run(["ls", "-1", "--", layout.releases_dir], check=False)
+        releases = sorted({release_id(e) for e in listed.stdout.split()})
         await self.conn.run(["systemctl", "disable", "--now", "--quiet", "--", unit], check=False)
         await self.conn.run(["rm", "-f", "--", posixpath.join(UNIT_DIR, unit)])
         await self.conn.run(["systemctl", "daemon-reload"])
         await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)
-        await self.conn.run(["rm", "-rf", "--", sdir])
+        await self.conn.run(["rm", "-rf", "--", layout.service_dir])
         # the user deployerd made for it (a user named in the manifest is the admin's, left alone)
         await self.conn.run(["userdel", "--", default_user(q)], check=False)
-        return {"unit": unit, "removed_releases": releases}
+        return Removed(releases, {"unit": unit})
 
-    async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
-        sdir = self.service_dir(service)
-        current = (await self.conn.run(["readlink", "--", posixpath.join(sdir, "current")], check=False)).stdout.strip()
+    async def retain(self, service: str, keep: list[str]) -> Removed:
+        layout = self.layout(service)
+        current = (await self.conn.run(["readlink", "--", layout.current], check=False)).stdout.strip()
         protect = set(keep) | {posixpath.basename(current)}  # never what serves, whatever keep says
         stale = sorted(r for r in await self.host_releases(service) if r not in protect)
         await self.remove_stale_temps([UNIT_DIR], unit_name(self.qualified(service)))
         await self.remove_release_files(service, stale)
-        return {"removed_releases": stale}
+        if stale:
+            await self.conn.run(["python3", "-c", PRUNE_PYENVS, layout.service_dir], check=False)
+        return Removed(stale)
+
+
+def _ended(out: Output) -> str:
+    return f" (its process exited with code {out.exit_code})" if out.exit_code else ""
 
 
 __all__ = ["SystemdRuntime", "render_unit", "command_argv", "parse_probe", "run_state", "unit_quote",
-           "systemd_env_file_text", "default_user", "unit_name"]
+           "systemd_env_file_text", "default_user", "unit_name", "build_steps", "start_steps", "ReleaseFacts"]

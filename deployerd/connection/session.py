@@ -1,20 +1,7 @@
-"""The SSH connection seam: one asyncssh connection per host, kept and reused across reconciles.
+"""One host's SSH connection: commands, SFTP calls and tunnels over it, and the counters of each.
 
-Why one connection: the seed deployer opened a new SSH session per phase and accepted any host key;
-here every command, SFTP transfer and tunnel (Docker socket, health-check port) shares one verified
-connection per host, and the pool counts round trips so a benchmark can hold us to that.
-
-Exception tree (library errors are translated here, at the boundary)::
-
-    HostUnreachable            could not reach or keep a session with the host (transient: retry)
-     +-- HostKeyRejected       host key did not verify against known_hosts (terminal)
-     +-- AuthenticationRejected our key was refused or unreadable (terminal)
-    CommandError               the command ran and failed (non-zero exit)
-     +-- CommandTimeout        it did not finish within its timeout
-     +-- RemoteFileError       an SFTP operation failed (missing file, permission, ...)
-
-Commands are argv lists joined with :func:`shlex.join`; never interpolated shell strings. Secrets go
-through ``input`` (stdin) or SFTP, never the command line. Nothing here logs argv beyond ``argv[0]``.
+Every failure leaves here translated (``errors``): callers never see an asyncssh exception. Each public
+command or SFTP call counts as one round trip in ``HostStats``.
 """
 
 from __future__ import annotations
@@ -37,129 +24,24 @@ from pathlib import PurePosixPath
 
 import asyncssh
 
-__all__ = [
-    "AuthenticationRejected",
-    "CommandError",
-    "CommandTimeout",
-    "Completed",
-    "Connection",
-    "ConnectionPool",
-    "HostAddress",
-    "HostKeyRejected",
-    "HostStats",
-    "HostUnreachable",
-    "RemoteFileError",
-]
+from deployerd.connection.names import _SOCKET_DIR_PREFIX, _temp_name
+from deployerd.connection.errors import (
+    _CONNECTION_ERRORS,
+    AuthenticationRejected,
+    CommandError,
+    CommandTimeout,
+    HostKeyRejected,
+    HostUnreachable,
+    RemoteFileError,
+    _translate,
+)
 
 REMOTE_DOCKER_SOCKET = "/var/run/docker.sock"
 
 # asyncssh logs every full command line at INFO; keep it to warnings so argv never reaches the logs.
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
-_STDERR_TAIL = 400  # characters of stderr kept in a CommandError message
 _CHANNEL_RETRY_DELAYS = (0.05, 0.2, 0.5)  # seconds between attempts when sshd refuses a channel
 _CHUNK = 256 * 1024  # local file read size for put_file (read off the event loop)
-
-
-# --------------------------------------------------------------------------------------------- errors
-
-
-class HostUnreachable(Exception):
-    """The host could not be reached or the session broke (refused, timeout, reset, DNS).
-
-    ``transient`` tells the caller whether retrying later can help.
-    """
-
-    transient = True
-
-    def __init__(self, host: str, reason: str) -> None:
-        self.host = host
-        self.reason = reason
-        super().__init__(f"host {host} unreachable: {reason}")
-
-
-class HostKeyRejected(HostUnreachable):
-    """The host presented a key that known_hosts does not vouch for: never connect, never retry blindly."""
-
-    transient = False
-
-    def __init__(self, host: str, known_hosts: str, detail: str = "") -> None:
-        self.known_hosts = known_hosts
-        HostUnreachable.__init__(self, host, "host key rejected")
-        msg = f"host key for {host} did not verify against {known_hosts}"
-        self.args = (f"{msg} ({detail})" if detail else msg,)
-
-
-class AuthenticationRejected(HostUnreachable):
-    """The host refused our key, or the key file could not be read; retrying will not help."""
-
-    transient = False
-
-
-class CommandError(Exception):
-    """The command ran on the host and failed. Only argv[0] is named: later args may be sensitive."""
-
-    def __init__(self, host: str, command: str, exit_status: int, stderr: str) -> None:
-        self.host = host
-        self.command = command
-        self.exit_status = exit_status
-        self.stderr = stderr
-        tail = stderr.strip()[-_STDERR_TAIL:]
-        super().__init__(f"{host}: {command} exited {exit_status}" + (f": {tail}" if tail else ""))
-
-
-class CommandTimeout(CommandError):
-    """The command did not finish in time; its channel was closed (the connection itself may be fine)."""
-
-    def __init__(self, host: str, command: str, timeout: float, stderr: str = "") -> None:
-        super().__init__(host, command, -1, stderr)
-        self.timeout = timeout
-        self.args = (f"{host}: {command} timed out after {timeout:g}s",)
-
-
-class RemoteFileError(CommandError):
-    """An SFTP operation failed on the host (``code`` is the SFTP status, e.g. 2 = no such file)."""
-
-    def __init__(self, host: str, op: str, path: str, code: int, reason: str) -> None:
-        super().__init__(host, f"sftp {op}", code, reason)
-        self.path = path
-        self.code = code
-        self.args = (f"{host}: sftp {op} {path}: {reason}",)
-
-    @property
-    def not_found(self) -> bool:
-        """True when the path does not exist (lets callers treat "absent" as a fact, not a failure)."""
-        return self.code in (asyncssh.FX_NO_SUCH_FILE, asyncssh.FX_NO_SUCH_PATH)
-
-
-def _translate(host: str, exc: BaseException) -> HostUnreachable:
-    """Map asyncssh/OSError connection failures to HostUnreachable with a short, secret-free reason."""
-    if isinstance(exc, asyncssh.PermissionDenied):
-        return AuthenticationRejected(host, f"authentication refused: {exc.reason}")
-    if isinstance(exc, asyncssh.DisconnectError):
-        return HostUnreachable(host, f"disconnected: {exc.reason}")
-    if isinstance(exc, asyncssh.ChannelOpenError):
-        return HostUnreachable(host, f"channel refused: {exc.reason}")
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return HostUnreachable(host, "timed out")
-    if isinstance(exc, socket.gaierror):
-        return HostUnreachable(host, f"DNS: {exc.strerror or exc}")
-    if isinstance(exc, ConnectionRefusedError):
-        return HostUnreachable(host, "connection refused")
-    if isinstance(exc, ConnectionResetError):
-        return HostUnreachable(host, "connection reset")
-    if isinstance(exc, OSError):
-        return HostUnreachable(host, exc.strerror or type(exc).__name__)
-    return HostUnreachable(host, type(exc).__name__)
-
-
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncssh.DisconnectError,
-    asyncssh.ChannelOpenError,
-    asyncssh.sftp.SFTPConnectionLost,
-    asyncssh.sftp.SFTPNoConnection,
-)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -435,6 +317,27 @@ class Connection:
         except (*_CONNECTION_ERRORS, asyncssh.SFTPError) as exc:
             raise self._sftp_error("mkdir", path, exc) from None
 
+    async def replace_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write ``path`` in place, first removing what is there (never editing a file another path may share
+        as a hard link). Not atomic: for files inside a folder that is renamed into place as a whole."""
+        async def write(sftp: asyncssh.SFTPClient) -> None:
+            if await sftp.lexists(path):
+                await sftp.remove(path)
+            async with sftp.open(path, "wb", encoding=None) as f:
+                await f.write(data)
+            await sftp.chmod(path, mode)
+
+        await self._sftp_call("write", path, write)
+
+    async def replace_symlink(self, target: str, path: str) -> None:
+        """Make ``path`` a symlink to ``target``, first removing what is there."""
+        async def link(sftp: asyncssh.SFTPClient) -> None:
+            if await sftp.lexists(path):
+                await sftp.remove(path)
+            await sftp.symlink(target, path)
+
+        await self._sftp_call("symlink", path, link)
+
     async def link(self, src: str, dst: str) -> None:
         """Hard-link ``src`` as ``dst``; fails if ``dst`` exists (an exclusive create with full content)."""
         await self._sftp_call("link", dst, lambda sftp: sftp.link(src, dst))
@@ -534,115 +437,3 @@ def _decode(data: bytes | str | None) -> str:
     if isinstance(data, str):
         return data
     return data.decode("utf-8", errors="replace")
-
-
-_SOCKET_DIR_PREFIX = "deployerd-ssh-"
-
-
-def sweep_socket_dirs() -> list[str]:
-    """Remove the forwarded-socket dirs (``deployerd-ssh-<pid>-*`` in the temp dir) of daemons that died
-    without closing (SIGKILL); a live process's dirs stay. Blocking: run it in a thread. Returns what went."""
-    base = tempfile.gettempdir()
-    gone = []
-    for name in os.listdir(base):
-        pid = name.removeprefix(_SOCKET_DIR_PREFIX).split("-", 1)[0]
-        path = os.path.join(base, name)
-        if not name.startswith(_SOCKET_DIR_PREFIX) or not pid.isdigit():
-            continue
-        try:
-            if os.lstat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-            continue  # alive (or a reused pid: then the dir stays, which is harmless)
-        except ProcessLookupError:
-            pass
-        except OSError:  # another user's process, or the dir just went
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        gone.append(path)
-    return gone
-
-
-_TEMP_INFIX = ".tmp-"
-
-
-def temp_name_pattern(name: str = "*") -> str:
-    """The glob of ``_temp_name``'s names for files named ``name``: what a write cut short leaves behind."""
-    return f".{name}{_TEMP_INFIX}*"
-
-
-def _temp_name(path: str) -> str:
-    """A hidden, unique sibling of ``path``: same filesystem, so the final rename is atomic."""
-    p = PurePosixPath(path)
-    return str(p.with_name(f".{p.name}{_TEMP_INFIX}{secrets.token_hex(6)}"))
-
-
-# ------------------------------------------------------------------------------------------------ pool
-
-
-@dataclass
-class _Slot:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    conn: Connection | None = None
-    stats: HostStats = field(default_factory=HostStats)
-
-
-class ConnectionPool:
-    """Keeps one live Connection per host name; reconnects when it was lost or the address changed."""
-
-    def __init__(
-        self,
-        *,
-        connect_timeout: float = 15.0,
-        keepalive_interval: float = 15.0,
-        keepalive_count_max: int = 3,
-        max_sessions: int = 6,
-    ) -> None:
-        self._max_sessions = max_sessions
-        self._connect_timeout = connect_timeout
-        self._keepalive_interval = keepalive_interval
-        self._keepalive_count_max = keepalive_count_max
-        self._slots: dict[str, _Slot] = {}
-
-    async def get(self, host: HostAddress) -> Connection:
-        """The live connection for ``host``, connecting once even if many callers ask at the same time."""
-        slot = self._slots.get(host.name)
-        if slot is None:
-            slot = self._slots[host.name] = _Slot()
-        conn = slot.conn
-        if conn is not None and conn.host == host and not conn.is_closed:
-            return conn
-        async with slot.lock:
-            conn = slot.conn
-            if conn is not None and conn.host == host and not conn.is_closed:
-                return conn  # another caller connected while we waited
-            if conn is not None:
-                slot.conn = None
-                await conn.close()
-            slot.conn = await Connection.open(
-                host,
-                stats=slot.stats,
-                connect_timeout=self._connect_timeout,
-                keepalive_interval=self._keepalive_interval,
-                keepalive_count_max=self._keepalive_count_max,
-                max_sessions=self._max_sessions,
-            )
-            return slot.conn
-
-    async def drop(self, name: str) -> None:
-        """Close one host's connection (e.g. the host left the inventory); the next get() reconnects."""
-        slot = self._slots.get(name)
-        if slot is not None and slot.conn is not None:
-            conn, slot.conn = slot.conn, None
-            await conn.close()
-
-    async def close_all(self) -> None:
-        """Close every connection; the pool stays usable and its counters are kept."""
-        conns = [s.conn for s in self._slots.values() if s.conn is not None]
-        for slot in self._slots.values():
-            slot.conn = None
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-
-    def stats(self) -> dict[str, HostStats]:
-        """A snapshot (copies) of the counters per host name, to diff before/after a reconcile."""
-        return {name: dataclasses.replace(slot.stats) for name, slot in self._slots.items()}
