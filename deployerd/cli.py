@@ -102,6 +102,10 @@ def status(config: Path | None = ConfigOpt, url: str | None = UrlOpt,
         if s["sync_status"] != "Synced":
             for reason in s["reasons"]:
                 typer.echo(f"{'':<24} - {reason}")
+        if s["sync_status"] != "Synced" or s["health_status"] != "Healthy":
+            last = _get(f"{_api(_settings(config), url)}/services/{s['name']}").get("last_job") or {}
+            if last.get("error"):  # say why: the last job's error and the failed release's own output
+                _why(24, last)
 
 
 @app.command()
@@ -115,7 +119,14 @@ def history(name: str, config: Path | None = ConfigOpt, url: str | None = UrlOpt
         typer.echo(f"{j['started_at'] or '':<28} {j['id']} {j['status']:<12} release {j['release'] or '-'} "
                    f"commit {(j['commit'] or '-')[:12]} {'; '.join(j['reasons'])}")
         if j["error"]:
-            typer.echo(f"{'':<28} error: {j['error']}")
+            _why(28, j)
+
+
+def _why(indent: int, job: dict[str, Any], lines: int = 15) -> None:
+    """A failed job's error, then the last output lines of the release that failed (build or journal)."""
+    typer.echo(f"{'':<{indent}} error: {job['error']}")
+    for line in (job.get("logs") or [])[-lines:]:
+        typer.echo(f"{'':<{indent}} | {line}")
 
 
 @app.command()

@@ -23,21 +23,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from deployerd.desired import ServiceSpec, expected_registry_entry
-from deployerd.events import EventBus, JobEnded, JobStarted, PhaseChanged, Quarantined, RolledBack, Switched
+from deployerd.events import EventBus, Quarantined, RolledBack, Switched
 from deployerd.failpoints import failpoint
-from deployerd.health import HealthInterrupted, HealthResult, probe_client
+from deployerd.health import HealthResult, probe_client
 from deployerd.hostport import HostPort, port_of
+from deployerd.jobrecord import JobRecorder, PhaseFailed, Superseded, is_transient
 from deployerd.locks import HostLocks
 from deployerd.registry_client import RegistryClient
 from deployerd.release_record import context_from_record, release_record
 from deployerd.runtimes import HostHandle, ReleaseContext, Runtime, StartError
-from deployerd.secrets import redact, secret_values
 from deployerd.store import PHASES, Job, JobStatus, PhaseRecord, PhaseStatus, Quarantine, ReleaseRecord, Store, utcnow
 from deployerd.tree import GitTree, Tree
 
@@ -48,28 +47,6 @@ ROLLBACK_PHASES = {BUILD, START, HEALTH, REGISTER}
 SUPERSEDED = "a newer commit changed this service; stopped at a phase boundary"
 
 __all__ = ["Deployer", "PhaseFailed", "Superseded", "context_from_record", "is_transient", "release_record"]
-
-
-def is_transient(error: BaseException) -> bool:
-    """The one rule: an error is transient (retry later, never quarantine) when it says so itself.
-
-    ``HostUnreachable`` (and every SFTP or channel error the connection translates to it), ``LockBusy`` and a
-    ``RegistryError`` that could not reach the Registry carry ``transient = True``; a command that ran and
-    failed, a health check that never passed, anything else, is terminal."""
-    return getattr(error, "transient", False) is True
-
-
-class PhaseFailed(Exception):
-    def __init__(self, phase: str, cause: BaseException) -> None:
-        super().__init__(f"{phase}: {cause}")
-        self.phase = phase
-        self.cause = cause
-        self.logs: list[str] = getattr(cause, "logs", [])
-        self.transient = is_transient(cause)
-
-
-class Superseded(Exception):
-    pass
 
 
 Source = Tree | Callable[[], Awaitable[Tree]]  # a release's files: a tree, or a way to open its commit's
@@ -87,7 +64,7 @@ class Pass:
     rollback: bool = False
 
 
-class Deployer:
+class Deployer(JobRecorder):
     """Runs jobs. Holds no per-service state: everything durable goes through the store."""
 
     def __init__(
@@ -100,15 +77,12 @@ class Deployer:
         secret_env: Callable[[ServiceSpec], Awaitable[dict[str, str]]] | None = None,
         events: EventBus | None = None,
     ) -> None:
-        self.store = store
+        super().__init__(store, events or EventBus())  # metrics, the status page and notifications subscribe
         self.registry = registry
         self.keep_releases = keep_releases
         self.tree_at = tree_at  # a past commit's files, to rebuild a release whose artifact is gone
         self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
         self.secret_env = secret_env  # a service's secret values from the current sources
-        self.events = events or EventBus()  # metrics, the status page and notifications subscribe to it
-        self._hidden: dict[str, set[str]] = {}  # job id -> secret values its records must never hold
-        self._t0: dict[str, float] = {}  # job id -> monotonic time it began
         self.http = probe_client()  # every health wait's client: built once (it costs ~90 ms of CPU)
 
     async def aclose(self) -> None:
@@ -123,95 +97,6 @@ class Deployer:
             raise StartError(f"release {rec.release} of {rec.service} names secrets and no resolver is set")
         return ctx.with_env({**ctx.env, **await self.secret_env(ctx.spec)})
 
-    # ------------------------------------------------------------------ secrets in records
-    def _hide(self, job: Job, ctx: ReleaseContext) -> None:
-        if values := secret_values(ctx.spec, ctx.env):
-            self._hidden.setdefault(job.id, set()).update(values)
-
-    def _scrub(self, job: Job, text: str) -> str:
-        return redact(text, self._hidden.get(job.id, ()))
-
-    def _scrub_job(self, job: Job) -> None:
-        """Redact secret values from everything of ``job`` that is stored, logged or served."""
-        if job.id not in self._hidden:
-            return
-        job.error = self._scrub(job, job.error) if job.error else job.error
-        job.logs = [self._scrub(job, line) for line in job.logs]
-        if job.rollback:
-            job.rollback = {k: self._scrub(job, v) if isinstance(v, str) else v for k, v in job.rollback.items()}
-        for rec in [*job.phases, *job.rollback_phases]:
-            rec.error = self._scrub(job, rec.error) if rec.error else rec.error
-
-    # ------------------------------------------------------------------ a job's beginning and end
-    async def begin(self, job: Job, phases: tuple[str, ...]) -> None:
-        job.status, job.started_at = JobStatus.RUNNING, utcnow()
-        self._t0[job.id] = time.monotonic()
-        for name in phases:
-            job.phase(name)
-        await self.store.save_job(job)
-        self.events.publish(JobStarted(job=job))
-
-    async def end(self, job: Job, status: JobStatus | None = None, error: str | None = None,
-                  transient: bool | None = None) -> Job:
-        """The one place a job ends, however it ran (or crashed, or never started): status, error (scrubbed),
-        ``completed_at``, duration, the store, the log line and ``JobEnded`` on the bus."""
-        if status is not None:
-            job.status = status
-        if error is not None:
-            job.error = error
-        if transient is not None:
-            job.transient = transient
-        self._scrub_job(job)
-        self._hidden.pop(job.id, None)
-        t0 = self._t0.pop(job.id, None)
-        job.completed_at = utcnow()
-        job.duration_seconds = round(time.monotonic() - t0, 3) if t0 is not None else 0.0
-        await self.store.save_job(job)
-        self.events.publish(JobEnded(job=job))
-        log.info("job %s %s %s: %s%s", job.id, job.kind, job.service, job.status.value,
-                 f" ({job.error})" if job.error else "")
-        return job
-
-    async def end_crashed(self, job: Job, error: BaseException) -> Job:
-        """End a job that an unexpected exception cut short (the engine's last resort)."""
-        return await self.end(job, JobStatus.FAILED, f"{type(error).__name__}: {error}", is_transient(error))
-
-    async def end_unstarted(self, job: Job, error: str) -> Job:
-        """End a job that fails before its first phase (nothing ran on the host)."""
-        return await self.end(job, JobStatus.FAILED, error)
-
-    # ------------------------------------------------------------------ phases
-    @asynccontextmanager
-    async def _phase(self, job: Job, name: str, run: Pass | None = None) -> AsyncIterator[PhaseRecord]:
-        rec = _record(run.records if run else job.phases, name)
-        rollback = run is not None and run.rollback
-        rec.status, rec.started_at, rec.error = PhaseStatus.RUNNING, utcnow(), None
-        t0 = time.monotonic()
-        await self.store.save_job(job)
-        self.events.publish(PhaseChanged(job=job, phase=name, status=rec.status.value, rollback=rollback))
-        try:
-            yield rec
-        except HealthInterrupted as e:  # a newer commit: not a failure of this release
-            rec.status, rec.error = PhaseStatus.FAILED, f"superseded: {e}"
-            raise Superseded() from e
-        except Exception as e:
-            rec.status, rec.error = PhaseStatus.FAILED, self._scrub(job, str(e))
-            raise PhaseFailed(name, e) from e
-        else:
-            if rec.status is PhaseStatus.RUNNING:
-                rec.status = PhaseStatus.SUCCEEDED
-        finally:
-            rec.completed_at = utcnow()
-            rec.duration_seconds = round(time.monotonic() - t0, 3)
-            await self.store.save_job(job)
-            self.events.publish(PhaseChanged(job=job, phase=name, status=rec.status.value,
-                                             duration_s=rec.duration_seconds, rollback=rollback))
-
-    @staticmethod
-    def _skip(rec: PhaseRecord, why: str) -> None:
-        rec.status = PhaseStatus.SKIPPED
-        rec.details["skipped"] = why
-
     async def _run(self, job: Job, run: Pass, port: HostPort, runtime: Runtime,
                    validation: Callable[[PhaseRecord], Awaitable[None]]) -> dict[str, Any]:
         """The six phases for ``run.ctx``; raises PhaseFailed or Superseded. Returns what rollback reports."""
@@ -221,7 +106,7 @@ class Deployer:
             if run.stop():
                 raise Superseded()
 
-        async with self._phase(job, VALIDATION, run) as rec:
+        async with self._phase(job, VALIDATION, run.records, run.rollback) as rec:
             rec.details.update(release=ctx.release.id, inputs=ctx.release.inputs, reasons=job.reasons,
                                commit=ctx.commit, previous_release=run.previous)
             await validation(rec)
@@ -229,26 +114,26 @@ class Deployer:
             await failpoint(VALIDATION)  # test-only: crash tests kill the daemon here
         boundary()
         built = await runtime.has_artifact(ctx)
-        async with self._phase(job, TRANSFER, run) as rec:
+        async with self._phase(job, TRANSFER, run.records, run.rollback) as rec:
             if built:
                 self._skip(rec, "release already built on the host (kept release, no rebuild)")
             else:
                 rec.details.update(await self._transfer(port, ctx, run))
         boundary()
-        async with self._phase(job, BUILD, run) as rec:
+        async with self._phase(job, BUILD, run.records, run.rollback) as rec:
             if built:
                 self._skip(rec, "image already on the host")
             else:
                 rec.details.update((await runtime.build(ctx)).record())
         boundary()
-        async with self._phase(job, START, run) as rec:
+        async with self._phase(job, START, run.records, run.rollback) as rec:
             started = await runtime.start(ctx)
             rec.details.update(started.record())
         boundary()
-        async with self._phase(job, HEALTH, run) as rec:
+        async with self._phase(job, HEALTH, run.records, run.rollback) as rec:
             health, switched = await self._prove(rec, port, runtime, ctx, started.private_port, run.stop)
         await self.store.save_release(release_record(ctx, "good"))
-        async with self._phase(job, REGISTER, run) as rec:
+        async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
             if ctx.spec.register:
                 job.registration = await self._register(ctx)
                 rec.details.update(job.registration)
@@ -476,15 +361,6 @@ class Deployer:
             if lock is not None:
                 await lock.release()
         return await self.end(job)
-
-
-def _record(records: list[PhaseRecord], name: str) -> PhaseRecord:
-    for rec in records:
-        if rec.phase == name:
-            return rec
-    rec = PhaseRecord(phase=name)
-    records.append(rec)
-    return rec
 
 
 def _cut_short(job: Job) -> str:

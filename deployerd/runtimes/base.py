@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployerd.connection import Connection, temp_name_pattern
-from deployerd.desired import HostSpec, Release, ServiceSpec
+from deployerd.desired import HostSpec, Release, ServiceSpec, endpoint_url
 from deployerd.layout import Layout, release_id
 from deployerd.observed import Instance, RunState
 
@@ -71,7 +71,7 @@ class ReleaseContext:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host.public_address or self.host.address}:{self.spec.port}"
+        return endpoint_url(self.host, self.spec.port)
 
     def labels(self) -> dict[str, str]:
         return {

@@ -404,6 +404,46 @@ async def test_newer_commit_supersedes_a_deploy_waiting_for_health(sandbox: Sand
         assert "impatient" not in await d.engine.store.quarantined()
 
 
+async def test_a_deploy_superseded_in_verify_health_leaves_a_verified_release_serving(
+        sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """Bug 1 of issue 11: deploy Y waits in Verify Health (its health never passes) when the branch moves to
+    a tree whose release is quarantined. Y was left serving, unverified; the last good release must be."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("cutshort", 8188)
+    repo.commit("v1: good")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        good = await d.last_job("cutshort")
+        assert good.status is JobStatus.SUCCEEDED, good.error
+        repo.service("cutshort", 8188, version="2", health_timeout_s=3)
+        repo.remove("services/cutshort/www/health")
+        repo.commit("v2: broken health")
+        await d.reconcile()
+        broken = await d.last_job("cutshort")
+        assert broken.status is JobStatus.ROLLED_BACK, broken.error
+        assert (await d.engine.store.quarantined())["cutshort"].release == broken.release
+
+        repo.service("cutshort", 8188, version="3", health_timeout_s=300)
+        repo.remove("services/cutshort/www/health")
+        repo.commit("v3: health never passes")
+        await d.engine.reconcile(["test"])  # launches the v3 job without waiting for it
+        for _ in range(300):  # bounded: until the job is waiting in Verify Health
+            y = await d.last_job("cutshort")
+            if any(p.phase == "Verify Health" and p.status is PhaseStatus.RUNNING for p in y.phases):
+                break
+            await asyncio.sleep(0.2)
+        assert y.release not in (good.release, broken.release)
+        git(repo.path, "reset", "--hard", "HEAD~1")  # back to v2, whose release is quarantined
+        await d.engine.reconcile(["test"])
+        await d.engine.drain()
+        y = await d.engine.store.job(y.id)
+        assert y is not None and y.status is JobStatus.SUPERSEDED, (y.status, y.error)
+        assert "cutshort v1" in (await http_get(url(sandbox, 8188))).text
+        assert (await http_get(url(sandbox, 8188, "/health"))).status_code == 200
+        running = {c["Labels"]["deployerd.release"] for c in await containers(d, "cutshort") if c["State"] == "running"}
+        assert running == {good.release}
+
+
 async def test_api_guards_webhook_and_health(sandbox: SandboxInfo, tmp_path: Path) -> None:
     import hashlib
     import hmac
