@@ -416,7 +416,7 @@ async def test_a_deploy_superseded_in_verify_health_leaves_a_verified_release_se
         good = await d.last_job("cutshort")
         assert good.status is JobStatus.SUCCEEDED, good.error
         repo.service("cutshort", 8188, version="2", health_timeout_s=3)
-        repo.remove("services/cutshort/www/health")
+        (repo.path / "services/cutshort/www/health").unlink()
         repo.commit("v2: broken health")
         await d.reconcile()
         broken = await d.last_job("cutshort")
@@ -424,7 +424,7 @@ async def test_a_deploy_superseded_in_verify_health_leaves_a_verified_release_se
         assert (await d.engine.store.quarantined())["cutshort"].release == broken.release
 
         repo.service("cutshort", 8188, version="3", health_timeout_s=300)
-        repo.remove("services/cutshort/www/health")
+        (repo.path / "services/cutshort/www/health").unlink()
         repo.commit("v3: health never passes")
         await d.engine.reconcile(["test"])  # launches the v3 job without waiting for it
         for _ in range(300):  # bounded: until the job is waiting in Verify Health
