@@ -49,7 +49,7 @@ SUPERSEDED = "a newer commit changed this service; stopped at a phase boundary"
 __all__ = ["Deployer", "PhaseFailed", "Superseded", "context_from_record", "is_transient", "release_record"]
 
 
-Source = Tree | Callable[[], Awaitable[Tree]]  # a release's files: a tree, or a way to open its commit's
+Source = Tree | Callable[[], Awaitable[GitTree]]  # a release's files: a tree, or a way to open its commit's
 
 
 @dataclass

@@ -65,7 +65,8 @@ def _file_mode(e: Entry) -> int:
 
 async def _read_manifest(conn: Connection, path: str) -> dict[str, list[Any]] | None:
     try:
-        return json.loads(await conn.read_bytes(path))
+        manifest: dict[str, list[Any]] = json.loads(await conn.read_bytes(path))
+        return manifest
     except Exception:  # absent or unreadable: treat as no previous release
         return None
 
@@ -163,8 +164,8 @@ async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str, batch
             continue
         sizes = [delta.block_size(e.size) for e in batch]
         frames = await asyncio.to_thread(_frames, datas, sizes, batch, lines)
-        todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames) if f is not None]
-        whole += [e for e, f in zip(batch, frames) if f is None]
+        todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames, strict=True) if f is not None]
+        whole += [e for e, f in zip(batch, frames, strict=True) if f is None]
         if not todo:
             continue
         res = await wire.run(["python3", "-c", delta.APPLY_SCRIPT, partial, *(rel for _, rel, _ in todo)],

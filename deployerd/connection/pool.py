@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from deployerd.connection.session import Connection, HostAddress, HostStats
 
 
-
 @dataclass
 class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -15,12 +15,11 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 
-from deployerd.connection.names import _SOCKET_DIR_PREFIX, _temp_name
 from deployerd.connection.errors import (
     _CONNECTION_ERRORS,
     AuthenticationRejected,
@@ -31,6 +30,7 @@ from deployerd.connection.errors import (
     RemoteFileError,
     _translate,
 )
+from deployerd.connection.names import _SOCKET_DIR_PREFIX, _temp_name
 
 REMOTE_DOCKER_SOCKET = "/var/run/docker.sock"
 
@@ -374,7 +374,8 @@ class Connection:
             path = self._sockets.get(remote_path)
             if path is None:
                 if self._tmpdir is None:
-                    self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
+                    prefix = f"{_SOCKET_DIR_PREFIX}{os.getpid()}-"
+                    self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix)
                     await asyncio.to_thread(os.chmod, self._tmpdir, 0o700)
                 path = os.path.join(self._tmpdir, f"{len(self._sockets)}-{posixpath.basename(remote_path)}")
                 try:

@@ -190,7 +190,7 @@ class Runtime(ABC):
         await self.conn.run(["find", *folders, "-maxdepth", "1", "-type", "f", "-name", temp_name_pattern(name),
                              "-delete"], check=False)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: most runtimes hold nothing more
         """Release what the runtime holds beyond the connection (API clients)."""
 
     @abstractmethod

@@ -135,7 +135,8 @@ class DockerRuntime(Runtime):
             self._client = None
 
     def _filters(self, service: str | None) -> dict[str, list[str]]:
-        labels = [f"{INSTANCE_LABEL}={self.instance}", SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"]
+        labels = [f"{INSTANCE_LABEL}={self.instance}",
+                  SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"]
         return {"label": labels}
 
     async def _containers(self, service: str | None = None) -> list[dict[str, Any]]:
@@ -297,7 +298,7 @@ class DockerRuntime(Runtime):
             st = info.get("State") or {}
             since = _epoch(st.get("StartedAt", ""))
             out = await (await self._docker()).containers.container(info["Id"]).log(
-                stdout=True, stderr=True, tail=lines, **({"since": since} if since else {}))
+                stdout=True, stderr=True, tail=lines, since=since or 0)  # 0: from the first line
         except DockerError:
             return Output([])
         code = None if st.get("Running") else st.get("ExitCode")

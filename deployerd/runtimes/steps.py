@@ -124,7 +124,7 @@ async def execute(conn: Connection, steps: Sequence[Step]) -> list[Outcome]:
     except ValueError:
         raise CommandError(conn.host.name, "python3 (steps)", done.exit_status, done.stderr) from None
     outcomes: list[Outcome] = []
-    for step, (code, stdout, stderr) in zip(steps, rows):
+    for step, (code, stdout, stderr) in zip(steps, rows, strict=False):  # rows stop at the first failure
         if code is None:
             assert isinstance(step, Run)
             raise CommandTimeout(conn.host.name, _name(step), step.timeout, stderr)

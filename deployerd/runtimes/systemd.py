@@ -32,8 +32,8 @@ from typing import Any
 
 from deployerd.connection import CommandError
 from deployerd.failpoints import failpoint
-from deployerd.observed import Instance, RunState
 from deployerd.layout import release_id
+from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import BuildResult, Output, ReleaseContext, Removed, Runtime, StartError, StartResult
 from deployerd.runtimes.steps import execute
 from deployerd.runtimes.systemd_steps import (
@@ -179,7 +179,8 @@ class SystemdRuntime(Runtime):
             return []
         if done.exit_status != 0:
             raise CommandError(self.host.name, "python3 (systemd probe)", done.exit_status, done.stderr)
-        return json.loads(done.stdout)
+        units: list[dict[str, Any]] = json.loads(done.stdout)
+        return units
 
     async def _facts(self, ctx: ReleaseContext) -> ReleaseFacts:
         done = await self.conn.run(["python3", "-c", RELEASE_FACTS, ctx.service_dir, ctx.release.id,

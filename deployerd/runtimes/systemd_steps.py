@@ -141,7 +141,7 @@ def start_steps(ctx: ReleaseContext, user: str, unit_text: str) -> tuple[list[St
         Write(posixpath.join(UNIT_DIR, unit), unit_text.encode()),
         *_link(posixpath.join("releases", ctx.release.id), layout.current),
     ]
-    run = [
+    run: list[Step] = [
         Run("systemctl", "daemon-reload"),
         Run("systemctl", "enable", "--quiet", "--", unit),
         Run("systemctl", "reset-failed", "--", unit, ok=None),  # clear a spent start limit
