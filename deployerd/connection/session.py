@@ -298,7 +298,7 @@ class Connection:
         sftp = await self.sftp()
         try:
             async with sftp.open(path, "rb", encoding=None) as f:
-                data = await f.read()
+                data: bytes | str = await f.read()  # bytes: no encoding (the stubs say str)
         except (*_CONNECTION_ERRORS, asyncssh.SFTPError) as exc:
             raise self._sftp_error("read", path, exc) from None
         assert isinstance(data, bytes)
