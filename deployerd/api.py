@@ -162,6 +162,17 @@ def create_app(engine: Engine) -> FastAPI:
             raise HTTPException(422, legacy.Refused.field("service_path", str(e)).errors) from e
         return legacy.created(job)
 
+    @app.delete("/deploy/services/{name}", dependencies=guard, status_code=202, response_model=legacy.DeployCreated)
+    async def remove_service(name: str) -> legacy.DeployCreated:
+        """Remove an out-of-band service (instances, artifacts, files, its Registry entry); poll the job."""
+        try:
+            job = await engine.remove_out_of_band(name)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from e
+        except Conflict as e:
+            raise HTTPException(409, str(e)) from e
+        return legacy.created(job)
+
     @app.post("/sync", dependencies=guard)
     async def sync(req: SyncRequest | None = None) -> dict[str, Any]:
         req = req or SyncRequest()

@@ -144,6 +144,28 @@ def validate(path: Path = typer.Argument(..., help="a desired-state folder (host
     raise typer.Exit(1 if desired.errors else 0)
 
 
+def _write(method: str, config: Path | None, url: str | None, path: str, body: Any, what: str) -> Any:
+    """Call a route that changes something, with the API token; exit 1 naming the refusal."""
+    settings = _settings(config)
+    token = settings.secret("api_token")
+    if token is None:
+        typer.echo("no api_token_file configured: cannot authenticate to the daemon", err=True)
+        raise typer.Exit(2)
+    resp = httpx.request(method, f"{_api(settings, url)}{path}", json=body,
+                         headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    if resp.status_code >= 400:
+        typer.echo(f"{what} refused: HTTP {resp.status_code}: {resp.text}", err=True)
+        raise typer.Exit(1)
+    return resp.json()
+
+
+@app.command()
+def remove(name: str, config: Path | None = ConfigOpt, url: str | None = UrlOpt) -> None:
+    """Remove an out-of-band service (one POST /deploy deployed): its instances, files and Registry entry."""
+    data = _write("DELETE", config, url, f"/deploy/services/{name}", None, "remove")
+    typer.echo(f"removing {name}: job {data['deploy_job_id']} (deployerd history {name})")
+
+
 @app.command()
 def sync(name: str | None = typer.Argument(None),
          force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
@@ -152,17 +174,7 @@ def sync(name: str | None = typer.Argument(None),
          config: Path | None = ConfigOpt, url: str | None = UrlOpt) -> None:
     """Reconcile now (one service or all); --force retries a quarantined release; --prune-all lets a commit that
     removes every service prune them (refused otherwise: the empty desired state guard)."""
-    settings = _settings(config)
-    token = settings.secret("api_token")
-    if token is None:
-        typer.echo("no api_token_file configured: cannot authenticate to the daemon", err=True)
-        raise typer.Exit(2)
-    resp = httpx.post(f"{_api(settings, url)}/sync", json={"service": name, "force": force, "prune_all": prune_all},
-                      headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    if resp.status_code >= 400:
-        typer.echo(f"sync refused: HTTP {resp.status_code}: {resp.text}", err=True)
-        raise typer.Exit(1)
-    data = resp.json()
+    data = _write("POST", config, url, "/sync", {"service": name, "force": force, "prune_all": prune_all}, "sync")
     typer.echo(f"revision {(data['revision'] or '?')[:12]}")
     for a in data["actions"]:
         typer.echo(f"{a['kind']:<9} {a['service']}@{a['host']}: {'; '.join(a['reasons'])}")

@@ -293,9 +293,7 @@ class Deployer(JobRecorder):
             log.warning("clearing %s from %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
     async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
-        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance)
-        if ctx.managed_by != "git":  # out-of-band: never counted as git's, so never pruned by a reconcile
-            want["metadata"]["managed_by"] = f"deployerd-{ctx.managed_by}"
+        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance, ctx.managed_by)
         entry = await self.registry.register(ctx.spec.name, want["endpoint"], want["metadata"], ctx.spec.droplet_id)
         return {
             "droplet_id": entry.id,

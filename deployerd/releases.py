@@ -49,17 +49,18 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
 
 
 def expected_registry_entry(
-    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default"
+    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default", managed_by: str = "git"
 ) -> dict[str, Any]:
     """The Registry record a healthy deployment should have; used by plan (compare) and Register (write).
 
-    ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's.
+    ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's;
+    an out-of-band service's (``managed_by`` ``api``) says ``deployerd-api``, so a commit never prunes it.
     """
     return {
         "endpoint": endpoint_url(host, spec.port),
         "status": "active",
-        "metadata": {"managed_by": "deployerd", "instance": instance, "release": release.id, "host": host.name,
-                     "method": spec.method},
+        "metadata": {"managed_by": "deployerd" if managed_by == "git" else f"deployerd-{managed_by}",
+                     "instance": instance, "release": release.id, "host": host.name, "method": spec.method},
     }
 
 

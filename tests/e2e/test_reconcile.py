@@ -346,8 +346,42 @@ async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
         assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "env"]
         actions = await d.reconcile()
         assert all(a.service != "legacy-svc" for a in actions if a.kind is ActionKind.PRUNE)
+        assert [(a.kind, a.reasons) for a in actions if a.service == "legacy-svc"] == [(ActionKind.NOOP, ["in sync"])]
         assert (await http_get(url(sandbox, 8162, "/health"))).status_code == 200
         assert (await d.http.get("/deploy/deploy-00000000")).status_code == 404
+
+        # first-class in reconcile: the Registry loses it, it is registered again; stopped by hand, started again
+        async with registry_client(sandbox) as reg:
+            await reg.deregister("legacy-svc")
+            actions = await d.reconcile()
+            assert [(a.kind, a.reasons) for a in actions if a.service == "legacy-svc"] == [
+                (ActionKind.REGISTER, ["registry entry missing"])]
+            entry = await reg.get_by_name("legacy-svc")
+            assert entry is not None and entry.metadata["managed_by"] == "deployerd-api", entry
+        for c in await containers(d, "legacy-svc"):
+            await conn.run(["docker", "stop", c["Id"]])
+        actions = await d.reconcile()
+        assert [a.kind for a in actions if a.service == "legacy-svc"] == [ActionKind.DEPLOY]
+        healed = await d.last_job("legacy-svc")
+        deployed = await d.engine.store.job(created["deploy_job_id"])
+        assert deployed is not None
+        assert (healed.status, healed.managed_by, healed.release) == (JobStatus.SUCCEEDED, "api", deployed.release)
+        assert healed.phases[1].status is PhaseStatus.SKIPPED  # its kept container started again: no transfer
+        assert (await http_get(url(sandbox, 8162, "/health"))).status_code == 200
+
+        # removable, with the token; git's names are not
+        assert (await d.http.delete("/deploy/services/legacy-svc")).status_code == 401
+        assert (await d.http.delete("/deploy/services/in-git", headers=d.auth)).status_code == 409
+        assert (await d.http.delete("/deploy/services/nothing-here", headers=d.auth)).status_code == 404
+        gone = await d.http.delete("/deploy/services/legacy-svc", headers=d.auth)
+        assert gone.status_code == 202, gone.text
+        await d.engine.drain()
+        removed = (await d.http.get(f"/deploy/{gone.json()['deploy_job_id']}")).json()
+        assert removed["status"] == "completed", removed
+        assert await containers(d, "legacy-svc") == []
+        async with registry_client(sandbox) as reg:
+            assert await reg.get_by_name("legacy-svc") is None
+        assert all(a.service != "legacy-svc" for a in await d.reconcile())
 
 
 async def test_commit_seen_by_watch_deploys(sandbox: SandboxInfo, tmp_path: Path) -> None:
