@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import DesiredRepo, api_source, running_daemon, settings_for
 
 from deployerd.config import Settings
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
-
-from daemon_harness import DesiredRepo, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,11 +115,7 @@ async def test_sync_prune_all_lets_an_emptying_commit_prune(sandbox: SandboxInfo
 async def test_remove_an_out_of_band_service(sandbox: SandboxInfo, tmp_path: Path) -> None:
     """`deployerd remove NAME` removes what POST /deploy deployed; a name git manages is refused."""
     _, settings, config = one_service(sandbox, tmp_path, "cli-git", 8421)
-    src = settings.api_source_root / "cli-oob"
-    (src / "www").mkdir(parents=True)
-    (src / "Dockerfile").write_text(
-        'FROM busybox:latest\nCOPY www /www\nCMD ["busybox", "httpd", "-f", "-p", "8422", "-h", "/www"]\n')
-    (src / "www" / "health").write_text('{"status": "active"}')
+    src = api_source(settings, "cli-oob", 8422)
     async with running_daemon(settings) as d:
         await d.reconcile()
         resp = await d.http.post("/deploy", headers=d.auth, json={

@@ -21,10 +21,9 @@ import asyncssh
 import httpx
 import pytest
 import pytest_asyncio
+from daemon_harness import ROOT, DaemonProcess, DesiredRepo, settings_for
 
 from deployerd.sandbox import HostInfo, SandboxInfo
-
-from daemon_harness import ROOT, DaemonProcess, DesiredRepo, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -118,6 +117,11 @@ async def app(scope, receive, send):
 '''
 
 
+def wheels() -> list[Path]:
+    """The systemd service's dependencies (uvicorn, the default command, and what it needs) as wheels."""
+    return [w for pattern in ("uvicorn-*.whl", "click-*.whl", "h11-*.whl") for w in WHEELHOUSE.glob(pattern)]
+
+
 def write_source(folder: Path, method: str, mode: str) -> None:
     """A service folder the way the older Deployer's callers prepare one: a Dockerfile, or a Python app run by
     uvicorn (the default command) with its wheels for an offline install."""
@@ -132,9 +136,8 @@ def write_source(folder: Path, method: str, mode: str) -> None:
     (folder / "app" / "main.py").write_text(ASGI_APP.format(mode=mode))
     (folder / "requirements.txt").write_text("uvicorn\n")
     (folder / "wheels").mkdir()
-    for pattern in ("uvicorn-*.whl", "click-*.whl", "h11-*.whl"):
-        for wheel in WHEELHOUSE.glob(pattern):
-            shutil.copy(wheel, folder / "wheels" / wheel.name)
+    for wheel in wheels():
+        shutil.copy(wheel, folder / "wheels" / wheel.name)
 
 
 async def process_env(host: HostInfo, method: str, instance: str, service: str) -> dict[str, str]:
@@ -180,7 +183,7 @@ async def live(sandbox: SandboxInfo, tmp_path: Path) -> AsyncIterator[tuple[Daem
 async def test_older_callers_keep_working(live: tuple[DaemonProcess, OlderDeployerClient, Path],
                                           sandbox: SandboxInfo, method: str) -> None:
     daemon, client, sources = live
-    if method == "systemd" and not list(WHEELHOUSE.glob("uvicorn-*.whl")):
+    if method == "systemd" and not wheels():
         pytest.fail(f"no wheelhouse at {WHEELHOUSE}: run `make wheelhouse` (make test builds it)")
     folder = sources / "i-proactive"
     write_source(folder, method, "ok")
@@ -211,7 +214,7 @@ async def test_older_callers_keep_working(live: tuple[DaemonProcess, OlderDeploy
     # the env is the service's, on the host, in the running process
     env = await process_env(sandbox.hosts[0], method, daemon.settings.instance, "i-proactive")
     assert env.get("ANTHROPIC_API_KEY") == "sk-legacy-contract"
-    assert "sk-legacy-contract" not in daemon.log.read_text()  # never logged
+    assert "sk-legacy-contract" not in await asyncio.to_thread(daemon.log.read_text)  # never logged
 
     # a failing release ends failed, with the rollback named; the good one serves again
     write_source(folder, method, "crash")

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import aiodocker
 import pytest
+from daemon_harness import DesiredRepo, api_source, git, http_get, registry_client, running_daemon, settings_for
 
 from deployerd.plan import ActionKind
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus, PhaseStatus
-
-from daemon_harness import DesiredRepo, git, http_get, registry_client, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -152,7 +151,8 @@ async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo
         # the older API says failed, naming the failure and the rollback; deployerd's own route has it all
         body = (await d.http.get(f"/deploy/{job.id}")).json()
         assert body["status"] == "failed" and body["success"] is False
-        assert body["error"].startswith(f"{failed_phase}: ") and f"rolled back to release {good.release}" in body["error"]
+        assert body["error"].startswith(f"{failed_phase}: ")
+        assert f"rolled back to release {good.release}" in body["error"]
         assert [p["status"] for p in body["phases"]][-1] == "skipped"
         rich = (await d.http.get(f"/jobs/{job.id}")).json()
         assert rich["status"] == "rolled_back" and rich["logs"] == job.logs
@@ -304,11 +304,7 @@ async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
     repo.service("in-git", 8161)
     repo.commit("one")
     settings = settings_for(tmp_path, sandbox, repo)
-    src = settings.api_source_root / "legacy-svc"
-    (src / "www").mkdir(parents=True)
-    (src / "Dockerfile").write_text(
-        'FROM busybox:latest\nCOPY www /www\nCMD ["busybox", "httpd", "-f", "-p", "8162", "-h", "/www"]\n')
-    (src / "www" / "health").write_text('{"status": "active"}')
+    src = api_source(settings, "legacy-svc", 8162)
     async with running_daemon(settings) as d:
         await d.reconcile()
         body = {"service_name": "legacy-svc", "service_path": str(src), "service_port": 8162, "droplet_id": 4242,
