@@ -6,7 +6,7 @@ connection per host, and the pool counts round trips so a benchmark can hold us 
 this package holds an SFTP client.
 
 - ``errors``: the exception tree; asyncssh and OS errors are translated there, each with ``transient``;
-- ``session``: one host's ``Connection`` (commands, SFTP, tunnels) and its counters (``HostStats``);
+- ``session``: one host's ``Connection`` (commands, tunnels) and its counters (``HostStats``); ``sftp``: its file calls;
 - ``pool``: ``ConnectionPool``, one live connection per host;
 - ``names``: temp names of atomic writes on hosts, and the local forwarded-socket dirs.
 
