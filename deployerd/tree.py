@@ -113,8 +113,7 @@ class GitTree:
             return self._index
         index: dict[str, tuple[Entry, bytes]] = {}
         for item in self._commit.tree.traverse():
-            assert isinstance(item, (git.Tree, git.Blob, git.Submodule))  # traverse() of a tree yields objects
-            path, mode = str(item.path), item.mode
+            path, mode = item.path, item.mode
             if item.type == "tree":
                 self._dirs.add(path)
                 continue
@@ -150,8 +149,7 @@ class GitTree:
         if found is None or found[0].kind == "other":
             raise TreeError(f"{path}: not a file in commit {self.revision[:12]}")
         with self._lock:
-            data: bytes = self._repo.odb.stream(found[1]).read()
-            return data
+            return self._repo.odb.stream(found[1]).read()
 
     def exists(self, path: str) -> bool:
         path = clean_path(path)

@@ -19,8 +19,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.types import Message as AsgiMessage
+from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
