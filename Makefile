@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 # What the tests and the sandbox need from Debian: an engine for the test hosts, the SSH client, the
 # image recipe's tools (debootstrap, zstd, busybox-static), git, and systemd-analyze for the unit tests.
 # age decrypts the secrets files of a desired-state repository (deployerd.secrets). prometheus gives promtool (the
-# monitoring/ checks) and the server the monitoring end-to-end test starts on loopback.
-APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age prometheus
+# monitoring/ checks) and the server the monitoring end-to-end test starts on loopback. chromium is the real browser
+# the status page's tests drive (headless, through Playwright: its own browser download is never used).
+APT_PACKAGES := docker.io openssh-client debootstrap zstd busybox-static git iproute2 ca-certificates systemd python3-venv age prometheus chromium
 
 .PHONY: deps apt venv wheelhouse image test test-unit fuzz demo demo-down sandbox-up sandbox-down bench soak clean
 
@@ -17,7 +18,7 @@ deps: apt venv
 WHEELHOUSE := .wheelhouse
 wheelhouse: $(WHEELHOUSE)/.built
 
-$(WHEELHOUSE)/.built: $(VENV)/.installed $(shell find deployerd -name '*.py' -o -name '*.service' -o -name '*.sh' -o -name '*.json' -o -name '*.conf' 2>/dev/null)
+$(WHEELHOUSE)/.built: $(VENV)/.installed $(shell find deployerd -name '*.py' -o -name '*.service' -o -name '*.sh' -o -name '*.json' -o -name '*.conf' -o -name '*.html' -o -name '*.css' -o -name '*.js' 2>/dev/null)
 	rm -rf $(WHEELHOUSE)
 	$(PY) -m pip wheel -q --wheel-dir $(WHEELHOUSE) .
 	touch $@
@@ -46,8 +47,6 @@ lint: venv
 	$(VENV)/bin/ruff check deployerd
 	$(VENV)/bin/mypy
 
-# Property tests run the same examples every time here (Hypothesis profile `ci`: derandomized), so a run
-# passes or fails on the code alone; `make fuzz` explores new ones.
 # The test-host image, built (minutes, the first time on a machine) or loaded before pytest starts, so that no
 # test's timeout counts the build: bringing one host up and down again is the sandbox's own tested path to it.
 IMAGE_SANDBOX := .sandbox-image
@@ -55,7 +54,9 @@ image: deps
 	$(PY) -m deployerd.sandbox up --hosts 1 --state-dir $(IMAGE_SANDBOX) >/dev/null
 	$(PY) -m deployerd.sandbox down --state-dir $(IMAGE_SANDBOX)
 
-test: deps wheelhouse image
+# Lint and types first (seconds), then every test. Property tests run the same examples every time here
+# (Hypothesis profile `ci`: derandomized), so a run passes or fails on the code alone; `make fuzz` explores.
+test: deps lint wheelhouse image
 	DEPLOYERD_HYPOTHESIS_PROFILE=ci DEPLOYERD_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(VENV)/bin/pytest -q -rs
 
 test-unit: venv

@@ -11,36 +11,22 @@ from __future__ import annotations
 import asyncio
 import hmac
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
 
-from deployerd import __version__
+from deployerd import __version__, legacy
 from deployerd.audit import parse_since, read_file
-from deployerd.desired import HealthSpec, ServiceSpec
 from deployerd.engine import Conflict, Engine
-from deployerd.store import Job, JobStatus
+from deployerd.store import Job
 from deployerd.udc import CountRequests, RequestStats, iso_now, udc_router
+from deployerd.ui import ui_router
 from deployerd.webhook import WebhookError, verify_webhook
 
 WEBHOOK_MAX_BYTES = 1 << 20
-
-
-class DeployRequest(BaseModel):
-    """The older Deployer's ``POST /deploy`` body; unknown fields from older callers are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    service_name: str
-    service_path: str
-    service_port: int = Field(ge=1, le=65535)
-    droplet_id: int | None = None
-    deployment_method: Literal["docker", "systemd"] = "docker"
-    host: str | None = None
-    health_path: str = "/health"
-    env: dict[str, str] = Field(default_factory=dict)
 
 
 class SyncRequest(BaseModel):
@@ -48,41 +34,34 @@ class SyncRequest(BaseModel):
 
     service: str | None = None
     force: bool = False
+    prune_all: bool = False  # a commit that removes every service prunes them (the empty-state guard lets it)
 
 
-def legacy_job(job: Job) -> dict[str, Any]:
-    """A job in the older ``GET /deploy/{job_id}`` shape (plus our own fields, which older callers ignore)."""
-    return {
-        "deploy_job_id": job.id,
-        "service_name": job.service,
-        "service_path": job.service_path,
-        "status": job.status.value,
-        "droplet_id": job.droplet_id,
-        "service_port": job.service_port,
-        "service_url": job.service_url,
-        "phases": [
-            {"phase": p.phase, "status": p.status.value, "duration_seconds": p.duration_seconds,
-             "details": p.details, "error": p.error}
-            for p in job.phases
-        ],
-        "registration": job.registration,
-        "started_at": job.started_at,
-        "completed_at": job.completed_at,
-        "duration_seconds": job.duration_seconds,
-        "success": job.status is JobStatus.SUCCEEDED,
-        "release": job.release,
-        "commit": job.commit,
-        "reasons": job.reasons,
-        "error": job.error,
-        "rollback": job.rollback,
-        "logs": job.logs,
-        "trigger": job.trigger,
-    }
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each field, without echoing what was sent (it may hold an env value or a token)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field {err['loc'][-1]!r}: not part of this request (see the API documentation)"
+        errors.append({"loc": list(err["loc"]), "msg": msg, "type": err["type"]})
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _is_dir_under(path: str, root: Path) -> Path | None:
+    """``path`` resolved, when it is a directory strictly under ``root`` (blocking: run in a thread)."""
+    try:
+        source = Path(path).resolve()
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        return None
+    return source if source.is_relative_to(root) and source != root and source.is_dir() else None
 
 
 def create_app(engine: Engine) -> FastAPI:
     settings = engine.settings
     app = FastAPI(title="deployerd", version=__version__)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     stats = RequestStats()
     app.add_middleware(CountRequests, stats=stats)
 
@@ -118,7 +97,7 @@ def create_app(engine: Engine) -> FastAPI:
         if status is None:
             raise HTTPException(404, f"no service named {name!r}")
         jobs = await engine.store.jobs(name, limit=1)
-        return {**status.__dict__, "last_job": legacy_job(jobs[0]) if jobs else None}
+        return {**status.__dict__, "last_job": jobs[0].model_dump(mode="json") if jobs else None}
 
     @app.get("/services/{name}/history")
     async def history(name: str, limit: int = Query(20, ge=1)) -> dict[str, Any]:
@@ -127,7 +106,7 @@ def create_app(engine: Engine) -> FastAPI:
         quarantine = (await engine.store.quarantined()).get(name)
         return {
             "service": name,
-            "jobs": [legacy_job(j) for j in jobs],
+            "jobs": [j.model_dump(mode="json") for j in jobs],
             "releases": [r.model_dump(exclude={"spec"}) for r in releases],
             "quarantine": quarantine.model_dump() if quarantine else None,
         }
@@ -144,45 +123,61 @@ def create_app(engine: Engine) -> FastAPI:
         records, bad = await asyncio.to_thread(read_file, settings.audit_path, service, when)
         return {"records": [r.model_dump() for r in records[-limit:]], "unreadable_lines": bad}
 
-    @app.get("/deploy/{job_id}")
-    async def get_job(job_id: str) -> dict[str, Any]:
+    @app.get("/jobs/{job_id}")
+    async def get_rich_job(job_id: str) -> dict[str, Any]:
+        """deployerd's own record of a job: rich statuses, structured phase details, rollback, logs."""
+        return (await _job(job_id)).model_dump(mode="json")
+
+    @app.get("/deploy/{job_id}", response_model=legacy.LegacyJob)
+    async def get_job(job_id: str) -> legacy.LegacyJob:
+        """The older Deployer's shape, exactly (`deployerd.legacy`)."""
+        return legacy.legacy_job(await _job(job_id))
+
+    async def _job(job_id: str) -> Job:
         job = await engine.store.job(job_id)
         if job is None:
             raise HTTPException(404, f"no deploy job {job_id!r}")
-        return legacy_job(job)
+        return job
 
-    @app.post("/deploy", dependencies=guard, status_code=202)
-    async def post_deploy(req: DeployRequest) -> dict[str, Any]:
-        root = settings.api_source_root.resolve()
-        source = Path(req.service_path).resolve()
-        if not source.is_relative_to(root) or source == root or not source.is_dir():
-            raise HTTPException(422, f"service_path must be a directory under {root}")
+    @app.post("/deploy", dependencies=guard, status_code=202, response_model=legacy.DeployCreated)
+    async def post_deploy(req: legacy.DeployRequest) -> legacy.DeployCreated:
+        """The older ``POST /deploy``: a directory under the API source directory, deployed out of band."""
+        root = await asyncio.to_thread(settings.api_source_root.resolve)
+        source = await asyncio.to_thread(_is_dir_under, req.service_path, root)
         desired = engine.desired
         host = req.host or (sorted(desired.hosts)[0] if desired and desired.hosts else None)
-        if host is None:
-            raise HTTPException(409, "no host known yet: hosts.yaml has not been loaded")
         try:
-            spec = ServiceSpec(
-                name=req.service_name, droplet_id=req.droplet_id, host=host, method=req.deployment_method,
-                port=req.service_port, source=source.relative_to(root).as_posix(),
-                health=HealthSpec(path=req.health_path), env=req.env,
-            )
-        except ValidationError as e:
-            raise HTTPException(422, [{"loc": err["loc"], "msg": err["msg"]} for err in e.errors()]) from e
-        try:
-            job = await engine.deploy_out_of_band(spec, root)
+            if source is None:
+                raise legacy.Refused.field(
+                    "service_path", f"must be a directory under the API source directory {root} (api_source_dir)")
+            if host is None:
+                raise Conflict("no host known yet: hosts.yaml has not been loaded")
+            spec = legacy.service_spec(req, host, source.relative_to(root).as_posix())
+            job = await engine.deploy_out_of_band(spec, root, request=req.record())
+        except legacy.Refused as e:
+            raise HTTPException(422, e.errors) from e
         except Conflict as e:
             raise HTTPException(409, str(e)) from e
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from e
-        return {"deploy_job_id": job.id, "service_name": job.service, "status": job.status.value,
-                "created_at": job.created_at}
+        except ValueError as e:  # the source folder breaks a manifest rule (a symlink out of it, a size limit)
+            raise HTTPException(422, legacy.Refused.field("service_path", str(e)).errors) from e
+        return legacy.created(job)
+
+    @app.delete("/deploy/services/{name}", dependencies=guard, status_code=202, response_model=legacy.DeployCreated)
+    async def remove_service(name: str) -> legacy.DeployCreated:
+        """Remove an out-of-band service (instances, artifacts, files, its Registry entry); poll the job."""
+        try:
+            job = await engine.remove_out_of_band(name)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from e
+        except Conflict as e:
+            raise HTTPException(409, str(e)) from e
+        return legacy.created(job)
 
     @app.post("/sync", dependencies=guard)
     async def sync(req: SyncRequest | None = None) -> dict[str, Any]:
         req = req or SyncRequest()
         force = ({req.service} if req.service else set()) if req.force else None
-        actions = await engine.reconcile([f"sync {req.service or 'all'}"], force=force)
+        actions = await engine.reconcile([f"sync {req.service or 'all'}"], force=force, prune_all=req.prune_all)
         if req.service:
             actions = [a for a in actions if a.service == req.service]
         return {"revision": engine.source.revision, "actions": [a.model_dump(mode="json") for a in actions]}
@@ -209,6 +204,7 @@ def create_app(engine: Engine) -> FastAPI:
         engine.kick.set(f"webhook {push.provider}")
         return {"accepted": True, "after": push.after}
 
+    app.include_router(ui_router(engine, engine.events))
     app.include_router(udc_router(
         "deployerd", __version__, ["gitops", "docker", "rollback", "webhook", "metrics"],
         dependency_names=["git", "registry", "hosts"],

@@ -13,11 +13,9 @@ phases are scrubbed of the service's secret values, and it carries no logs, no e
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -26,13 +24,13 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from deployerd.events import Event, EventBus, JobEnded
+from deployerd.source import read_commit
 from deployerd.store import Job
 
 log = logging.getLogger(__name__)
 
 QUEUE_MAX = 10000
 ERROR_MAX = 500
-MESSAGE_MAX = 2000
 
 
 class Who(BaseModel):
@@ -79,16 +77,8 @@ def git_commit_info(repo_path: Path) -> CommitLookup:
     """A lookup of author, committer and message in the daemon's mirror of the repository (argv, no shell)."""
 
     def read(sha: str) -> CommitInfo | None:
-        if not re.fullmatch(r"[0-9a-f]{7,64}", sha):
-            return None
-        proc = subprocess.run(
-            ["git", "-C", str(repo_path), "show", "-s", "--format=%an <%ae>%x00%cn <%ce>%x00%B", sha, "--"],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
-        parts = proc.stdout.split("\0", 2)
-        if proc.returncode != 0 or len(parts) != 3:
-            return None
-        return CommitInfo(author=parts[0], committer=parts[1], message=parts[2].strip()[:MESSAGE_MAX])
+        info = read_commit(repo_path, sha)
+        return CommitInfo(author=info.author, committer=info.committer, message=info.message) if info else None
 
     async def lookup(sha: str) -> CommitInfo | None:
         return await asyncio.to_thread(read, sha)
@@ -257,5 +247,5 @@ def table(records: list[AuditRecord]) -> str:
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows
     ).rstrip() + "\n"

@@ -69,8 +69,8 @@ def plan(new: bytes, bs: int, old: Sequence[bytes]) -> list[Op]:
     is sent literally, adjacent literal blocks merged.
     """
     where: dict[bytes, int] = {}
-    for i, d in enumerate(old):
-        where.setdefault(d, i)
+    for k, d in enumerate(old):
+        where.setdefault(d, k)
     ops: list[Op] = []
     literal = bytearray()
     run: Copy | None = None

@@ -8,6 +8,7 @@ runs, so a container that exits or a unit that fails ends the wait at once inste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +16,8 @@ from dataclasses import dataclass
 import httpx
 
 from deployerd.connection import Connection
-from deployerd.desired import ServiceSpec
 from deployerd.observed import RunState
-from deployerd.runtimes.base import Runtime, StartError
-
-MAX_TARGET_ROUNDS = 4
+from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 
 
 class HealthInterrupted(Exception):
@@ -48,50 +46,34 @@ async def wait_healthy(
     client: httpx.AsyncClient,
     conn: Connection,
     runtime: Runtime,
-    spec: ServiceSpec,
-    release: str,
+    ctx: ReleaseContext,
     stop: Callable[[], bool] = lambda: False,
+    port: int | None = None,
 ) -> HealthResult:
     """Return once the release answers 2xx on its health path; raise StartError with its logs otherwise.
 
     ``client`` is the daemon's shared ``probe_client()``. ``stop`` is asked between probes: when it says
-    so, the wait ends with HealthInterrupted.
+    so, the wait ends with HealthInterrupted. ``port``: the instance's private port behind an ingress proxy
+    (it is proven there, before the proxy sends it anything; a manifest's ``health.url`` is not used then).
     """
-    if spec.health.url:
-        return await _poll(client, runtime, spec, release, spec.health.url, spec.health.url, stop)
-    start = time.monotonic()
-    probed: set[tuple[str, str]] = set()
-    result: HealthResult | None = None
-    attempts = 0
-    # Each place the release answers (a cluster's every task) must answer; a task rescheduled meanwhile
-    # (a node lost) is probed too. Bounded: one more round per place found.
-    for _ in range(MAX_TARGET_ROUNDS):
-        targets = set(await runtime.health_targets(spec.name, release))
-        if not targets:
-            raise StartError(f"{spec.name} release {release} has no task running to probe")
-        if targets <= probed:
-            break
-        for address, name in sorted(targets - probed):
-            async with conn.forwarded_port(spec.port, address) as local:
-                via = "via SSH" if address == "127.0.0.1" else f"via {runtime.host.name} over SSH"
-                shown = f"http://{name}:{spec.port}{spec.health.path} ({via})"
-                result = await _poll(client, runtime, spec, release, f"http://127.0.0.1:{local}{spec.health.path}",
-                                     shown, stop)
-            attempts += result.attempts
-            probed.add((address, name))
-    assert result is not None
-    if len(probed) == 1:
-        return result
-    names = ", ".join(sorted(n for _, n in probed))
-    return HealthResult(f"http://{{{names}}}:{spec.port}{spec.health.path}", result.status_code, attempts,
-                        round(time.monotonic() - start, 3))
+    spec = ctx.spec
+    async with contextlib.AsyncExitStack() as scope:
+        if spec.health.url and port is None:
+            base_url, shown = spec.health.url, spec.health.url
+        else:
+            port = spec.port if port is None else port
+            local = await scope.enter_async_context(conn.forwarded_port(port))
+            base_url = f"http://127.0.0.1:{local}{spec.health.path}"
+            shown = f"http://{runtime.host.name}:{port}{spec.health.path} (via SSH)"
+        return await _poll(client, runtime, ctx, base_url, shown, stop)
 
 
 async def _poll(
-    client: httpx.AsyncClient, runtime: Runtime, spec: ServiceSpec, release: str, base_url: str, shown: str,
+    client: httpx.AsyncClient, runtime: Runtime, ctx: ReleaseContext, base_url: str, shown: str,
     stop: Callable[[], bool],
 ) -> HealthResult:
     """Probe ``base_url`` every ``interval_s`` until 2xx, the release stops running, or ``timeout_s``."""
+    spec, release = ctx.spec, ctx.release.id
     start = time.monotonic()
     deadline = start + spec.health.timeout_s
     attempts, last = 0, "no answer yet"
@@ -100,11 +82,13 @@ async def _poll(
         if stop():
             raise HealthInterrupted(f"stopped waiting for {shown} after {attempts} probes")
         attempts += 1
-        state = await runtime.state(spec.name, release)
+        state = await runtime.state(ctx)
         if state is not RunState.RUNNING:
-            logs = await runtime.logs(spec.name, release)
+            out = await runtime.logs(ctx)
             what = "is gone" if state is None else f"is {state.value}"
-            raise StartError(f"{spec.name} release {release} {what} while waiting for health", logs)
+            if out.exit_code is not None:
+                what += f" (exit code {out.exit_code})"
+            raise StartError(f"{spec.name} release {release} {what} while waiting for health", out.lines)
         try:
             resp = await client.get(base_url, timeout=timeout)
             if 200 <= resp.status_code < 300:
@@ -113,9 +97,9 @@ async def _poll(
         except httpx.HTTPError as e:
             last = type(e).__name__
         if time.monotonic() + spec.health.interval_s > deadline:
-            logs = await runtime.logs(spec.name, release)
+            out = await runtime.logs(ctx)
             raise StartError(
                 f"{shown} not healthy within {spec.health.timeout_s:g} s ({attempts} probes, last: {last})",
-                logs,
+                out.lines,
             )
         await asyncio.sleep(spec.health.interval_s)

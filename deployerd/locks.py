@@ -245,7 +245,7 @@ class HostLock:
                 data, verdict = await self._look(me)
             if verdict is None:
                 continue  # released: link again at once
-            if data is not None and await self._remove_if(lambda b, seen=data: b == seen):
+            if data is not None and await self._remove_if(data.__eq__):
                 rec = parse(data)
                 took_over.append(f"{verdict.value}: {rec.describe() if rec else repr(data[:100])}")
                 self.owner.on_event("taken_over")
@@ -346,7 +346,7 @@ class HostLock:
     async def _renew(self) -> None:
         """Push the expiry forward every ttl/3 while ours; give up (and say so) once it is not."""
         period = self.owner.ttl_s / 3
-        while self.record is not None:
+        while self._holding():
             await asyncio.sleep(period)
             record = self.record
             if record is None:
@@ -363,6 +363,9 @@ class HostLock:
                 self.record = renewed
             except (HostUnreachable, RemoteFileError) as e:  # try again next period, while time is left
                 log.warning("host %s: renewing the lock of %s failed: %s", self.host, self.name, e)
+
+    def _holding(self) -> bool:
+        return self.record is not None
 
     def _lose(self, why: str) -> None:
         if self.lost:

@@ -13,12 +13,18 @@ import ctypes
 
 _M_ARENA_MAX = -8  # mallopt parameter numbers, from glibc's malloc.h
 
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-    _libc.malloc_trim  # noqa: B018  (glibc only: musl and others lack it)
-    _libc.mallopt  # noqa: B018
-except (OSError, AttributeError):
-    _libc = None
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only: musl and others lack it)
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_libc = _glibc()
 
 
 def limit_arenas(count: int = 2) -> bool:

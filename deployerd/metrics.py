@@ -48,6 +48,14 @@ class Metrics:
             "deployerd_phase_duration_seconds", "Duration of each deploy phase", ["phase", "method"],
             buckets=BUCKETS, registry=r,
         )
+        self.switch_duration = Histogram(
+            "deployerd_ingress_switch_seconds", "Ingress proxy switches to a new release (one runtime API change)",
+            ["host"], buckets=BUCKETS, registry=r,
+        )
+        self.drain_duration = Histogram(
+            "deployerd_ingress_drain_seconds", "Waits for the old release's requests in flight after a switch",
+            ["host"], buckets=BUCKETS, registry=r,
+        )
         self.rollbacks = Counter(
             "deployerd_rollbacks_total", "Automatic rollbacks by service and failed phase", ["service", "reason"],
             registry=r,
@@ -131,6 +139,9 @@ class Metrics:
                     self.phase_duration.labels(phase=event.phase, method=event.job.method).observe(event.duration_s)
             case events.RolledBack():
                 self.rollbacks.labels(service=event.service, reason=event.phase).inc()
+            case events.Switched():
+                self.switch_duration.labels(host=event.host).observe(event.switch_s)
+                self.drain_duration.labels(host=event.host).observe(event.drain_s)
             case events.Quarantined():
                 self.quarantines.labels(service=event.service).inc()
             case events.JobStarted():

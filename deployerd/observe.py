@@ -27,9 +27,11 @@ from deployerd import events
 from deployerd.backoff import Backoff
 from deployerd.connection import ConnectionPool, HostAddress, HostUnreachable
 from deployerd.desired import HostSpec
-from deployerd.observed import HostFacts, ObservedState
+from deployerd.ingress import IngressError, IngressProxy
+from deployerd.observed import HostFacts, Instance, ObservedState, RegistryEntry
 from deployerd.registry_client import RegistryClient, RegistryError
 from deployerd.runtimes import HostHandle
+from deployerd.runtimes.base import qualified_name
 from deployerd.store import utcnow
 
 log = logging.getLogger(__name__)
@@ -149,14 +151,20 @@ class Hosts:
         method = "ssh"
         try:
             handle = await self.handle(spec)
-            instances, kept = [], {}
+            instances: list[Instance] = []
+            kept: dict[str, list[str]] = {}
             for runtime in handle.runtimes.values():
                 method = runtime.method
                 found, releases = await runtime.observe()
                 instances += found
                 for service, ids in releases.items():
                     kept.setdefault(service, []).extend(ids)
-            return HostFacts(host=spec.name, reachable=True, instances=instances, releases_kept=kept)
+            ingress_error = None
+            if spec.ingress != "none":
+                method = "ingress proxy"
+                ingress_error = await _serving(handle, spec, instances)
+            return HostFacts(host=spec.name, reachable=True, instances=instances, releases_kept=kept,
+                             ingress_error=ingress_error)
         except HostUnreachable as e:
             return HostFacts(host=spec.name, reachable=False, error=str(e))
         except Exception as e:  # the engine API over the tunnel failed: the host is not known, not empty
@@ -176,6 +184,31 @@ class Hosts:
         await self.pool.close_all()
 
 
+async def _serving(handle: HostHandle, spec: HostSpec, instances: list[Instance]) -> str | None:
+    """Behind an ingress the instance that serves is the one the proxy sends requests to, not every running one
+    (an interrupted switch leaves two running): mark the others not current. A dead proxy is started again
+    from its config (what was switched to last), and named in the facts for /health."""
+    proxy = IngressProxy(handle.conn, spec.name)
+    error = None
+    try:
+        state = await proxy.state()
+    except IngressError as e:
+        error = str(e)
+        log.warning("%s; starting it again", e)
+        try:
+            async with proxy.lock:
+                await proxy.apply(await proxy.routes())
+            state = await proxy.state()
+            error += " (found dead; started again from its config)"
+        except IngressError as again:
+            return f"{error}; starting it again failed: {again}"
+    for inst in instances:
+        active = state.active(qualified_name(inst.service, handle.runtimes[inst.method].instance))
+        if active is not None and inst.private_port is not None:
+            inst.current = inst.release == active.name
+    return error
+
+
 async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryClient) -> ObservedState:
     """Read every host and the Registry concurrently."""
     names = sorted(specs)
@@ -184,10 +217,10 @@ async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryCl
         _registry(registry),
     )
     entries, error = registry_result
-    return ObservedState(hosts=dict(zip(names, facts_list)), registry=entries, registry_error=error)
+    return ObservedState(hosts=dict(zip(names, facts_list, strict=True)), registry=entries, registry_error=error)
 
 
-async def _registry(registry: RegistryClient) -> tuple[dict | None, str | None]:
+async def _registry(registry: RegistryClient) -> tuple[dict[str, RegistryEntry] | None, str | None]:
     try:
         return await registry.list(), None
     except RegistryError as e:

@@ -8,6 +8,7 @@ mistaking an outage for a missing service, which would trigger a needless redepl
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field, PrivateAttr
 
@@ -25,18 +26,17 @@ class Instance(BaseModel):
 
     service: str
     host: str
-    method: str  # "docker" | "systemd" | "swarm"
+    method: str  # "docker" | "systemd"
     release: str  # release id (hash of everything that defines it)
     commit: str = ""  # git commit it was deployed from ("" for out-of-band)
     state: RunState
     ref: str = ""  # runtime reference: container id, unit name
     port: int | None = None
+    private_port: int | None = None  # behind the host's ingress proxy: where it listens on 127.0.0.1
     managed_by: str = "git"  # "git" or "api" (out-of-band POST /deploy)
     current: bool = True  # the instance that should serve (False: kept stopped for rollback)
     inputs: dict[str, str] = Field(default_factory=dict)  # per-input digests (desired.Release.inputs) it was built from
     healthy: bool | None = None  # last health probe: None when not probed
-    drift: str | None = None  # what changed it by hand (a Swarm service scaled or updated by hand), for the plan
-    note: str | None = None  # why it runs another release than deployed (Swarm rolled back by itself), for the plan
 
 
 class HostFacts(BaseModel):
@@ -47,6 +47,7 @@ class HostFacts(BaseModel):
     error: str | None = None  # why it is unreachable, naming the host
     instances: list[Instance] = Field(default_factory=list)
     releases_kept: dict[str, list[str]] = Field(default_factory=dict)  # service -> release ids kept on host
+    ingress_error: str | None = None  # the host's ingress proxy was found dead or refusing (named for /health)
     _by_service: dict[str, list[Instance]] | None = PrivateAttr(default=None)
 
     def of_service(self, service: str) -> list[Instance]:
@@ -63,7 +64,7 @@ class HostFacts(BaseModel):
         """The instance meant to serve for ``service`` (a running one first, else the newest current one)."""
         mine = [i for i in self.of_service(service) if i.current]
         running = [i for i in mine if i.state is RunState.RUNNING]
-        return (running or mine or [None])[0]
+        return running[0] if running else (mine[0] if mine else None)
 
 
 class RegistryEntry(BaseModel):
@@ -73,7 +74,7 @@ class RegistryEntry(BaseModel):
     name: str
     endpoint: str
     status: str
-    metadata: dict | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class ObservedState(BaseModel):

@@ -37,7 +37,6 @@ INPUT_LABELS = {  # Release.inputs key -> how a reason names it
     "port": "port",
     "health": "health check",
     "host": "host settings",
-    "swarm": "swarm settings",
 }
 
 
@@ -64,6 +63,7 @@ def plan(
     force: bool = False,
     instance: str = "default",
     interrupted: Mapping[str, str] | None = None,
+    prune_all: bool = False,
 ) -> list[Action]:
     """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`.
 
@@ -71,17 +71,21 @@ def plan(
     ``interrupted`` maps a service to the release its last deploy was deploying when the daemon stopped:
     that release is deployed again even when it already runs, as it may never have been verified healthy,
     registered or retained (or may name the new release while the old code still serves).
+    ``prune_all`` lets a commit that removes every service prune them (the empty desired state guard refuses it
+    otherwise: an emptied checkout looks just like that); asked for one reconcile by ``sync --prune-all``.
     """
     quarantined = quarantined or {}
     interrupted = interrupted or {}
     managed = _managed_instances(observed)
     registry_owned = _registry_owned(observed, instance)
 
-    if not desired.services and not desired.broken and desired.complete and (managed or registry_owned):
+    if not desired.services and not desired.broken and desired.complete and (managed or registry_owned) \
+            and not prune_all:
         names = sorted({i.service for i in managed} | set(registry_owned))
         return sorted((_empty_guard(name, managed, registry_owned) for name in names), key=sort_key)
 
-    hosts_of: dict[str, set[str]] = {}  # service -> hosts a managed instance of it is on (one pass, not one per service)
+    # service -> hosts a managed instance of it is on (one pass, not one per service)
+    hosts_of: dict[str, set[str]] = {}
     for i in managed:
         hosts_of.setdefault(i.service, set()).add(i.host)
     actions: list[Action] = []
@@ -122,10 +126,10 @@ def _unreachable(observed: ObservedState, host: str) -> str | None:
     return None
 
 
-def _current_managed(facts: HostFacts, service: str) -> Instance | None:
-    mine = [i for i in facts.of_service(service) if i.current and i.managed_by == "git"]
+def _current_managed(facts: HostFacts, service: str, managed_by: str = "git") -> Instance | None:
+    mine = [i for i in facts.of_service(service) if i.current and i.managed_by == managed_by]
     running = [i for i in mine if i.state is RunState.RUNNING]
-    return (running or mine or [None])[0]
+    return running[0] if running else (mine[0] if mine else None)
 
 
 def _changed(inst: Instance, release: Release) -> list[str]:
@@ -139,14 +143,14 @@ def _changed(inst: Instance, release: Release) -> list[str]:
 
 
 def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: ObservedState,
-                      release: Release, instance: str) -> str | None:
+                      release: Release, instance: str, managed_by: str = "git") -> str | None:
     """Why the Registry entry needs writing, or None when it is right (or not ours to check)."""
     if not spec.register or observed.registry is None:
         return None
     entry = observed.registry.get(spec.name)
     if entry is None:
         return "registry entry missing"
-    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance)
+    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance, managed_by)
     wrong = [f for f in ("endpoint", "status", "metadata") if getattr(entry, f) != expected[f]]
     if spec.droplet_id is not None and entry.id != spec.droplet_id:
         wrong.append("id")
@@ -158,7 +162,7 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
 
 def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
                   managed_on: set[str], quarantined: str | None, force: bool,
-                  instance: str, interrupted: str | None = None) -> list[Action]:
+                  instance: str, interrupted: str | None = None, managed_by: str = "git") -> list[Action]:
     host = spec.host
     base = {"service": spec.name, "host": host, "release": release.id}
     elsewhere = sorted(h for h in managed_on if h != host)
@@ -167,27 +171,27 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
         # the old host (if moved) keeps serving until the new one can be reached
         return [Action(kind=ActionKind.BLOCKED, reasons=[why], **base)]
     facts = observed.hosts[host]
-    inst = _current_managed(facts, spec.name)
+    inst = _current_managed(facts, spec.name, managed_by)
     current = inst.release if inst else None
 
     reasons: list[str] = []
     if inst is None:
-        if any(i.managed_by != "git" for i in facts.of_service(spec.name)):
+        if any(i.managed_by != managed_by for i in facts.of_service(spec.name)):
+            other = "an out-of-band" if managed_by == "git" else "a git-managed"
             return [Action(kind=ActionKind.BLOCKED, current_release=None, reasons=[
-                f"an out-of-band instance of {spec.name} runs on {host}; left untouched"], **base)]
-        where = f"cluster {spec.cluster} (removed by hand, or never deployed)" if spec.method == "swarm" else host
-        reasons.append(f"not deployed on {where}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
+                f"{other} instance of {spec.name} runs on {host}; left untouched"], **base)]
+        reasons.append(f"not deployed on {host}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
     else:
         if inst.release != release.id:
             reasons.append("changed: " + ", ".join(_changed(inst, release)))
-            if inst.note:
-                reasons.append(inst.note)
         if inst.state is not RunState.RUNNING:
             reasons.append(f"not running ({inst.state.value})")
         elif inst.healthy is False:
             reasons.append("unhealthy")
-        if inst.drift:
-            reasons.append(inst.drift)
+        others = [i for i in facts.of_service(spec.name) if i.state is RunState.RUNNING and i is not inst
+                  and i.managed_by == "git"]
+        if others:  # an interrupted switch behind an ingress: finish it, so one instance serves
+            reasons.append(f"{len(others)} more instance(s) running ({', '.join(i.release for i in others)})")
         if inst.release == release.id and interrupted == release.id:
             reasons.append("its deploy was interrupted (daemon stopped): verify, register and retain it again")
 
@@ -206,11 +210,11 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
                                                                       or inst.state is not RunState.RUNNING)
         if kept:
             reasons.append("kept release, no rebuild")
-        reg = _registry_problem(spec, desired, observed, release, instance)
+        reg = _registry_problem(spec, desired, observed, release, instance, managed_by)
         if reg == "registry entry missing":
             reasons.append(reg)  # the Register phase of the deploy writes it
         actions.append(Action(kind=ActionKind.DEPLOY, current_release=current, reasons=reasons, kept=kept, **base))
-    elif (reg := _registry_problem(spec, desired, observed, release, instance)) is not None:
+    elif (reg := _registry_problem(spec, desired, observed, release, instance, managed_by)) is not None:
         actions.append(Action(kind=ActionKind.REGISTER, current_release=current, reasons=[reg], **base))
     else:
         actions.append(Action(kind=ActionKind.NOOP, current_release=current, reasons=["in sync"], **base))
@@ -221,6 +225,30 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
                               current_release=old_inst.release if old_inst else None,
                               reasons=[f"moved to {host}"]))
     return actions
+
+
+def plan_out_of_band(wanted: Mapping[str, tuple[ServiceSpec, Release]], desired: DesiredState,
+                     observed: ObservedState, quarantined: Mapping[str, str] | None = None,
+                     instance: str = "default") -> list[Action]:
+    """Actions for the services the older POST /deploy deployed (``wanted``: the release each should run).
+
+    The same rules as git's, matched on their own (``managed_by: api``) instances: a stopped or unhealthy one is
+    started again, a lost Registry entry written again. A commit never prunes them; a name git now manages is
+    left to git's plan (which leaves the out-of-band instance untouched).
+    """
+    quarantined = quarantined or {}
+    actions: list[Action] = []
+    for name, (spec, release) in sorted(wanted.items()):
+        if name in desired.services or name in desired.broken:
+            continue
+        if spec.host not in desired.hosts:
+            actions.append(Action(service=name, host=spec.host, kind=ActionKind.BLOCKED, release=release.id,
+                                  reasons=[f"host {spec.host} is no longer in hosts.yaml; out-of-band release "
+                                           "left as is"]))
+            continue
+        actions.extend(_plan_service(spec, release, desired, observed, set(), quarantined.get(name), False,
+                                     instance, managed_by="api"))
+    return sorted(actions, key=sort_key)
 
 
 def _plan_broken(name: str, desired: DesiredState, observed: ObservedState) -> list[Action]:
@@ -242,11 +270,11 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
     """PRUNE what git no longer names; refuse when the desired state could not be read in full."""
     keep = set(desired.services) | desired.broken
     targets: dict[tuple[str, str], Instance | None] = {}
-    for inst in managed:
-        if inst.service not in keep:
-            key = (inst.service, inst.host)
-            if targets.get(key) is None or inst.current:
-                targets[key] = inst
+    for m in managed:
+        if m.service not in keep:
+            key = (m.service, m.host)
+            if targets.get(key) is None or m.current:
+                targets[key] = m
     pruned_services = {s for s, _ in targets}
     for name, host in registry_owned.items():
         if name not in keep and name not in pruned_services:
@@ -271,8 +299,10 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
 def _empty_guard(name: str, managed: list[Instance], registry_owned: dict[str, str]) -> Action:
     hosts = sorted({i.host for i in managed if i.service == name})
     current = next((i.release for i in managed if i.service == name and i.current), None)
-    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED, current_release=current,
-                  reasons=["commit removes every service; prune refused (empty desired state guard)"])
+    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED,
+                  current_release=current,
+                  reasons=["commit removes every service; prune refused (empty desired state guard: "
+                           "`deployerd sync --prune-all` prunes them)"])
 
 
 # --------------------------------------------------------------------------- output

@@ -8,6 +8,7 @@ the operation, never the token.
 
 from __future__ import annotations
 
+import builtins  # the class's own list() method shadows the name in its annotations
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -53,7 +54,7 @@ class RegistryClient:
     async def list(self) -> dict[str, RegistryEntry]:
         """Every droplet, by name."""
         body = await self._request("list droplets", "GET", "/droplets")
-        entries = self._parse(body.get("droplets"), "list droplets", many=True)
+        entries = self._parse_many(body.get("droplets"), "list droplets")
         return {e.name: e for e in entries}
 
     async def get_by_name(self, name: str) -> RegistryEntry | None:
@@ -127,11 +128,12 @@ class RegistryClient:
             raise RegistryError(f"{where}: HTTP {code} with a body that is not JSON", transient=False,
                                 status_code=code) from None
 
-    def _parse(self, data: Any, op: str, many: bool = False) -> Any:
+    def _parse(self, data: Any, op: str) -> RegistryEntry:
+        return self._parse_many([data], op)[0]
+
+    def _parse_many(self, data: Any, op: str) -> builtins.list[RegistryEntry]:
         try:
-            if many:
-                return [RegistryEntry.model_validate(d) for d in (data or [])]
-            return RegistryEntry.model_validate(data)
+            return [RegistryEntry.model_validate(d) for d in (data or [])]
         except (ValidationError, TypeError) as exc:
             raise RegistryError(f"Registry {self.base_url}: {op}: reply breaks the contract: "
                                 f"{exc.__class__.__name__}", transient=False) from None

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,45 @@ _CLASSIFY: tuple[tuple[str, str, bool], ...] = (
     ("connection refused", "connection refused", True),
     ("could not read from remote repository", "could not read from remote repository", True),
 )
+
+
+_COMMIT_FORMAT = "%H%x00%an <%ae>%x00%cn <%ce>%x00%cI%x00%B"
+_COMMIT_SHA = re.compile(r"[0-9a-f]{7,64}")
+_COMMITS_CACHED = 2048
+MESSAGE_MAX = 2000
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """Who made a commit and what it says: what a person reads next to a sha (the audit trail, the status page)."""
+
+    sha: str
+    author: str  # "Name <email>"
+    committer: str
+    date: str  # committer date, ISO 8601
+    message: str  # bounded to MESSAGE_MAX characters
+
+    @property
+    def summary(self) -> str:
+        """The message's first line."""
+        return self.message.split("\n", 1)[0]
+
+    @property
+    def author_name(self) -> str:
+        return self.author.split(" <", 1)[0]
+
+
+def read_commit(repo_path: Path, sha: str) -> CommitInfo | None:
+    """One commit of the repository at ``repo_path`` (blocking: call it in a thread); None when unknown."""
+    if not _COMMIT_SHA.fullmatch(sha):
+        return None  # also never an option to git
+    proc = subprocess.run(["git", "-C", str(repo_path), "show", "-s", f"--format={_COMMIT_FORMAT}", sha, "--"],
+                          capture_output=True, text=True, timeout=30, check=False, env={**os.environ, **_GIT_ENV})
+    parts = proc.stdout.split("\0", 4)
+    if proc.returncode != 0 or len(parts) != 5:
+        return None
+    full, author, committer, date, message = parts
+    return CommitInfo(sha=full, author=author, committer=committer, date=date, message=message.strip()[:MESSAGE_MAX])
 
 
 class SourceError(Exception):
@@ -91,6 +133,7 @@ class GitSource:
         self._revision: str | None = None
         self._last_fetch_at: datetime | None = None
         self._last_error: str | None = None
+        self._commits: dict[str, CommitInfo] = {}
 
     def __repr__(self) -> str:
         return f"GitSource({self.display_url!r}, branch={self.branch!r})"
@@ -149,6 +192,19 @@ class GitSource:
             self._last_fetch_at = datetime.now(UTC)
             self._last_error = None
             return sha
+
+    async def commits(self, shas: Iterable[str]) -> dict[str, CommitInfo]:
+        """The fetched commits among ``shas`` (unknown ones are left out), read from the mirror.
+
+        Commits never change, so answers are kept (bounded): a page showing the same commits reads git once."""
+        wanted = {s for s in shas if s}
+        missing = sorted(s for s in wanted if s not in self._commits)
+        if missing:
+            found = await asyncio.to_thread(lambda: {s: read_commit(self.repo_path, s) for s in missing})
+            if len(self._commits) + len(found) > _COMMITS_CACHED:
+                self._commits.clear()
+            self._commits.update({s: info for s, info in found.items() if info is not None})
+        return {s: self._commits[s] for s in wanted if s in self._commits}
 
     async def changed_paths(self, old: str | None, new: str) -> list[str]:
         """Paths that differ between two fetched commits (all paths of ``new`` when ``old`` is empty)."""
@@ -230,7 +286,7 @@ class GitSource:
     def _translate(self, exc: git.GitCommandError) -> SourceError:
         stderr = str(exc.stderr or "")
         low = stderr.lower()
-        for needle, what, transient in _CLASSIFY:
+        for needle, what, transient in _CLASSIFY:  # noqa: B007 - the match's transient is read after the break
             if needle in low:
                 reason = what.format(branch=self.branch)
                 break

@@ -105,7 +105,8 @@ class Board:
             status.last_job = job_id
 
     def _row(self, snap: Snapshot, a: Action, busy: Collection[str]) -> ServiceStatus:
-        spec = snap.desired.services.get(a.service)
+        oob = snap.out_of_band_context(a)
+        spec = oob.spec if oob else snap.desired.services.get(a.service)
         facts = snap.observed.hosts.get(a.host)
         reachable = facts is not None and facts.reachable
         inst = facts.current(a.service) if facts is not None and reachable else None
@@ -127,7 +128,7 @@ class Board:
         prev = self.services.get(a.service)
         return ServiceStatus(
             name=a.service, host=a.host, method=spec.method if spec else (inst.method if inst else "docker"),
-            managed_by="git", sync_status=sync, health_status=health, release=a.release,
+            managed_by="api" if oob else "git", sync_status=sync, health_status=health, release=a.release,
             running_release=inst.release if inst else None, commit=inst.commit if inst else None,
             reasons=a.reasons, url=endpoint_url(host, spec.port) if spec and host else None,
             last_job=prev.last_job if prev else None,
@@ -142,7 +143,9 @@ def health(
     """What /health says: computed from what the loop last saw, never from a remote call."""
     hosts: dict[str, dict[str, Any]] = {}
     if observed is not None:
-        hosts = {n: {"reachable": f.reachable, "error": f.error} for n, f in observed.hosts.items()}
+        hosts = {n: {"reachable": f.reachable, "error": f.error, **({"ingress_error": f.ingress_error}
+                                                                   if f.ingress_error else {})}
+                 for n, f in observed.hosts.items()}
     for n, down in hosts_down.items():  # failed hosts are retried backing off: say since when, and when next
         if n in hosts and not hosts[n]["reachable"]:
             hosts[n].update(since=down.since, attempts=down.attempts, last_attempt_at=down.last_attempt_at,
@@ -159,6 +162,8 @@ def health(
             if "attempts" in h:
                 line += f" ({h['attempts']} attempts since {h['since']}, next in {h['next_attempt_in_s']:g} s)"
             degraded.append(line)
+        if h.get("ingress_error"):  # a dead proxy: found by the last observation (which started it again)
+            degraded.append(str(h["ingress_error"]))
     if observed is not None and not registry_ok:
         degraded.append(f"registry: {observed.registry_error}")
     if last and last.error:

@@ -113,7 +113,8 @@ class GitTree:
             return self._index
         index: dict[str, tuple[Entry, bytes]] = {}
         for item in self._commit.tree.traverse():
-            path, mode = item.path, item.mode
+            assert isinstance(item, (git.Tree, git.Blob, git.Submodule))  # traverse() of a tree yields objects
+            path, mode = str(item.path), item.mode
             if item.type == "tree":
                 self._dirs.add(path)
                 continue
@@ -149,7 +150,8 @@ class GitTree:
         if found is None or found[0].kind == "other":
             raise TreeError(f"{path}: not a file in commit {self.revision[:12]}")
         with self._lock:
-            return self._repo.odb.stream(found[1]).read()
+            data: bytes = self._repo.odb.stream(found[1]).read()
+            return data
 
     def exists(self, path: str) -> bool:
         path = clean_path(path)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from notify_receiver import Receiver, serve
 from pydantic import TypeAdapter
 
 from deployerd.config import Destination, Settings
@@ -22,8 +23,6 @@ from deployerd.events import EventBus, JobEnded, JobStarted, Quarantined
 from deployerd.metrics import Metrics
 from deployerd.notify import Notifier
 from deployerd.store import Job, JobStatus
-
-from notify_receiver import Receiver, serve
 
 SHA = "c0ffee" + "0" * 34
 

@@ -31,7 +31,7 @@ PRIVATE_PORTS = range(20000, 30000)  # instances behind the proxy listen on 127.
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
-UNIT = f"""# Written by deployerd: the host's ingress proxy, binding the public ports of the services deployerd runs here.
+UNIT = f"""# Written by deployerd: the host's ingress proxy, which binds the public ports of deployerd's services.
 [Unit]
 Description=deployerd ingress (HAProxy)
 After=network-online.target

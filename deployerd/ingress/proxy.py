@@ -98,7 +98,7 @@ class IngressProxy:
                 writer.close()
         except HostUnreachable:
             raise
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise IngressError(self.host, f"its admin socket does not answer ({type(e).__name__})") from None
         self.conn.stats.commands += 1
         if not answer:  # the forward opened but the proxy behind it is gone

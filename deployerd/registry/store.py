@@ -8,6 +8,7 @@ anyway); the async methods run the blocking work in a thread so the event loop n
 from __future__ import annotations
 
 import asyncio
+import builtins  # the class's own list() method shadows the name in its annotations
 import json
 import sqlite3
 import threading
@@ -123,11 +124,11 @@ class DropletStore:
 
     # -- blocking parts, run in a worker thread under the lock --
 
-    def _query_raw(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _query_raw(self, sql: str, params: tuple[Any, ...]) -> builtins.list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[Droplet]:
+    def _query(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Droplet]:
         return [_row(r) for r in self._query_raw(sql, params)]
 
     def _create(

@@ -8,11 +8,9 @@ from deployerd.connection import Connection
 from deployerd.desired import HostSpec
 from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 from deployerd.runtimes.docker import DockerRuntime
-from deployerd.runtimes.swarm import SwarmRuntime
 from deployerd.runtimes.systemd import SystemdRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime, SystemdRuntime.method: SystemdRuntime,
-                                      SwarmRuntime.method: SwarmRuntime}
+RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime, SystemdRuntime.method: SystemdRuntime}
 
 __all__ = ["HostHandle", "ReleaseContext", "Runtime", "RUNTIMES", "StartError"]
 
@@ -26,7 +24,7 @@ class HostHandle:
     runtimes: dict[str, Runtime] = field(default_factory=dict)
 
     @classmethod
-    def for_connection(cls, spec: HostSpec, conn: Connection, instance: str = "default") -> "HostHandle":
+    def for_connection(cls, spec: HostSpec, conn: Connection, instance: str = "default") -> HostHandle:
         return cls(spec, conn, {name: rt(conn, spec, instance) for name, rt in RUNTIMES.items()})
 
     def runtime(self, method: str) -> Runtime:

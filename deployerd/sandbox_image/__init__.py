@@ -71,7 +71,8 @@ def image_ref() -> str:
 
 
 async def ensure_image(docker_env: dict[str, str]) -> str:
-    """The host image in the engine ``docker_env`` points at: already there, else loaded from the cached tarball, else built and cached."""
+    """The host image in the engine ``docker_env`` points at: already there, else loaded from the cached
+    tarball, else built and cached."""
     ref = image_ref()
     if (await run(["docker", "image", "inspect", ref], env=docker_env, check=False)).rc == 0:
         return ref
@@ -184,9 +185,8 @@ def _configure_rootfs(rootfs: Path) -> None:
         key.unlink()
     (rootfs / "etc/machine-id").write_text("")
     (rootfs / "var/lib/dbus/machine-id").unlink(missing_ok=True)
-    for d in ("var/lib/apt/lists", "var/cache/apt/archives", "var/log/apt"):
-        p = rootfs / d
-        for child in p.glob("*"):
+    for sub in ("var/lib/apt/lists", "var/cache/apt/archives", "var/log/apt"):
+        for child in (rootfs / sub).glob("*"):
             if child.is_file() or child.is_symlink():
                 child.unlink()
     (rootfs / "etc/resolv.conf").write_text("")

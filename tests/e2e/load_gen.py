@@ -69,7 +69,8 @@ class _Client:
     def __init__(self, host: str, port: int, path: str, timeout: float, keepalive: bool) -> None:
         self.host, self.port, self.timeout, self.keepalive = host, port, timeout, keepalive
         close = "" if keepalive else "Connection: close\r\n"
-        self.request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: deployerd-bench\r\n{close}\r\n".encode()
+        self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: deployerd-bench\r\n"
+                        f"{close}\r\n").encode()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -119,7 +120,7 @@ async def run_load(
             try:
                 status, upstream = await asyncio.wait_for(client.get(), timeout)
                 result.samples.append(Sample(t0, time.monotonic() - t0, 200 <= status < 300, status, upstream))
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
                 await client.close()
                 result.samples.append(Sample(t0, time.monotonic() - t0, False, error=type(e).__name__))
     finally:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import DesiredRepo, api_source, running_daemon, settings_for
 
+from deployerd.config import Settings
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
-
-from daemon_harness import DesiredRepo, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,17 @@ async def cli(*args: str) -> tuple[int, str]:
     )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
+
+
+def one_service(sandbox: SandboxInfo, tmp_path: Path, name: str, port: int) -> tuple[DesiredRepo, Settings, Path]:
+    """A repository with one committed service, the daemon's settings, and its config file for the CLI."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service(name, port)
+    repo.commit("one")
+    settings = settings_for(tmp_path, sandbox, repo)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    return repo, settings, config
 
 
 async def test_validate_bundled_and_broken(tmp_path: Path) -> None:
@@ -45,12 +56,7 @@ async def test_validate_bundled_and_broken(tmp_path: Path) -> None:
 
 
 async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) -> None:
-    repo = DesiredRepo(tmp_path / "repo", sandbox)
-    repo.service("cli-web", 8401)
-    repo.commit("one")
-    settings = settings_for(tmp_path, sandbox, repo)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    repo, settings, config = one_service(sandbox, tmp_path, "cli-web", 8401)
 
     code, out = await cli("plan", "--config", str(config))
     assert code == 0, out
@@ -81,3 +87,52 @@ async def test_plan_status_history_sync(sandbox: SandboxInfo, tmp_path: Path) ->
         bad.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "api_token_file": str(wrong)}))
         code, out = await cli("sync", "--config", str(bad))
         assert code == 1 and "401" in out
+
+
+async def test_sync_prune_all_lets_an_emptying_commit_prune(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A commit that removes every service prunes nothing (it looks like an emptied checkout) until
+    `deployerd sync --prune-all` asks for it, with the token."""
+    repo, settings, config = one_service(sandbox, tmp_path, "last-one", 8411)
+    async with running_daemon(settings) as d:
+        await d.reconcile()
+        assert (await d.last_job("last-one")).status is JobStatus.SUCCEEDED
+        repo.remove("services")
+        repo.commit("remove every service")
+        actions = await d.reconcile()
+        assert [(a.kind.value, a.service) for a in actions] == [("blocked", "last-one")]
+        assert "--prune-all" in actions[0].reasons[0]
+        code, out = await cli("sync", "--prune-all", "--config", str(config))
+        assert code == 0 and "prune" in out and "last-one@sbx-1: removed from git" in out, out
+        await d.engine.drain()
+        pruned = await d.last_job("last-one")
+        assert (pruned.kind, pruned.status) == ("prune", JobStatus.SUCCEEDED), pruned
+        handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+        instances, _ = await handle.runtime("docker").observe()
+        assert [i for i in instances if i.service == "last-one"] == []
+        assert [a.kind.value for a in await d.reconcile()] == []  # nothing left, nothing to guard
+
+
+async def test_remove_an_out_of_band_service(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """`deployerd remove NAME` removes what POST /deploy deployed; a name git manages is refused."""
+    _, settings, config = one_service(sandbox, tmp_path, "cli-git", 8421)
+    src = api_source(settings, "cli-oob", 8422)
+    async with running_daemon(settings) as d:
+        await d.reconcile()
+        resp = await d.http.post("/deploy", headers=d.auth, json={
+            "service_name": "cli-oob", "service_path": str(src), "service_port": 8422, "auto_register": False})
+        assert resp.status_code == 202, resp.text
+        await d.engine.drain()
+        assert (await d.last_job("cli-oob")).status is JobStatus.SUCCEEDED
+        code, out = await cli("remove", "cli-git", "--config", str(config))
+        assert code == 1 and "409" in out and "managed by git" in out, out
+        code, out = await cli("remove", "cli-oob", "--config", str(config))
+        assert code == 0 and "removing cli-oob: job deploy-" in out, out
+        await d.engine.drain()
+        removed = await d.last_job("cli-oob")
+        assert (removed.kind, removed.status) == ("prune", JobStatus.SUCCEEDED), removed
+        handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+        instances, kept = await handle.runtime("docker").observe()
+        assert [i for i in instances if i.service == "cli-oob"] == [] and "cli-oob" not in kept
+        assert all(a.service != "cli-oob" for a in await d.reconcile())  # forgotten: not healed back
+        code, out = await cli("remove", "cli-oob", "--config", str(config))
+        assert code == 1 and "404" in out, out

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL the daemon inside each of the six phases, for Docker and for systemd, and restart it.
+"""Crash safety: SIGKILL the daemon inside each of the six phases, for Docker and for systemd, and restart it
+(and, behind a host's ingress proxy, on either side of the switch).
 
 The daemon runs as a real process (``python -m deployerd run``) on a real git repository, the sandbox hosts
 and the sandbox Registry. Each case deploys a new release, watches the job through the HTTP API until the
@@ -220,10 +221,10 @@ class Stack:
                 status = {p["phase"]: p["status"] for p in job["phases"]}
                 later = [p for p in order[order.index(phase) + 1:] if status.get(p, "pending") != "pending"]
                 assert job["status"] in ("pending", "running") and not later, (
-                    f"missed {phase}: job {job['deploy_job_id']} is {job['status']}, phases {status}")
+                    f"missed {phase}: job {job['id']} is {job['status']}, phases {status}")
                 if status.get(phase) == "running" and (
                         phase not in FAILPOINTS or f"failpoint {phase} reached" in self.daemon.tail(200)):
-                    return str(job["deploy_job_id"])
+                    return str(job["id"])
             await asyncio.sleep(0.05)
         pytest.fail(f"{phase} of release {self.release} never ran:\n{self.daemon.tail()}")
 
@@ -242,7 +243,7 @@ class Stack:
             return f"service status {got}"
         last = svc["last_job"] or {}
         if (last.get("status"), last.get("release")) != ("succeeded", self.release):
-            return f"last job {last.get('deploy_job_id')} {last.get('status')} release {last.get('release')}"
+            return f"last job {last.get('id')} {last.get('status')} release {last.get('release')}"
         address = next(h.internal_address for h in self.sandbox.hosts if h.name == self.host)
         try:
             answer = (await self.api.get(f"http://{address}:{self.port}/health")).json()
@@ -404,7 +405,7 @@ async def test_sigkill_in_phase_converges_after_restart(stacks: Stacks, method: 
     assert not left, f"the killed daemon's socket dirs are still there: {left}"
     print(f"{method}-{SHORT[phase]}: converged {steps['converge']:.1f} s after the restart")
 
-    killed = await st.get(f"/deploy/{job_id}")
+    killed = await st.get(f"/jobs/{job_id}")
     assert killed["status"] == "interrupted", killed
     assert {p["phase"]: p["status"] for p in killed["phases"]}[phase] == "failed"
     history = await st.get(f"/services/{st.service}/history")
@@ -426,8 +427,58 @@ async def test_sigterm_drains_the_deploy_in_flight(stacks: Stacks, method: str) 
     code = await st.daemon.stop(limit_s=120)
     assert code == 0, f"exit code {code} after SIGTERM:\n{st.daemon.tail()}"
     await st.start()
-    job = await st.get(f"/deploy/{job_id}")
+    job = await st.get(f"/jobs/{job_id}")
     assert job["status"] == "succeeded", job
     assert [p["status"] for p in job["phases"]] == ["succeeded"] * len(PHASES), job["phases"]
     await st.wait_converged()
     await st.assert_host_clean()
+
+
+INGRESS_PORT = 8433
+SWITCH_POINTS = ["Before Switch", "Switch"]  # failpoints in deployerd.switch: new instance up / proxy switched
+
+
+@pytest.mark.timeout(600)
+async def test_sigkill_around_the_ingress_switch(sandbox: SandboxInfo,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Behind the host's proxy (Docker): SIGKILL between starting the new instance and the switch, and between
+    the switch and stopping the old one. After a restart exactly one instance serves, none is orphaned, and a
+    bounded load through the public port saw no failed request over the whole crash and recovery."""
+    from load_gen import run_load
+
+    assert sandbox.registry is not None
+    async with SlowRegistry(sandbox.registry.url) as registry:
+        st = Stack("docker", sandbox, tmp_path_factory.mktemp("crash-ingress"), registry)
+        st.service, st.port = "crash-ingress", INGRESS_PORT
+        hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
+                          "public_address": h.internal_address, "ingress": "haproxy"} for h in sandbox.hosts}
+        st.repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
+        address = next(h.internal_address for h in sandbox.hosts if h.name == st.host)
+        try:
+            st.write(None)
+            st.commit("first good release")
+            await st.start()
+            await st.wait_converged()
+            for point in SWITCH_POINTS:
+                await st.daemon.stop()
+                await st.start(failpoints=point)
+                stop = asyncio.Event()
+                load = asyncio.create_task(run_load(address, INGRESS_PORT, rate=50, seconds=300, stop=stop,
+                                                         path="/health"))
+                try:
+                    st.write(None)
+                    st.commit(f"version {st.version}: killed at {point}")
+                    deadline = time.monotonic() + 120
+                    while f"failpoint {point} reached" not in st.daemon.tail(200):
+                        assert time.monotonic() < deadline, f"{point} never reached:\n{st.daemon.tail()}"
+                        await asyncio.sleep(0.05)
+                    await st.daemon.kill()
+                    await st.start()
+                    await st.wait_converged()
+                finally:
+                    stop.set()
+                result = await load
+                assert result.failed == 0, f"{point}: {result.summary()}"
+                await st.assert_host_clean()
+        finally:
+            await st.close()

@@ -11,14 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from load_gen import run_load
 
 from deployerd.connection import Connection, HostAddress
 from deployerd.health import probe_client
 from deployerd.ingress import IngressError, IngressProxy
 from deployerd.ingress.config import UNIT_NAME
 from deployerd.sandbox import SandboxInfo
-
-from load_gen import run_load
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

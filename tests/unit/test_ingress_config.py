@@ -19,8 +19,11 @@ from deployerd.ingress.config import (
 )
 from deployerd.ingress.proxy import parse_config
 
-SERVERS_STATE = """1
-# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port
+HEADER = ("# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight "
+          "srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state "
+          "srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port "
+          "srv_check_addr srv_agent_addr srv_agent_port")
+SERVERS_STATE = "1\n" + HEADER + """
 3 be_web 1 r1 127.0.0.1 2 8 1 1 0 1 0 2 0 0 0 0 - 20001 - 0 0 - - 0
 3 be_web 2 r2 127.0.0.1 2 0 1 1 0 1 0 0 0 0 0 0 - 20002 - 0 0 - - 0
 5 be_api 1 a1 127.0.0.1 2 1 1 1 0 1 0 0 0 0 0 0 - 20010 - 0 0 - - 0

@@ -15,12 +15,16 @@ from deployerd.desired import (
     expected_registry_entry,
 )
 from deployerd.observed import HostFacts, Instance, ObservedState, RegistryEntry, RunState
-from deployerd.plan import Action, ActionKind, describe, plan
+from deployerd.plan import Action, ActionKind, describe, plan, plan_out_of_band
 
 INPUTS = {"source": "s1", "image": "i1", "env": "e1", "port": "p1", "health": "h1", "host": "o1"}
 R1 = Release(id="rel000000001", inputs=INPUTS)
 HOSTS = {"prod-1": HostSpec(name="prod-1", address="10.0.0.1"),
          "prod-2": HostSpec(name="prod-2", address="10.0.0.2", public_address="web2.example.com")}
+
+
+GUARD = ("commit removes every service; prune refused (empty desired state guard: "
+         "`deployerd sync --prune-all` prunes them)")
 
 
 def spec(name: str = "web", host: str = "prod-1", port: int = 8080, **kw: Any) -> ServiceSpec:
@@ -137,8 +141,7 @@ CASES: list[tuple[str, DesiredState, ObservedState, list[tuple[str, str, str, li
     ("no-prune-on-unreachable", desired(WEB), observed(inst(), unreachable={"prod-2": "down"}),
      [("noop", "web", "prod-1", ["in sync"])]),
     ("empty-guard", desired(), observed(inst(), inst("api", port=8081)),
-     [("blocked", "api", "prod-1", ["commit removes every service; prune refused (empty desired state guard)"]),
-      ("blocked", "web", "prod-1", ["commit removes every service; prune refused (empty desired state guard)"])]),
+     [("blocked", "api", "prod-1", [GUARD]), ("blocked", "web", "prod-1", [GUARD])]),
     ("empty-nothing-observed", desired(), observed(), []),
     ("broken-manifest", desired(broken={"web"}, errors=[
         ManifestError(file="services/web.yaml", field="port", reason="must be between 1 and 65535")]),
@@ -175,6 +178,16 @@ def test_quarantined_release_blocked_until_git_changes_or_force() -> None:
         "release rel000000001 quarantined after a failed deploy; waiting for git to change"])]
     assert [a.kind for a in plan(want, have, quarantined={"web": "rel999999999"})] == [ActionKind.DEPLOY]
     assert [a.kind for a in plan(want, have, quarantined={"web": R1.id}, force=True)] == [ActionKind.DEPLOY]
+
+
+def test_prune_all_lets_an_emptying_commit_prune() -> None:
+    """The guard's explicit way through: asked for (sync --prune-all), every service git left is pruned, and
+    its Registry entry with it; out-of-band instances stay."""
+    have = observed(inst(), inst("api", port=8081), inst("adhoc", managed_by="api"),
+                    registry=registry_for(WEB, metadata={"managed_by": "deployerd", "host": "prod-1"}))
+    assert summary(plan(desired(), have, prune_all=True)) == [
+        ("prune", "api", "prod-1", ["removed from git"]), ("prune", "web", "prod-1", ["removed from git"])]
+    assert {a.kind for a in plan(desired(), have)} == {ActionKind.BLOCKED}  # not asked: the guard holds
 
 
 def test_quarantine_does_not_block_in_sync_service() -> None:
@@ -256,3 +269,43 @@ def test_release_whose_deploy_was_interrupted_is_deployed_again_though_it_runs()
     old = observed(inst(release="rel000000000"), registry=registry_for(WEB))
     [deploy] = plan(desired(WEB), old, interrupted={"web": R1.id})
     assert deploy.kind is ActionKind.DEPLOY and deploy.reasons == ["changed: release rel000000000"]
+
+
+# --------------------------------------------------------------------------- out-of-band services (POST /deploy)
+
+OOB = spec("adhoc", port=8090)
+
+
+def oob_registry(**override: Any) -> dict[str, RegistryEntry]:
+    exp = expected_registry_entry(OOB, HOSTS["prod-1"], R1, managed_by="api")
+    return {"adhoc": RegistryEntry(id=7, name="adhoc", **{**exp, **override})}
+
+
+@pytest.mark.parametrize(("have", "expected"), [
+    (observed(inst("adhoc", port=8090, managed_by="api"), registry=oob_registry()),
+     [("noop", "adhoc", "prod-1", ["in sync"])]),
+    (observed(inst("adhoc", port=8090, managed_by="api", state=RunState.STOPPED), registry=oob_registry(),
+              kept={"prod-1": {"adhoc": [R1.id]}}),
+     [("deploy", "adhoc", "prod-1", ["not running (stopped)", "kept release, no rebuild"])]),
+    (observed(inst("adhoc", port=8090, managed_by="api"), registry={}),
+     [("register", "adhoc", "prod-1", ["registry entry missing"])]),
+    (observed(inst("adhoc", port=8090, managed_by="api"), registry=oob_registry(endpoint="http://x:1")),
+     [("register", "adhoc", "prod-1", ["registry entry wrong: endpoint"])]),
+    (observed(inst("adhoc", port=8090, managed_by="git"), registry=oob_registry()),
+     [("blocked", "adhoc", "prod-1", ["a git-managed instance of adhoc runs on prod-1; left untouched"])]),
+    (observed(registry=oob_registry(), unreachable={"prod-1": "down"}),
+     [("blocked", "adhoc", "prod-1", ["host prod-1 unreachable: down"])]),
+], ids=["in-sync", "stopped-by-hand", "registry-lost", "registry-wrong", "git-instance-untouched", "host-down"])
+def test_out_of_band_services_are_healed_and_registered_like_git_ones(
+        have: ObservedState, expected: list[tuple[str, str, str, list[str]]]) -> None:
+    assert summary(plan_out_of_band({"adhoc": (OOB, R1)}, desired(WEB), have)) == expected
+
+
+def test_out_of_band_left_to_git_when_git_names_it_and_blocked_when_host_left() -> None:
+    have = observed(inst("adhoc", port=8090, managed_by="api"))
+    assert plan_out_of_band({"adhoc": (OOB, R1)}, desired(spec("adhoc", port=8090)), have) == []
+    gone = spec("adhoc", host="prod-9", port=8090)
+    assert summary(plan_out_of_band({"adhoc": (gone, R1)}, desired(WEB), have)) == [
+        ("blocked", "adhoc", "prod-9", ["host prod-9 is no longer in hosts.yaml; out-of-band release left as is"])]
+    # and git's own plan never prunes it, even when a commit removes every git service
+    assert plan(desired(), have, prune_all=True) == []

@@ -1,0 +1,76 @@
+"""Release ids: a hash of exactly what defines a deployment, and what a deployment advertises.
+
+A release id hashes the source files, build/run settings, env, port, health check and host, so a commit
+that touches nothing of a service keeps its id, and each input's own digest lets the planner name *which*
+input changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from typing import Any
+
+from deployerd.schema import HostSpec, Release, ServiceSpec, release_id
+from deployerd.tree import Entry
+
+
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> Release:
+    """Per-input digests (source, image, env, port, health, host) and the id over all of them.
+
+    Env values only enter as a digest; the commit does not enter at all, so an unrelated commit keeps
+    the id. Secret values are not known here: the daemon adds their keyed digest (`Release.with_input`).
+    Only the settings of the chosen method count (editing the systemd block of a docker service changes
+    nothing that runs).
+    """
+    prefix = len(spec.source) + 1
+    image: dict[str, Any] = {"method": spec.method}
+    if spec.method == "docker":
+        image["docker"] = spec.docker.model_dump(exclude={"container_port"})  # ports count under "port"
+    else:
+        image["systemd"] = spec.systemd.model_dump()
+    inputs = {
+        "source": _digest([[e.path[prefix:], e.mode, e.sha] for e in source]),
+        "image": _digest(image),
+        "env": _digest(spec.env),
+        "port": _digest([spec.port, spec.container_port if spec.method == "docker" else None]),
+        "health": _digest(spec.health.model_dump()),
+        "host": _digest({"name": host.name, "base_dir": host.base_dir}),
+    }
+    if host.ingress != "none":  # behind a proxy an instance listens elsewhere: a new release (none: ids unchanged)
+        inputs["ingress"] = _digest(host.ingress)
+    return Release(id=release_id(inputs), inputs=inputs)
+
+
+def expected_registry_entry(
+    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default", managed_by: str = "git"
+) -> dict[str, Any]:
+    """The Registry record a healthy deployment should have; used by plan (compare) and Register (write).
+
+    ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's;
+    an out-of-band service's (``managed_by`` ``api``) says ``deployerd-api``, so a commit never prunes it.
+    """
+    return {
+        "endpoint": endpoint_url(host, spec.port),
+        "status": "active",
+        "metadata": {"managed_by": "deployerd" if managed_by == "git" else f"deployerd-{managed_by}",
+                     "instance": instance, "release": release.id, "host": host.name, "method": spec.method},
+    }
+
+
+def endpoint_url(host: HostSpec, port: int) -> str:
+    """Where a service on ``host`` answers, as the Registry and the API advertise it (IPv6 in brackets)."""
+    return f"http://{_url_host(host.public_address or host.address)}:{port}"
+
+
+def _url_host(address: str) -> str:
+    try:
+        return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    except ValueError:
+        return address

@@ -1,0 +1,302 @@
+"""The schema of the desired-state repository: hosts.yaml and services/<name>.yaml as pydantic models.
+
+Everything here is hostile input (anyone who can push to the repo writes it), so names, paths and values
+are checked strictly before any of them reaches a shell, a path join or a container label: the field
+validators below refuse what could, naming the reason. ``DesiredState`` is the validated result of one
+revision (``desired.load_desired`` builds it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import posixpath
+import re
+import warnings
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+
+HOSTS_FILE = "hosts.yaml"
+SERVICES_DIR = "services"
+
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_POSIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SAFE_PATH = re.compile(r"[A-Za-z0-9._/-]+")
+_HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")
+
+
+# --------------------------------------------------------------------------- field validators
+
+
+def _dns_label(v: str) -> str:
+    if not _DNS_LABEL.fullmatch(v):
+        raise ValueError("must be a DNS label: lowercase letters, digits and '-', 1-63 chars, "
+                         "not starting or ending with '-'")
+    return v
+
+
+def _address(v: str) -> str:
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(v):
+        raise ValueError("must be a hostname or an IP address")
+    return v
+
+
+def _posix_user(v: str) -> str:
+    if not _POSIX_USER.fullmatch(v):
+        raise ValueError("must be a POSIX user name ([a-z_][a-z0-9_-]*, at most 32 chars)")
+    return v
+
+
+def _port(v: int) -> int:
+    if not 1 <= v <= 65535:
+        raise ValueError("must be between 1 and 65535")
+    return v
+
+
+def _base_dir(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if not _SAFE_PATH.fullmatch(v):
+        raise ValueError("may contain only letters, digits and . _ / -")
+    if ".." in v.split("/") or posixpath.normpath(v) != v:
+        raise ValueError("must be a normalized path without '..'")
+    if v == "/":
+        raise ValueError("must not be the root directory")
+    return v
+
+
+def _rel_path(v: str) -> str:
+    """A plain relative path inside the repository (or inside a source folder)."""
+    if not v or v.startswith("/"):
+        raise ValueError("must be a relative path")
+    if not _SAFE_PATH.fullmatch(v):
+        raise ValueError("may contain only letters, digits and . _ / -")
+    parts = v.split("/")
+    if ".." in parts:
+        raise ValueError("must not contain '..'")
+    if posixpath.normpath(v) != v or v == ".":
+        raise ValueError("must be a normalized path naming a folder or file, e.g. 'services/web'")
+    if any(p.startswith("-") for p in parts):
+        raise ValueError("path components must not start with '-'")
+    return v
+
+
+def _one_line(v: str) -> str:
+    if "\0" in v or "\n" in v or "\r" in v:
+        raise ValueError("must not contain NUL or newline characters")
+    return v
+
+
+def _env(v: dict[str, str]) -> dict[str, str]:
+    for key, value in v.items():
+        if not _ENV_KEY.fullmatch(key):
+            raise ValueError(f"key {key[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        try:
+            _one_line(value)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return v
+
+
+def _secret_names(v: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for i, name in enumerate(v):
+        if not _ENV_KEY.fullmatch(name):  # not echoed: a value written here by mistake must not spread
+            raise ValueError(f"item {i} must be a name matching [A-Za-z_][A-Za-z0-9_]* "
+                             "(values never go in the manifest)")
+        if name in seen:
+            raise ValueError(f"{name} is listed twice")
+        seen.add(name)
+    return v
+
+
+def _health_path(v: str) -> str:
+    if not _HEALTH_PATH.fullmatch(v):
+        raise ValueError("must start with '/' and contain only printable ASCII without spaces")
+    return v
+
+
+def _http_url(v: str) -> str:
+    if any(not 0x21 <= ord(c) <= 0x7E for c in v):
+        raise ValueError("must be printable ASCII without spaces")
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+Address = Annotated[str, AfterValidator(_address)]
+Port = Annotated[int, AfterValidator(_port)]
+RelPath = Annotated[str, AfterValidator(_rel_path)]
+OneLine = Annotated[str, AfterValidator(_one_line)]
+EnvMap = Annotated[dict[str, str], AfterValidator(_env)]
+
+
+class _Model(BaseModel):
+    # strict: YAML "8010" is not a port and "yes" is not a bool; say so rather than guess
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class HostSpec(_Model):
+    """A server deployerd reaches over SSH."""
+
+    name: DnsLabel
+    address: Address
+    ssh_port: Port = 22
+    user: Annotated[str, AfterValidator(_posix_user)] = "root"
+    base_dir: Annotated[str, AfterValidator(_base_dir)] = "/opt/fpai/services"
+    public_address: Address | None = None  # what the Registry endpoint advertises (default: address)
+    # haproxy: a proxy deployerd runs on the host binds the public ports; a new release starts beside the old
+    # one on a private port and takes traffic once healthy (zero downtime). none: the old stops first.
+    ingress: Literal["haproxy", "none"] = "none"
+
+
+class HealthSpec(_Model):
+    """How Verify Health decides a new instance is serving."""
+
+    path: Annotated[str, AfterValidator(_health_path)] = "/health"
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    interval_s: float = Field(default=1.0, gt=0, le=60)
+    url: Annotated[str, AfterValidator(_http_url)] | None = None  # overrides http://host:port{path}
+
+
+class DockerSpec(_Model):
+    """Build and run settings for ``method: docker``."""
+
+    dockerfile: RelPath = "Dockerfile"  # relative to the source folder
+    build_args: EnvMap = Field(default_factory=dict)
+    container_port: Port | None = None  # defaults to the service port
+    restart: Literal["no", "always", "unless-stopped", "on-failure"] = "unless-stopped"
+
+
+class SystemdSpec(_Model):
+    """Run settings for ``method: systemd`` (a Python app run by a unit file)."""
+
+    command: Annotated[str, AfterValidator(_one_line), Field(min_length=1, max_length=4096)] = (
+        "uvicorn app.main:app --host 0.0.0.0 --port {port}")
+    requirements: RelPath = "requirements.txt"
+    user: Annotated[str, AfterValidator(_posix_user)] | None = None
+
+
+# "register" (a manifest field) shadows ABCMeta.register on the class; harmless, so the warning is muted
+warnings.filterwarnings("ignore", message='Field name "register" in "ServiceSpec" shadows', category=UserWarning)
+
+
+class ServiceSpec(_Model):
+    """One service manifest, services/<name>.yaml."""
+
+    name: DnsLabel
+    droplet_id: Annotated[int, Field(ge=1)] | None = None
+    host: DnsLabel
+    method: Literal["docker", "systemd"] = "docker"
+    port: Port
+    source: RelPath
+    health: HealthSpec = HealthSpec()
+    env: EnvMap = Field(default_factory=dict)
+    # names only: the daemon resolves the values at deploy time (deployerd.secrets), never from git in clear
+    secrets: Annotated[list[str], AfterValidator(_secret_names), Field(max_length=100)] = Field(default_factory=list)
+    register: bool = True
+    # behind an ingress: how long requests in flight on the old release may finish
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=600)
+    docker: DockerSpec = DockerSpec()
+    systemd: SystemdSpec = SystemdSpec()
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _names_not_values(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # never echo what is there: it may be the values themselves
+            raise ValueError("must be a list of secret names; values never go in the manifest "  # noqa: TRY004
+                             "(they come from the daemon's secrets file or secrets/<service>.env.age)")
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _not_in_env(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        both = sorted(set(v) & set(info.data.get("env") or {}))
+        if both:
+            raise ValueError(f"{', '.join(both)} also in env: a name is either a plain env value or a secret")
+        return v
+
+    @property
+    def container_port(self) -> int:
+        return self.docker.container_port or self.port
+
+
+class ManifestError(BaseModel):
+    """One validation failure, naming the file, the field (dotted) and the reason."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    field: str = ""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.reason}" if self.field else f"{self.file}: {self.reason}"
+
+
+class Release(BaseModel):
+    """What defines one deployment of a service: per-input digests and their combined id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    inputs: dict[str, str]
+
+    def with_input(self, name: str, digest: str) -> Release:
+        """This release with one more input (the daemon adds ``secrets``, whose values git never holds)."""
+        inputs = {**self.inputs, name: digest}
+        return Release(id=release_id(inputs), inputs=inputs)
+
+
+def release_id(inputs: dict[str, str]) -> str:
+    """The id over all of a release's input digests."""
+    combined = "".join(f"{k}={v}\n" for k, v in sorted(inputs.items()))
+    return hashlib.sha256(combined.encode()).hexdigest()[:12]
+
+
+class DesiredState(BaseModel):
+    """The validated desired state at one revision.
+
+    ``broken`` holds the file stems of manifests that failed validation: their running release is left
+    as it is. ``complete`` is False when hosts.yaml itself is broken: then nothing may be pruned.
+    """
+
+    revision: str
+    hosts: dict[str, HostSpec] = Field(default_factory=dict)
+    services: dict[str, ServiceSpec] = Field(default_factory=dict)
+    releases: dict[str, Release] = Field(default_factory=dict)
+    errors: list[ManifestError] = Field(default_factory=list)
+    broken: set[str] = Field(default_factory=set)
+    complete: bool = True
+
+    def errors_for(self, service: str) -> list[ManifestError]:
+        """Errors of one service's manifest (or, when hosts.yaml is broken, those of hosts.yaml)."""
+        mine = [e for e in self.errors if e.file in (_manifest_path(service, ".yaml"), _manifest_path(service, ".yml"))]
+        return mine or [e for e in self.errors if e.file == HOSTS_FILE]
+
+
+def _manifest_path(stem: str, ext: str) -> str:
+    return f"{SERVICES_DIR}/{stem}{ext}"

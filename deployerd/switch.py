@@ -1,0 +1,68 @@
+"""The switch behind a host's ingress proxy: proven new instance in, old one drained, stopped and kept.
+
+Called by the phase runner once the new release answered its health check on its private port (deploy,
+rollback and restore alike). In order:
+
+1. the service's frontend exists on its public port (the proxy started again if it had died);
+2. the proxy sends new requests to the new release, atomically (one runtime API line);
+3. a request through the public port must come back from the new release (the proxy names the server that
+   answered): only then does the job go on to Register;
+4. the old release drains: requests in flight finish, bounded by the manifest's ``drain_timeout_s``;
+5. the old instance stops and is kept for rollback.
+
+A failure before 2 leaves the old release serving, untouched. A failure in 3 switches back to what served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from deployerd.connection import Connection
+from deployerd.failpoints import failpoint
+from deployerd.ingress import IngressError, IngressProxy
+from deployerd.runtimes.base import ReleaseContext, Runtime
+
+FRONT_DOOR_TRIES = 20
+
+
+async def switch_to(conn: Connection, runtime: Runtime, ctx: ReleaseContext, http: httpx.AsyncClient,
+                    private_port: int) -> dict[str, Any]:
+    """Switch ``ctx.spec``'s public port to ``ctx``'s instance on ``private_port``; what the phase records."""
+    proxy = IngressProxy(conn, ctx.host.name, ctx.spec.drain_timeout_s)
+    name = ctx.qualified_name
+    route = await proxy.ensure_route(name, ctx.spec.port)
+    await failpoint("Before Switch")  # test-only: the new instance runs beside the old one, which still serves
+    switched = await proxy.switch(name, ctx.release.id, private_port)
+    try:
+        seen = await _front_door(proxy, http, ctx)
+    except IngressError:
+        if switched.before and switched.before != ctx.release.id:
+            before = next((s for s in (await proxy.state()).servers.get(name, []) if s.name == switched.before), None)
+            if before is not None:
+                await proxy.switch(name, before.name, before.port)
+        raise
+    await failpoint("Switch")  # test-only: crash tests kill the daemon between the switch and the old one's stop
+    drained = 0.0
+    if switched.before and switched.before != ctx.release.id:
+        drained = await proxy.drain(name, switched.before)
+    stopped = await runtime.stop_others(ctx)
+    return {"upstream_before": switched.before, "upstream_after": switched.after, "front_door": seen,
+            "switch_seconds": switched.seconds, "drain_seconds": drained, "stopped": stopped,
+            "private_port": private_port, **({"proxy": route} if route else {})}
+
+
+async def _front_door(proxy: IngressProxy, http: httpx.AsyncClient, ctx: ReleaseContext) -> str:
+    """The release a request through the public port reaches must be ``ctx``'s (bounded retries)."""
+    seen = ""
+    t0 = time.monotonic()
+    for _ in range(FRONT_DOOR_TRIES):
+        seen = await proxy.front_door(http, ctx.spec.port, ctx.spec.health.path)
+        if seen == ctx.release.id:
+            return seen
+        await asyncio.sleep(0.1)
+    raise IngressError(ctx.host.name, f"public port {ctx.spec.port} still reaches {seen or 'no release'} "
+                                      f"{time.monotonic() - t0:.1f} s after the switch to {ctx.release.id}")

@@ -1,0 +1,187 @@
+"""Zero downtime behind the host's ingress proxy (HAProxy), Docker: a change, a failed release, a git revert to
+a kept release, each under a bounded load of 50 requests/s through the public port: no request may fail.
+
+The proxy names the release that answered (X-Deployerd-Upstream), so the load also shows who served when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from daemon_harness import DesiredRepo, git, running_daemon, settings_for
+from load_gen import LoadResult, run_load
+
+from deployerd.ingress.config import UNIT_NAME
+from deployerd.sandbox import SandboxInfo
+from deployerd.store import JobStatus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+PORT = 8311
+
+
+def with_ingress(repo: DesiredRepo, sandbox: SandboxInfo) -> None:
+    hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
+                      "public_address": h.internal_address, "ingress": "haproxy"} for h in sandbox.hosts}
+    repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
+
+
+async def under_load(sandbox: SandboxInfo, work: Any) -> LoadResult:
+    """``work`` (a coroutine) while 50 requests/s go to the public port; bounded to 120 s."""
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_load(sandbox.hosts[0].internal_address, PORT, rate=50, seconds=120, stop=stop))
+    await asyncio.sleep(0.5)
+    try:
+        await work
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+    return await load
+
+
+async def running_containers(d: Any, service: str) -> list[str]:
+    handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+    instances, _ = await handle.runtime("docker").observe()
+    return sorted(i.release for i in instances if i.service == service and i.state.value == "running")
+
+
+async def test_change_failure_and_revert_drop_no_request(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-web", PORT)
+    repo.commit("v1")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        first = await d.last_job("zd-web")
+        assert first.status is JobStatus.SUCCEEDED, first.error
+        r1 = first.release
+        assert (await run_load(sandbox.hosts[0].internal_address, PORT, seconds=0.3)).upstreams() == [r1]
+
+        repo.write("services/zd-web/www/index.html", "<h1>zd-web v2</h1>\n")
+        v2 = repo.commit("v2")
+        change = await under_load(sandbox, d.reconcile())
+        job = await d.last_job("zd-web")
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        r2 = job.release
+        assert change.failed == 0, change.summary()
+        assert change.upstreams() == [r1, r2]
+        switch = job.phase("Verify Health").details["switch"]
+        assert (switch["upstream_before"], switch["upstream_after"], switch["front_door"]) == (r1, r2, r2)
+        assert await running_containers(d, "zd-web") == [r2]  # the old one stopped, kept
+
+        repo.remove("services/zd-web/www/health")
+        repo.commit("break the health check")
+        failed = await under_load(sandbox, d.reconcile())
+        bad = await d.last_job("zd-web")
+        assert bad.status is JobStatus.ROLLED_BACK, bad.error
+        assert failed.failed == 0, failed.summary()
+        assert failed.upstreams() == [r2]  # the failed release never received a request
+        assert await running_containers(d, "zd-web") == [r2]
+
+        git(repo.path, "revert", "--no-edit", "HEAD")
+        git(repo.path, "revert", "--no-edit", v2)  # back to v1: a kept release, no rebuild
+        revert = await under_load(sandbox, d.reconcile())
+        back = await d.last_job("zd-web")
+        assert back.status is JobStatus.SUCCEEDED, back.error
+        assert back.release == r1
+        assert back.phase("Build").status.value == "skipped"
+        assert revert.failed == 0, revert.summary()
+        assert revert.upstreams() == [r2, r1]
+        assert await running_containers(d, "zd-web") == [r1]
+        metrics = (await d.http.get("/metrics")).text
+        assert 'deployerd_ingress_switch_seconds_count{host="sbx-1"}' in metrics
+
+        # the proxy stopped by hand: the next observation names it in /health and starts it again
+        handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+        await handle.conn.run(["systemctl", "stop", UNIT_NAME])
+        await d.reconcile()
+        health = (await d.http.get("/health")).json()
+        assert any(line.startswith("host sbx-1: ingress proxy: its admin socket does not answer")
+                   for line in health["degraded"]), health["degraded"]
+        assert (await run_load(sandbox.hosts[0].internal_address, PORT, seconds=0.3)).upstreams() == [r1]
+
+
+@pytest.mark.parametrize("point", ["Before Switch", "Switch"])
+async def test_ssh_lost_mid_switch_keeps_serving(sandbox: SandboxInfo, tmp_path: Path, point: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's SSH connection is cut at the switch (before the proxy change, or after it and before the old
+    release's drain and stop): the job fails transiently naming the host, what serves keeps serving, and the
+    next reconcile finishes the switch with exactly one instance running."""
+    from test_outages import ssh_down, ssh_up
+
+    import deployerd.switch
+
+    port = PORT + 1
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-ssh", port)
+    repo.commit("v1")
+    real = deployerd.switch.failpoint
+    cut: list[str] = []
+
+    async def cut_ssh(name: str) -> None:  # the fault, injected at the exact point of the switch
+        if name == point and not cut:
+            cut.append(name)
+            await ssh_down(sandbox, sandbox.hosts[0])
+        await real(name)
+
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        r1 = (await d.last_job("zd-ssh")).release
+        repo.write("services/zd-ssh/www/index.html", "<h1>zd-ssh v2</h1>\n")
+        repo.commit("v2")
+        monkeypatch.setattr(deployerd.switch, "failpoint", cut_ssh)
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(sandbox.hosts[0].internal_address, port, rate=50, seconds=120,
+                                            stop=stop))
+        try:
+            await d.reconcile()
+            job = await d.last_job("zd-ssh")
+            assert cut == [point]
+            assert job.status is JobStatus.FAILED and job.transient, (job.status, job.error)
+            assert "sbx-1" in (job.error or ""), job.error
+            await ssh_up(sandbox, sandbox.hosts[0])
+            for _ in range(20):  # the host's probe reconnects; bounded
+                await asyncio.sleep(0.5)
+                await d.reconcile()
+                last = await d.last_job("zd-ssh")
+                if last.status is JobStatus.SUCCEEDED and last.release != r1:
+                    break
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await ssh_up(sandbox, sandbox.hosts[0])
+        result = await load
+        assert result.failed == 0, result.summary()
+        r2 = (await d.last_job("zd-ssh")).release
+        assert r2 != r1 and result.upstreams()[-1] == r2
+        assert await running_containers(d, "zd-ssh") == [r2]
+
+
+async def test_a_taken_public_port_fails_naming_host_and_port(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    port = PORT + 2
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-taken", port)
+    repo.commit("v1")
+    from test_outages import in_host
+
+    host = sandbox.hosts[0]
+    await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
+    await in_host(sandbox, host, "systemctl", "reset-failed", "t-squatter", check=False)
+    await in_host(sandbox, host, "systemd-run", "--unit=t-squatter", "busybox", "httpd", "-f", "-p",
+                  f"0.0.0.0:{port}", "-h", "/tmp")
+    try:
+        async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+            await d.reconcile()
+            job = await d.last_job("zd-taken")
+            assert job.status is JobStatus.FAILED and job.transient, (job.status, job.error)
+            assert f"host sbx-1: ingress proxy: public port {port} of" in (job.error or ""), job.error
+            assert "taken by" in (job.error or "")
+            assert "zd-taken" not in await d.engine.store.quarantined()  # an outage of the host: retried
+    finally:
+        await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
