@@ -47,8 +47,6 @@ lint: venv
 	$(VENV)/bin/ruff check deployerd
 	$(VENV)/bin/mypy
 
-# Property tests run the same examples every time here (Hypothesis profile `ci`: derandomized), so a run
-# passes or fails on the code alone; `make fuzz` explores new ones.
 # The test-host image, built (minutes, the first time on a machine) or loaded before pytest starts, so that no
 # test's timeout counts the build: bringing one host up and down again is the sandbox's own tested path to it.
 IMAGE_SANDBOX := .sandbox-image
@@ -56,7 +54,9 @@ image: deps
 	$(PY) -m deployerd.sandbox up --hosts 1 --state-dir $(IMAGE_SANDBOX) >/dev/null
 	$(PY) -m deployerd.sandbox down --state-dir $(IMAGE_SANDBOX)
 
-test: deps wheelhouse image
+# Lint and types first (seconds), then every test. Property tests run the same examples every time here
+# (Hypothesis profile `ci`: derandomized), so a run passes or fails on the code alone; `make fuzz` explores.
+test: deps lint wheelhouse image
 	DEPLOYERD_HYPOTHESIS_PROFILE=ci DEPLOYERD_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(VENV)/bin/pytest -q -rs
 
 test-unit: venv

@@ -186,6 +186,29 @@ async def rss_kib(conn: Connection, unit: str) -> int:
     return sum(int(x) for x in out)
 
 
+ON_HOST_CLIENT = r"""
+import http.client, sys, time
+port, n, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+lat = []
+start = time.monotonic()
+for i in range(n):
+    time.sleep(max(0.0, start + i / rate - time.monotonic()))
+    t0 = time.perf_counter()
+    c.request("GET", "/")
+    r = c.getresponse(); r.read()
+    lat.append(time.perf_counter() - t0)
+lat.sort()
+print(f"{1000 * lat[len(lat) // 2]:.3f} {1000 * lat[int(0.99 * len(lat))]:.3f}")
+"""
+
+
+async def on_host_latency(conn: Connection, port: int, n: int = 500) -> tuple[float, float]:
+    """p50 and p99 (ms) of ``n`` keep-alive requests at 50/s from the host itself: no network, no SSH."""
+    out = (await conn.run(["python3", "-c", ON_HOST_CLIENT, str(port), str(n), "50"], timeout=120)).stdout.split()
+    return float(out[0]), float(out[1])
+
+
 async def measure(proxy: Caddy | HAProxy, conn: Connection, addr: str) -> dict:
     await proxy.start()
     res: dict = {"proxy": proxy.name}
@@ -198,6 +221,10 @@ async def measure(proxy: Caddy | HAProxy, conn: Connection, addr: str) -> dict:
     res["proxy_path"] = through.summary()
     res["added_p50_ms"] = round(through.percentile_ms(50) - direct.percentile_ms(50), 3)
     res["added_p99_ms"] = round(through.percentile_ms(99) - direct.percentile_ms(99), 3)
+    d50, d99 = await on_host_latency(conn, A)
+    p50, p99 = await on_host_latency(conn, FRONT)
+    res["on_host_direct_p50_p99_ms"], res["on_host_proxy_p50_p99_ms"] = (d50, d99), (p50, p99)
+    res["on_host_added_p50_ms"], res["on_host_added_p99_ms"] = round(p50 - d50, 3), round(p99 - d99, 3)
 
     switch_s: list[float] = []
     for keepalive in (True, False):

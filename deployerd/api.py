@@ -24,8 +24,8 @@ from deployerd import __version__, legacy
 from deployerd.audit import parse_since, read_file
 from deployerd.engine import Conflict, Engine
 from deployerd.store import Job
-from deployerd.ui import ui_router
 from deployerd.udc import CountRequests, RequestStats, iso_now, udc_router
+from deployerd.ui import ui_router
 from deployerd.webhook import WebhookError, WebhookEvent, verify_webhook
 
 WEBHOOK_MAX_BYTES = 1 << 20
@@ -174,6 +174,17 @@ def create_app(engine: Engine) -> FastAPI:
             raise HTTPException(409, str(e)) from e
         except ValueError as e:  # the source folder breaks a manifest rule (a symlink out of it, a size limit)
             raise HTTPException(422, legacy.Refused.field("service_path", str(e)).errors) from e
+        return legacy.created(job)
+
+    @app.delete("/deploy/services/{name}", dependencies=guard, status_code=202, response_model=legacy.DeployCreated)
+    async def remove_service(name: str) -> legacy.DeployCreated:
+        """Remove an out-of-band service (instances, artifacts, files, its Registry entry); poll the job."""
+        try:
+            job = await engine.remove_out_of_band(name)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from e
+        except Conflict as e:
+            raise HTTPException(409, str(e)) from e
         return legacy.created(job)
 
     @app.post("/sync", dependencies=guard)

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import typer
@@ -23,11 +23,12 @@ registry_app = typer.Typer(help="The embedded Registry.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(registry_app, name="registry")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="config file (default /etc/deployerd/config.yaml or $DEPLOYERD_CONFIG)")
+ConfigOpt = typer.Option(None, "--config", "-c",
+                         help="config file (default /etc/deployerd/config.yaml or $DEPLOYERD_CONFIG)")
 UrlOpt = typer.Option(None, "--url", help="the daemon's API (default: from the config's listen address)")
 
 
-def _settings(config: Optional[Path]) -> Settings:
+def _settings(config: Path | None) -> Settings:
     named = config or (Path(os.environ["DEPLOYERD_CONFIG"]) if os.environ.get("DEPLOYERD_CONFIG") else None)
     if named is not None and not named.is_file():  # the default file may be absent (all set in DEPLOYERD_*)
         typer.echo(f"configuration error: config file {named} not found: create it (see README, Configure) or "
@@ -47,7 +48,7 @@ def _logging(verbose: bool = False) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def _api(settings: Settings, url: Optional[str]) -> str:
+def _api(settings: Settings, url: str | None) -> str:
     host = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::") else settings.listen_host
     return url or f"http://{host}:{settings.listen_port}"
 
@@ -74,7 +75,7 @@ def _detail(resp: httpx.Response) -> str:
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, verbose: bool = typer.Option(False, "-v")) -> None:
+def run(config: Path | None = ConfigOpt, verbose: bool = typer.Option(False, "-v")) -> None:
     """Run the daemon: watch git, reconcile, serve the API."""
     from deployerd import memory
     from deployerd.daemon import serve
@@ -85,7 +86,7 @@ def run(config: Optional[Path] = ConfigOpt, verbose: bool = typer.Option(False, 
 
 
 @app.command()
-def plan(config: Optional[Path] = ConfigOpt) -> None:
+def plan(config: Path | None = ConfigOpt) -> None:
     """Show what would change and why, changing nothing."""
     from deployerd.daemon import close_engine, open_engine
     from deployerd.plan import describe
@@ -104,7 +105,8 @@ def plan(config: Optional[Path] = ConfigOpt) -> None:
 
 
 @app.command()
-def status(config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(config: Path | None = ConfigOpt, url: str | None = UrlOpt,
+           as_json: bool = typer.Option(False, "--json")) -> None:
     """Services with their sync and health status (asks the running daemon)."""
     data = _get(f"{_api(_settings(config), url)}/services")
     if as_json:
@@ -117,10 +119,14 @@ def status(config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, as_j
         if s["sync_status"] != "Synced" or s["health_status"] != "Healthy":
             for reason in s["reasons"]:
                 typer.echo(f"{'':<24} - {reason}")
+        if s["sync_status"] != "Synced" or s["health_status"] != "Healthy":
+            last = _get(f"{_api(_settings(config), url)}/services/{s['name']}").get("last_job") or {}
+            if last.get("error"):  # say why: the last job's error and the failed release's own output
+                _why(24, last)
 
 
 @app.command()
-def history(name: str, config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt, limit: int = 10) -> None:
+def history(name: str, config: Path | None = ConfigOpt, url: str | None = UrlOpt, limit: int = 10) -> None:
     """Jobs, releases and quarantine of one service."""
     data = _get(f"{_api(_settings(config), url)}/services/{name}/history?limit={limit}")
     if data["quarantine"]:
@@ -130,7 +136,14 @@ def history(name: str, config: Optional[Path] = ConfigOpt, url: Optional[str] = 
         typer.echo(f"{j['started_at'] or '':<28} {j['id']} {j['status']:<12} release {j['release'] or '-'} "
                    f"commit {(j['commit'] or '-')[:12]} {'; '.join(j['reasons'])}")
         if j["error"]:
-            typer.echo(f"{'':<28} error: {j['error']}")
+            _why(28, j)
+
+
+def _why(indent: int, job: dict[str, Any], lines: int = 15) -> None:
+    """A failed job's error, then the last output lines of the release that failed (build or journal)."""
+    typer.echo(f"{'':<{indent}} error: {job['error']}")
+    for line in (job.get("logs") or [])[-lines:]:
+        typer.echo(f"{'':<{indent}} | {line}")
 
 
 @app.command()
@@ -152,34 +165,48 @@ def validate(path: Path = typer.Argument(..., help="a desired-state folder (host
     raise typer.Exit(1 if desired.errors else 0)
 
 
-@app.command()
-def sync(name: Optional[str] = typer.Argument(None), force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
-         prune_all: bool = typer.Option(False, "--prune-all", help="let a commit that removes every service prune them"),
-         config: Optional[Path] = ConfigOpt, url: Optional[str] = UrlOpt) -> None:
-    """Reconcile now (one service or all); --force retries a quarantined release; --prune-all lets a commit that
-    removes every service prune them (refused otherwise: the empty desired state guard)."""
+def _write(method: str, config: Path | None, url: str | None, path: str, body: Any, what: str) -> Any:
+    """Call a route that changes something, with the API token; exit 1 naming the refusal."""
     settings = _settings(config)
     token = settings.secret("api_token")
     if token is None:
         typer.echo("no api_token_file configured: cannot authenticate to the daemon", err=True)
         raise typer.Exit(2)
-    resp = httpx.post(f"{_api(settings, url)}/sync", json={"service": name, "force": force, "prune_all": prune_all},
-                      headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    resp = httpx.request(method, f"{_api(settings, url)}{path}", json=body,
+                         headers={"Authorization": f"Bearer {token}"}, timeout=120)
     if resp.status_code >= 400:
-        typer.echo(f"sync refused: HTTP {resp.status_code}: {_detail(resp)}", err=True)
+        typer.echo(f"{what} refused: HTTP {resp.status_code}: {_detail(resp)}", err=True)
         raise typer.Exit(1)
-    data = resp.json()
+    return resp.json()
+
+
+@app.command()
+def remove(name: str, config: Path | None = ConfigOpt, url: str | None = UrlOpt) -> None:
+    """Remove an out-of-band service (one POST /deploy deployed): its instances, files and Registry entry."""
+    data = _write("DELETE", config, url, f"/deploy/services/{name}", None, "remove")
+    typer.echo(f"removing {name}: job {data['deploy_job_id']} (deployerd history {name})")
+
+
+@app.command()
+def sync(name: str | None = typer.Argument(None),
+         force: bool = typer.Option(False, "--force", help="deploy even a quarantined release"),
+         prune_all: bool = typer.Option(False, "--prune-all",
+                                        help="let a commit that removes every service prune them"),
+         config: Path | None = ConfigOpt, url: str | None = UrlOpt) -> None:
+    """Reconcile now (one service or all); --force retries a quarantined release; --prune-all lets a commit that
+    removes every service prune them (refused otherwise: the empty desired state guard)."""
+    data = _write("POST", config, url, "/sync", {"service": name, "force": force, "prune_all": prune_all}, "sync")
     typer.echo(f"revision {(data['revision'] or '?')[:12]}")
     for a in data["actions"]:
         typer.echo(f"{a['kind']:<9} {a['service']}@{a['host']}: {'; '.join(a['reasons'])}")
 
 
 @app.command()
-def audit(service: Optional[str] = typer.Option(None, "--service", help="one service's jobs only"),
-          since: Optional[str] = typer.Option(None, "--since", help="30m, 2h, 7d, 1w, or an ISO date or time"),
-          file: Optional[Path] = typer.Option(None, "--file", help="read this audit.jsonl instead of asking the daemon"),
-          as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
-          url: Optional[str] = UrlOpt) -> None:
+def audit(service: str | None = typer.Option(None, "--service", help="one service's jobs only"),
+          since: str | None = typer.Option(None, "--since", help="30m, 2h, 7d, 1w, or an ISO date or time"),
+          file: Path | None = typer.Option(None, "--file", help="read this audit.jsonl instead of asking the daemon"),
+          as_json: bool = typer.Option(False, "--json"), config: Path | None = ConfigOpt,
+          url: str | None = UrlOpt) -> None:
     """The audit trail: who deployed what, when, why, and how it ended (GET /audit, with the API token)."""
     from deployerd.audit import AuditRecord, parse_since, read_file, table
 
@@ -209,7 +236,7 @@ def audit(service: Optional[str] = typer.Option(None, "--service", help="one ser
 
 
 @sandbox_app.command("up")
-def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Optional[Path] = None,
+def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir: Path | None = None,
                swarm: bool = typer.Option(False, "--swarm", help="form the hosts into a Docker Swarm (the first "
                                           "is the manager, running the cluster's image registry)")) -> None:
     """Start N test hosts (systemd + sshd + Docker each) and the embedded Registry."""
@@ -221,7 +248,7 @@ def sandbox_up(hosts: int = typer.Option(1, "--hosts", min=1, max=8), state_dir:
 
 
 @sandbox_app.command("down")
-def sandbox_down(state_dir: Optional[Path] = None) -> None:
+def sandbox_down(state_dir: Path | None = None) -> None:
     """Remove every container, volume and process the sandbox started, and nothing else."""
     from deployerd import sandbox
 
@@ -230,7 +257,7 @@ def sandbox_down(state_dir: Optional[Path] = None) -> None:
 
 
 @sandbox_app.command("status")
-def sandbox_status(state_dir: Optional[Path] = None) -> None:
+def sandbox_status(state_dir: Path | None = None) -> None:
     from deployerd import sandbox
 
     typer.echo(sandbox.status(state_dir or sandbox.default_state_dir()).model_dump_json(indent=2))
@@ -239,7 +266,7 @@ def sandbox_status(state_dir: Optional[Path] = None) -> None:
 @registry_app.command("serve")
 def registry_serve(db: Path = typer.Option(Path("registry.db"), help="SQLite file"),
                    host: str = "127.0.0.1", port: int = 8000,
-                   token_file: Optional[Path] = typer.Option(None, help="bearer token for write routes")) -> None:
+                   token_file: Path | None = typer.Option(None, help="bearer token for write routes")) -> None:
     """Serve the Registry contract (droplets + the five service endpoints), persisted in SQLite."""
     from deployerd.registry.server import read_token, serve
 

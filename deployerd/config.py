@@ -97,7 +97,8 @@ class Settings(BaseSettings):
                                          "transiently (retried with backoff, never rolled back)",
     )
     api_source_dir: Path | None = Field(
-        default=None, description="POST /deploy may only deploy directories under this one (default state_dir/api-sources)"
+        default=None,
+        description="POST /deploy may only deploy directories under this one (default state_dir/api-sources)",
     )
     secrets_file: Path | None = Field(
         default=None, description="values of the manifests' `secrets` on this machine (YAML, see deployerd.secrets)"

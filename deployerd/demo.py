@@ -51,8 +51,9 @@ def _repo(info: sandbox.SandboxInfo) -> Path:
     hosts_file = repo / "hosts.yaml"
     data = yaml.safe_load(hosts_file.read_text())
     entry = data["hosts"].setdefault(host.name, {})
+    # the host's ingress proxy (HAProxy, in the sandbox image): changes and rollbacks drop no request
     want = {"address": host.address, "ssh_port": host.ssh_port, "user": host.user,
-            "public_address": host.internal_address}
+            "public_address": host.internal_address, "ingress": "haproxy"}
     if any(entry.get(k) != v for k, v in want.items()):
         entry.update(want)
         hosts_file.write_text("# Servers deployerd deploys to (rewritten by `make demo` for its sandbox host).\n"
@@ -142,7 +143,8 @@ def up() -> int:
     services = _wait_converged(url)
     print()
     for s in services:
-        print(f"  {s['name']:<14} {s['sync_status']:<10} {s['health_status']:<9} release {s['running_release']}  {s['url']}")
+        print(f"  {s['name']:<14} {s['sync_status']:<10} {s['health_status']:<9} "
+              f"release {s['running_release']}  {s['url']}")
     ok = bool(services) and all(s["health_status"] == "Healthy" for s in services)
     print(f"""
 {'All services deployed, healthy and registered.' if ok else 'Not every service converged yet: see the log.'}
@@ -152,6 +154,7 @@ def up() -> int:
   Deploy a change: cd {repo}
                    echo '<h1>hello again</h1>' > services/hello-web/www/index.html
                    git commit -am 'hello-web: new page'     # deployed within seconds (watched)
+  Who answers:     curl -s -D - -o /dev/null {services[0]['url'] if services else 'URL'} | grep -i x-deployerd-upstream
   Roll back:       git revert --no-edit HEAD
   History:         .venv/bin/deployerd history hello-web --config {config}
   Stop it all:     make demo-down

@@ -88,7 +88,8 @@ def _parse_yaml(file: str, data: bytes) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise _Invalid([ManifestError(file=file, reason=f"YAML syntax error at {where}{exc.problem or exc.context}")]) from None
+        reason = f"YAML syntax error at {where}{exc.problem or exc.context}"
+        raise _Invalid([ManifestError(file=file, reason=reason)]) from None
     except (yaml.YAMLError, RecursionError, ValueError, TypeError, OverflowError) as exc:
         raise _Invalid([ManifestError(file=file, reason=f"YAML error: {str(exc)[:200]}")]) from None
     if doc is None:
@@ -146,7 +147,8 @@ def load_hosts(tree: Tree) -> dict[str, HostSpec]:
                                    for k in doc if k != "hosts"]
     raw = doc.get("hosts")
     if not isinstance(raw, dict) or not raw:
-        errors.append(ManifestError(file=file, field="hosts", reason="must be a non-empty mapping of host name to settings"))
+        errors.append(ManifestError(file=file, field="hosts",
+                                    reason="must be a non-empty mapping of host name to settings"))
         raise _Invalid(errors)
     hosts: dict[str, HostSpec] = {}
     for name, body in raw.items():
@@ -268,7 +270,8 @@ def _check_source(tree: Tree, file: str, spec: ServiceSpec) -> list[Entry]:
                                         reason=f"{entry.path!r} is larger than {MAX_SOURCE_FILE_BYTES} bytes"))
         elif entry.kind == "other":
             errors.append(ManifestError(file=file, field="source",
-                                        reason=f"{entry.path!r} is not a regular file or symlink (device, fifo, socket or submodule)"))
+                                        reason=f"{entry.path!r} is not a regular file or symlink "
+                                               "(device, fifo, socket or submodule)"))
         elif entry.kind == "symlink":
             target = entry.link_target or ""
             if target.startswith("/"):
@@ -344,11 +347,13 @@ def load_desired(tree: Tree, revision: str, incumbents: Mapping[str, ServiceSpec
                 raise _Invalid([ManifestError(file=f.path, reason="two manifests for one service (.yaml and .yml)")
                                 for f in files])
             if files[0].kind != "file":
-                raise _Invalid([ManifestError(file=file, reason="must be a regular file (not a symlink or special file)")])
+                raise _Invalid([ManifestError(file=file,
+                                              reason="must be a regular file (not a symlink or special file)")])
             _check_manifest_size(files[0])
             spec = _load_service(tree, file, stem)
             if hosts_ok and spec.host not in hosts:
-                raise _Invalid([ManifestError(file=file, field="host", reason=f"unknown host {spec.host!r} (not in hosts.yaml)")])
+                raise _Invalid([ManifestError(file=file, field="host",
+                                              reason=f"unknown host {spec.host!r} (not in hosts.yaml)")])
             specs[stem] = (file, spec)
         except _Invalid as exc:
             errors.extend(exc.errors)

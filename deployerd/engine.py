@@ -21,7 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from deployerd import memory
 from deployerd.config import Settings
-from deployerd.connection import Connection, HostUnreachable
+from deployerd.connection import Connection
 from deployerd.desired import DesiredState, HostSpec, ServiceSpec, endpoint_url
 from deployerd.events import EventBus, ReconcileDone
 from deployerd.jobqueue import BACKOFF_MAX_S, BACKOFF_MIN_S, JobQueue
@@ -31,11 +31,12 @@ from deployerd.metrics import Metrics
 from deployerd.observe import Hosts
 from deployerd.observed import ObservedState, RegistryEntry
 from deployerd.outofband import Conflict, OutOfBand
-from deployerd.phases import Deployer
+from deployerd.phases import Deployer, is_transient
 from deployerd.plan import Action, ActionKind
 from deployerd.registry_client import RegistryClient
 from deployerd.restore import Restorer
 from deployerd.runtimes import ReleaseContext
+from deployerd.runtimes.base import qualified_name
 from deployerd.secrets import Secrets
 from deployerd.snapshot import Planner, Snapshot
 from deployerd.source import GitSource, Kick, SourceError, job_trigger, start_polling
@@ -65,14 +66,15 @@ class Engine:
         self.secrets = Secrets(settings.secrets_file, settings.age_identity_file, settings.state_dir)
         self.queue = JobQueue(settings.max_parallel)
         self.planner = Planner(self.source, self.secrets, self.hosts, registry, store, settings.instance,
-                               idle=lambda: not self.queue.in_flight)
+                               idle=lambda: not self.queue.in_flight,
+                               out_of_band=lambda desired: self.out_of_band.wanted(desired))
         locks = HostLocks(settings.state_dir, ttl_s=settings.lock_ttl_s, wait_s=settings.lock_wait_s,
                           instance=settings.instance, on_event=self.metrics.lock_event)
-        self.deployer = Deployer(store, registry, self.metrics, settings.keep_releases, tree_at=self.planner.tree_at,
+        self.deployer = Deployer(store, registry, settings.keep_releases, tree_at=self.planner.tree_at,
                                  locks=locks, secret_env=self._current_secrets, events=self.events)
         self.restorer = Restorer(store, self.deployer, self.hosts, self.planner.tree_at)
         self.out_of_band = OutOfBand(self.secrets, store, self.hosts, self.deployer, settings.instance,
-                                     busy=self.queue.busy, launch=self._launch)
+                                     busy=self.queue.busy, launch=self._launch, source_root=settings.api_source_root)
         self.board = Board()
         # "Healthy" is the manifest's probe passing: checked at start and at every resync, off the reconcile
         self.liveness = Liveness(self.deployer.http, self._connection)
@@ -248,18 +250,20 @@ class Engine:
 
     def _job_for(self, action: Action, snap: Snapshot, trigger: str) -> Job:
         desired = snap.desired
-        spec = desired.services.get(action.service)
+        oob = snap.out_of_band_context(action)
+        spec = oob.spec if oob else desired.services.get(action.service)
         method = spec.method if spec else _observed_method(snap.observed, action)
         job = Job(
             service=action.service, host=action.host, method=method, kind=action.kind.value, trigger=trigger,
-            commit=desired.revision, release=action.release or "", previous_release=action.current_release,
-            reasons=action.reasons,
+            commit="" if oob else desired.revision, release=action.release or "",
+            previous_release=action.current_release, reasons=action.reasons, managed_by="api" if oob else "git",
         )
         if spec is not None and action.host in desired.hosts:
             host = desired.hosts[action.host]
             job.service_port, job.droplet_id = spec.port, spec.droplet_id
             job.service_url = endpoint_url(host, spec.port)
-            job.service_path = f"{host.base_dir}/{spec.name}/releases/{action.release}"
+            qualified = qualified_name(spec.name, self.settings.instance)
+            job.service_path = f"{host.base_dir}/{qualified}/releases/{action.release}"
         return job
 
     def _launch(self, job: Job, work: Awaitable[Job]) -> None:
@@ -267,13 +271,9 @@ class Engine:
 
     async def _crashed(self, job: Job, e: Exception) -> Job:
         """End a job whose work raised (a host lost mid-job is transient: retried, never quarantined)."""
-        if not isinstance(e, HostUnreachable):
+        if not is_transient(e):
             log.exception("job %s crashed", job.id, exc_info=e)
-        job.status, job.error = JobStatus.FAILED, self.deployer.crashed(job, f"{type(e).__name__}: {e}")
-        job.transient = isinstance(e, HostUnreachable)
-        job.completed_at = utcnow()
-        await self.store.save_job(job)
-        return job
+        return await self.deployer.end_crashed(job, e)
 
     def _ended(self, job: Job) -> None:
         self.planner.close_retired()
@@ -292,6 +292,10 @@ class Engine:
             # a service that moved host keeps its Registry entry: the new host's deploy wrote it
             owned = action.service not in desired.services and _owned(observed, action.service, self.settings.instance)
             return await self.deployer.prune(job, handle, method, deregister=owned)
+        if (oob := snap.out_of_band_context(action)) is not None:
+            if action.kind is ActionKind.REGISTER:
+                return await self.deployer.register_only(job, oob)
+            return await self.out_of_band.heal(job, action, oob)
         if action.kind is ActionKind.RESTORE:
             return await self.restorer.restore(job, action, desired)
         spec = desired.services[action.service]
@@ -313,7 +317,13 @@ class Engine:
     async def deploy_out_of_band(self, spec: ServiceSpec, root: Path, request: dict[str, Any] | None = None) -> Job:
         """The older ``POST /deploy`` (see ``outofband``; ``request`` is kept on the job as sent): raises
         Conflict, or ValueError."""
-        return await self.out_of_band.deploy(spec, root, self.desired, request)
+        previous = self.seen.out_of_band.get(spec.name) if self.seen else None
+        return await self.out_of_band.deploy(spec, root, self.desired, request,
+                                             previous=previous.release.id if previous else None)
+
+    async def remove_out_of_band(self, name: str) -> Job:
+        """``DELETE /deploy/services/{name}`` (see ``outofband``): raises Conflict, or KeyError."""
+        return await self.out_of_band.remove(name, self.desired, self.observed)
 
 
 def _observed_method(observed: ObservedState, action: Action) -> str:

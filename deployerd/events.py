@@ -43,6 +43,7 @@ class PhaseChanged(Event):
     phase: str
     status: str  # running | succeeded | failed | skipped
     duration_s: float | None = None
+    rollback: bool = False  # a phase of the rollback pass (``Job.rollback_phases``), not of the job's release
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,17 @@ class Quarantined(Event):
     service: str
     release: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Switched(Event):
+    """A host's ingress proxy switched a service to a new release (and the old one drained)."""
+
+    service: str
+    host: str
+    release: str
+    switch_s: float
+    drain_s: float
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ _KINDS: dict[type[Event], str] = {
     JobEnded: "job_ended",
     RolledBack: "rolled_back",
     Quarantined: "quarantined",
+    Switched: "switched",
     HostDown: "host_down",
     HostUp: "host_up",
     ReconcileDone: "reconcile_done",

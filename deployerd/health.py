@@ -18,7 +18,7 @@ import httpx
 from deployerd.connection import Connection
 from deployerd.desired import ServiceSpec
 from deployerd.observed import RunState
-from deployerd.runtimes.base import Runtime, StartError
+from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 
 
 class HealthInterrupted(Exception):
@@ -47,8 +47,7 @@ async def wait_healthy(
     client: httpx.AsyncClient,
     conn: Connection,
     runtime: Runtime,
-    spec: ServiceSpec,
-    release: str,
+    ctx: ReleaseContext,
     stop: Callable[[], bool] = lambda: False,
     port: int | None = None,
 ) -> HealthResult:
@@ -58,6 +57,7 @@ async def wait_healthy(
     so, the wait ends with HealthInterrupted. ``port``: the instance's private port behind an ingress proxy
     (it is proven there, before the proxy sends it anything; a manifest's ``health.url`` is not used then).
     """
+    spec = ctx.spec
     async with contextlib.AsyncExitStack() as scope:
         if spec.health.url and port is None:
             base_url, shown = spec.health.url, spec.health.url
@@ -66,14 +66,15 @@ async def wait_healthy(
             local = await scope.enter_async_context(conn.forwarded_port(port))
             base_url = f"http://127.0.0.1:{local}{spec.health.path}"
             shown = f"http://{runtime.host.name}:{port}{spec.health.path} (via SSH)"
-        return await _poll(client, runtime, spec, release, base_url, shown, stop)
+        return await _poll(client, runtime, ctx, base_url, shown, stop)
 
 
 async def _poll(
-    client: httpx.AsyncClient, runtime: Runtime, spec: ServiceSpec, release: str, base_url: str, shown: str,
+    client: httpx.AsyncClient, runtime: Runtime, ctx: ReleaseContext, base_url: str, shown: str,
     stop: Callable[[], bool],
 ) -> HealthResult:
     """Probe ``base_url`` every ``interval_s`` until 2xx, the release stops running, or ``timeout_s``."""
+    spec, release = ctx.spec, ctx.release.id
     start = time.monotonic()
     deadline = start + spec.health.timeout_s
     attempts, last = 0, "no answer yet"
@@ -82,11 +83,13 @@ async def _poll(
         if stop():
             raise HealthInterrupted(f"stopped waiting for {shown} after {attempts} probes")
         attempts += 1
-        state = await runtime.state(spec.name, release)
+        state = await runtime.state(ctx)
         if state is not RunState.RUNNING:
-            logs = await runtime.logs(spec.name, release)
+            out = await runtime.logs(ctx)
             what = "is gone" if state is None else f"is {state.value}"
-            raise StartError(f"{spec.name} release {release} {what} while waiting for health", logs)
+            if out.exit_code is not None:
+                what += f" (exit code {out.exit_code})"
+            raise StartError(f"{spec.name} release {release} {what} while waiting for health", out.lines)
         try:
             resp = await client.get(base_url, timeout=timeout)
             if 200 <= resp.status_code < 300:
@@ -95,10 +98,10 @@ async def _poll(
         except httpx.HTTPError as e:
             last = type(e).__name__
         if time.monotonic() + spec.health.interval_s > deadline:
-            logs = await runtime.logs(spec.name, release)
+            out = await runtime.logs(ctx)
             raise StartError(
                 f"{shown} not healthy within {spec.health.timeout_s:g} s ({attempts} probes, last: {last})",
-                logs,
+                out.lines,
             )
         await asyncio.sleep(spec.health.interval_s)
 

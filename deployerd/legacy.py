@@ -23,7 +23,8 @@ LegacyPhaseStatus = Literal["success", "failed", "skipped"]
 
 # the status a running job shows while this phase runs (prune phases: their nearest counterpart)
 RUNNING_STATUS: dict[str, LegacyStatus] = {
-    **dict(zip(PHASES, ("validating", "transferring", "building", "starting", "verifying", "registering"))),
+    **dict(zip(PHASES, ("validating", "transferring", "building", "starting", "verifying", "registering"),
+               strict=True)),
     "Stop and Remove": "starting",
     "Deregister": "registering",
 }

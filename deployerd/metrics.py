@@ -139,6 +139,9 @@ class Metrics:
                     self.phase_duration.labels(phase=event.phase, method=event.job.method).observe(event.duration_s)
             case events.RolledBack():
                 self.rollbacks.labels(service=event.service, reason=event.phase).inc()
+            case events.Switched():
+                self.switch_duration.labels(host=event.host).observe(event.switch_s)
+                self.drain_duration.labels(host=event.host).observe(event.drain_s)
             case events.Quarantined():
                 self.quarantines.labels(service=event.service).inc()
             case events.JobStarted():

@@ -1,14 +1,17 @@
-"""The six phases of one deploy, their record, and the automatic rollback.
+"""The six phases of one release on one host, run by one runner for deploy, restore and rollback alike.
 
 Validation -> Transfer -> Build -> Start Service -> Verify Health -> Register with Registry.
-Each phase is recorded (status, start, end, duration, details, error) and the job is saved at every phase
-boundary. The kind of failure decides what follows:
+Each phase is recorded (status, start, end, duration, details, error), the job is saved at every phase
+boundary and each change is published on the event bus. A rollback is a second pass of the same runner for
+the last good release (its phases are recorded in ``Job.rollback_phases``). The kind of failure decides
+what follows:
 
 - a terminal failure in Build, Start, Verify Health or Register restores the last good release, verifies its
   health, re-registers it, and quarantines the failed release until the service's desired state changes;
-- a transient failure (host or Registry unreachable) never rolls back: the job fails, nothing is
-  quarantined, and the next reconcile tries again;
-- a newer commit for the same service stops the job at the next phase boundary (``superseded``).
+- a transient failure (the error's own ``transient``: host unreachable, connection lost, lock busy, Registry
+  unreachable) never rolls back: the job fails, nothing is quarantined, and the next reconcile tries again;
+- a newer commit for the same service stops the job at the next phase boundary (``superseded``); when the
+  new release had already been started (so it serves unverified), the last good release is restored first.
 
 Secret values travel only in ``ReleaseContext.env``: release records keep the names (the manifest), a past
 release's values are resolved again from the current sources when it is restored, and every error and log
@@ -18,122 +21,68 @@ line of a job is scrubbed of the values before it is stored (a service may echo 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from deployerd.connection import HostUnreachable
-from deployerd.desired import HostSpec, Release, ServiceSpec, expected_registry_entry
-from deployerd.events import EventBus
+from deployerd.desired import ServiceSpec, expected_registry_entry
+from deployerd.events import EventBus, Quarantined, RolledBack, Switched
 from deployerd.failpoints import failpoint
-from deployerd.health import HealthInterrupted, HealthResult, probe_client, wait_healthy
-from deployerd.ingress import IngressProxy
-from deployerd.locks import HostLocks, LockBusy
-from deployerd.metrics import Metrics
-from deployerd.registry_client import RegistryClient, RegistryError
+from deployerd.health import HealthResult, probe_client
+from deployerd.hostport import HostPort, port_of
+from deployerd.jobrecord import JobRecorder, PhaseFailed, Superseded, is_transient
+from deployerd.locks import HostLocks
+from deployerd.registry_client import RegistryClient
+from deployerd.release_record import context_from_record, release_record
 from deployerd.runtimes import HostHandle, ReleaseContext, Runtime, StartError
-from deployerd.secrets import redact, secret_values
-from deployerd.store import (
-    PHASES,
-    Job,
-    JobStatus,
-    PhaseRecord,
-    PhaseStatus,
-    Quarantine,
-    ReleaseRecord,
-    Store,
-    utcnow,
-)
-from deployerd.switch import switch_to
-from deployerd.transfer import transfer
+from deployerd.store import PHASES, Job, JobStatus, PhaseRecord, PhaseStatus, Quarantine, ReleaseRecord, Store, utcnow
 from deployerd.tree import GitTree, Tree
 
 log = logging.getLogger(__name__)
 
 VALIDATION, TRANSFER, BUILD, START, HEALTH, REGISTER = PHASES
 ROLLBACK_PHASES = {BUILD, START, HEALTH, REGISTER}
+SUPERSEDED = "a newer commit changed this service; stopped at a phase boundary"
+
+__all__ = ["Deployer", "PhaseFailed", "Superseded", "context_from_record", "is_transient", "release_record"]
 
 
-class PhaseFailed(Exception):
-    def __init__(self, phase: str, cause: BaseException) -> None:
-        super().__init__(f"{phase}: {cause}")
-        self.phase = phase
-        self.cause = cause
-        self.logs: list[str] = getattr(cause, "logs", [])
-
-    @property
-    def transient(self) -> bool:
-        if isinstance(self.cause, (HostUnreachable, LockBusy)) or getattr(self.cause, "transient", False) is True:
-            return True
-        return isinstance(self.cause, RegistryError) and self.cause.transient
+Source = Tree | Callable[[], Awaitable[GitTree]]  # a release's files: a tree, or a way to open its commit's
 
 
-class Superseded(Exception):
-    pass
+@dataclass
+class Pass:
+    """One run of the phases for one release on one host: where its records go and what it may read."""
+
+    ctx: ReleaseContext
+    records: list[PhaseRecord]
+    source: Source | None  # None: the release must already be built on the host
+    previous: str | None = None  # the release Transfer sends a delta against
+    stop: Callable[[], bool] = lambda: False
+    rollback: bool = False
 
 
-def release_record(ctx: ReleaseContext, status: str) -> ReleaseRecord:
-    now = utcnow()
-    return ReleaseRecord(
-        service=ctx.spec.name,
-        release=ctx.release.id,
-        host=ctx.host.name,
-        method=ctx.spec.method,
-        commit=ctx.commit,
-        status=status,
-        created_at=now,
-        last_good_at=now if status == "good" else None,
-        spec={
-            "service": ctx.spec.model_dump(mode="json"),
-            "host": ctx.host.model_dump(mode="json"),
-            "inputs": ctx.release.inputs,
-            "managed_by": ctx.managed_by,
-            "instance": ctx.instance,
-        },
-    )
-
-
-def context_from_record(rec: ReleaseRecord) -> ReleaseContext:
-    """Rebuild a past release's context from the store, to restore it without git (secrets not resolved:
-    `Deployer.context_for` adds them)."""
-    spec = ServiceSpec.model_validate(rec.spec["service"])
-    return ReleaseContext(
-        spec=spec,
-        host=HostSpec.model_validate(rec.spec["host"]),
-        release=Release(id=rec.release, inputs=rec.spec.get("inputs", {})),
-        commit=rec.commit,
-        managed_by=rec.spec.get("managed_by", "git"),
-        instance=rec.spec.get("instance", "default"),
-        env=dict(spec.env),
-    )
-
-
-class Deployer:
+class Deployer(JobRecorder):
     """Runs jobs. Holds no per-service state: everything durable goes through the store."""
 
     def __init__(
         self,
         store: Store,
         registry: RegistryClient,
-        metrics: Metrics,
         keep_releases: int = 3,
         tree_at: Callable[[str], Awaitable[GitTree]] | None = None,
         locks: HostLocks | None = None,
         secret_env: Callable[[ServiceSpec], Awaitable[dict[str, str]]] | None = None,
         events: EventBus | None = None,
     ) -> None:
-        self.store = store
-        self.events = events or EventBus()  # jobs, phases, rollbacks and quarantines are published here
+        super().__init__(store, events or EventBus())  # metrics, the status page and notifications subscribe
         self.registry = registry
-        self.metrics = metrics
         self.keep_releases = keep_releases
         self.tree_at = tree_at  # a past commit's files, to rebuild a release whose artifact is gone
         self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
         self.secret_env = secret_env  # a service's secret values from the current sources
-        self._hidden: dict[str, set[str]] = {}  # job id -> secret values its records must never hold
         self.http = probe_client()  # every health wait's client: built once (it costs ~90 ms of CPU)
 
     async def aclose(self) -> None:
@@ -146,173 +95,191 @@ class Deployer:
             return ctx
         if self.secret_env is None:
             raise StartError(f"release {rec.release} of {rec.service} names secrets and no resolver is set")
-        return dataclasses.replace(ctx, env={**ctx.env, **await self.secret_env(ctx.spec)})
+        return ctx.with_env({**ctx.env, **await self.secret_env(ctx.spec)})
 
-    def _hide(self, job: Job, ctx: ReleaseContext) -> None:
-        if values := secret_values(ctx.spec, ctx.env):
-            self._hidden.setdefault(job.id, set()).update(values)
+    async def _run(self, job: Job, run: Pass, port: HostPort, runtime: Runtime,
+                   validation: Callable[[PhaseRecord], Awaitable[None]]) -> dict[str, Any]:
+        """The six phases for ``run.ctx``; raises PhaseFailed or Superseded. Returns what rollback reports."""
+        ctx = run.ctx
 
-    def _scrub(self, job: Job, text: str) -> str:
-        return redact(text, self._hidden.get(job.id, ()))
+        def boundary() -> None:
+            if run.stop():
+                raise Superseded()
 
-    def crashed(self, job: Job, error: str) -> str:
-        """``error`` of a job that ended by an unexpected exception, scrubbed; the job's values are dropped."""
-        text = self._scrub(job, error)
-        self._hidden.pop(job.id, None)
-        return text
+        async with self._phase(job, VALIDATION, run.records, run.rollback) as rec:
+            rec.details.update(release=ctx.release.id, inputs=ctx.release.inputs, reasons=job.reasons,
+                               commit=ctx.commit, previous_release=run.previous)
+            await validation(rec)
+            await port.prepare(ctx)
+            await failpoint(VALIDATION)  # test-only: crash tests kill the daemon here
+        boundary()
+        built = await runtime.has_artifact(ctx)
+        async with self._phase(job, TRANSFER, run.records, run.rollback) as rec:
+            if built:
+                self._skip(rec, "release already built on the host (kept release, no rebuild)")
+            else:
+                rec.details.update(await self._transfer(port, ctx, run))
+        boundary()
+        async with self._phase(job, BUILD, run.records, run.rollback) as rec:
+            if built:
+                self._skip(rec, "image already on the host")
+            else:
+                rec.details.update((await runtime.build(ctx)).record())
+        boundary()
+        async with self._phase(job, START, run.records, run.rollback) as rec:
+            started = await runtime.start(ctx)
+            rec.details.update(started.record())
+        boundary()
+        async with self._phase(job, HEALTH, run.records, run.rollback) as rec:
+            health, switched = await self._prove(rec, port, runtime, ctx, started.private_port, run.stop)
+        await self.store.save_release(release_record(ctx, "good"))
+        async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
+            if ctx.spec.register:
+                job.registration = await self._register(ctx)
+                rec.details.update(job.registration)
+            else:
+                self._skip(rec, "register: false in the manifest")
+        return {"health_seconds": health.seconds, "container_reused": started.reused, "rebuilt": not built,
+                **({"switch": switched} if switched else {})}
 
-    def _scrub_job(self, job: Job) -> None:
-        """Redact secret values from everything of ``job`` that is stored, logged or served."""
-        if job.id not in self._hidden:
-            return
-        job.error = self._scrub(job, job.error) if job.error else job.error
-        job.logs = [self._scrub(job, line) for line in job.logs]
-        if job.rollback:
-            job.rollback = {k: self._scrub(job, v) if isinstance(v, str) else v for k, v in job.rollback.items()}
-        for rec in job.phases:
-            rec.error = self._scrub(job, rec.error) if rec.error else rec.error
+    async def _prove(self, rec: PhaseRecord, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
+                     private: int | None, stop: Callable[[], bool]) -> tuple[HealthResult, dict[str, Any]]:
+        """Verify Health: the new instance answers on its port; behind an ingress (its private port), then the
+        proxy switches to it, the front door proves it, the old one drains and stops (``switch.switch_to``)."""
+        health = await port.wait_healthy(self.http, runtime, ctx, stop, private)
+        rec.details.update(url=health.url, status_code=health.status_code, attempts=health.attempts,
+                           seconds=health.seconds)
+        if not ctx.behind_ingress or private is None:
+            return health, {}
+        switched = await port.switch(runtime, ctx, self.http, private)
+        rec.details["switch"] = switched
+        self.events.publish(Switched(service=ctx.spec.name, host=ctx.host.name, release=ctx.release.id,
+                                     switch_s=switched["switch_seconds"], drain_s=switched["drain_seconds"]))
+        return health, switched
 
-    @asynccontextmanager
-    async def _phase(self, job: Job, name: str) -> AsyncIterator[PhaseRecord]:
-        rec = job.phase(name)
-        rec.status, rec.started_at, rec.error = PhaseStatus.RUNNING, utcnow(), None
-        t0 = time.monotonic()
-        await self.store.save_job(job)
+    async def _transfer(self, port: HostPort, ctx: ReleaseContext, run: Pass) -> dict[str, Any]:
+        if run.source is None:
+            raise StartError(f"release {ctx.release.id} is no longer on {port.name} and has no commit")
+        if not callable(run.source):
+            return await port.transfer(run.source, ctx, run.previous)
+        tree = await run.source()
         try:
-            yield rec
-        except HealthInterrupted as e:  # a newer commit: not a failure of this release
-            rec.status, rec.error = PhaseStatus.FAILED, f"superseded: {e}"
-            raise Superseded() from e
-        except Exception as e:
-            rec.status, rec.error = PhaseStatus.FAILED, self._scrub(job, str(e))
-            raise PhaseFailed(name, e) from e
-        else:
-            if rec.status is PhaseStatus.RUNNING:
-                rec.status = PhaseStatus.SUCCEEDED
+            return await port.transfer(tree, ctx, run.previous)
         finally:
-            rec.completed_at = utcnow()
-            rec.duration_seconds = round(time.monotonic() - t0, 3)
-            self.metrics.phase_duration.labels(phase=name, method=job.method).observe(rec.duration_seconds)
-            await self.store.save_job(job)
+            await asyncio.to_thread(tree.close)
 
-    @staticmethod
-    def _skip(rec: PhaseRecord, why: str) -> None:
-        rec.status = PhaseStatus.SKIPPED
-        rec.details["skipped"] = why
-
-    async def _begin(self, job: Job, phases: tuple[str, ...]) -> float:
-        job.status, job.started_at = JobStatus.RUNNING, utcnow()
-        for name in phases:
-            job.phase(name)
-        await self.store.save_job(job)
-        return time.monotonic()
-
-    async def _finish(self, job: Job, t0: float) -> Job:
-        self._scrub_job(job)
-        self._hidden.pop(job.id, None)
-        job.completed_at = utcnow()
-        job.duration_seconds = round(time.monotonic() - t0, 3)
-        await self.store.save_job(job)
-        self.metrics.jobs.labels(kind=job.kind, status=job.status.value).inc()
-        log.info("job %s %s %s: %s%s", job.id, job.kind, job.service, job.status.value,
-                 f" ({job.error})" if job.error else "")
-        return job
-
+    # ------------------------------------------------------------------ deploy
     async def deploy(
         self,
         job: Job,
         ctx: ReleaseContext,
-        handle: HostHandle,
+        handle: HostHandle | HostPort,
         tree: Tree,
         previous: str | None,
         superseded: Callable[[], bool] = lambda: False,
     ) -> Job:
         """Run the six phases for ``ctx``; roll back on a terminal failure after the build started."""
-        runtime = handle.runtime(ctx.spec.method)
+        port = port_of(handle)
+        runtime = port.runtime(ctx.spec.method)
         self._hide(job, ctx)
-        t0 = await self._begin(job, PHASES)
+        await self.begin(job, PHASES)
+        lock = port.lock(self.locks, ctx.qualified_name, job.id)
 
-        def boundary() -> None:
-            if superseded():
-                raise Superseded()
+        async def take_lock(rec: PhaseRecord) -> None:
+            rec.details["lock"] = await lock.acquire()
 
-        lock = self.locks.lock(handle.conn, ctx.host.base_dir, ctx.qualified_name, job.id)
+        run = Pass(ctx, job.phases, tree, previous, superseded)
         try:  # the host lock is held from Validation to the end of any rollback, released in ``finally``
-            async with self._phase(job, VALIDATION) as rec:
-                rec.details.update(release=ctx.release.id, inputs=ctx.release.inputs, reasons=job.reasons,
-                                   commit=ctx.commit, previous_release=previous)
-                rec.details["lock"] = await lock.acquire()
-                await runtime.claim(ctx.spec.name)  # the service dir with its marker, or refused if not ours
-                await failpoint(VALIDATION)  # test-only: crash tests kill the daemon here
-            boundary()
-            built = await runtime.has_artifact(ctx)
-            async with self._phase(job, TRANSFER) as rec:
-                if built:
-                    self._skip(rec, "release already built on the host (kept release, no rebuild)")
-                else:
-                    rec.details.update(await transfer(handle.conn, tree, ctx, previous))
-            boundary()
-            async with self._phase(job, BUILD) as rec:
-                if built:
-                    self._skip(rec, "image already on the host")
-                else:
-                    rec.details.update(await runtime.build(ctx))
-            boundary()
-            async with self._phase(job, START) as rec:
-                started = await runtime.start(ctx)
-                rec.details.update(started)
-            boundary()
-            async with self._phase(job, HEALTH) as rec:
-                await self._prove(rec, handle, runtime, ctx, started, superseded)
-            await self.store.save_release(release_record(ctx, "good"))
-            # a forced retry that works ends its quarantine; restoring the last good release does not
-            await self.store.lift_quarantine(ctx.spec.name, ctx.release.id)
-            async with self._phase(job, REGISTER) as rec:
-                if ctx.spec.register:
-                    job.registration = await self._register(ctx)
-                    rec.details.update(job.registration)
-                else:
-                    self._skip(rec, "register: false in the manifest")
-            job.status = JobStatus.SUCCEEDED
-            await self._retain(runtime, ctx)
-        except Superseded:
-            job.status, job.error = JobStatus.SUPERSEDED, "a newer commit changed this service; stopped at a phase boundary"
-        except PhaseFailed as failure:
-            job.error = str(failure)
-            job.logs = failure.logs
-            if failure.transient:
-                job.status, job.transient = JobStatus.FAILED, True  # an outage: retried by the next reconcile, never rolled back
-            else:
-                await self._quarantine(job, ctx, failure)
-                if failure.phase in ROLLBACK_PHASES:
-                    await self._rollback(job, ctx, handle, failure)
-                    # a run of broken commits must not pile up one image and release dir each: the failed
-                    # release stays (a forced retry reuses it), earlier failed ones go, within keep_releases
-                    await self._retain(runtime, ctx)
-                else:
-                    job.status = JobStatus.FAILED
+            try:
+                await self._run(job, run, port, runtime, take_lock)
+                # a forced retry that works ends its quarantine; restoring the last good release does not
+                await self.store.lift_quarantine(ctx.spec.name, ctx.release.id)
+                job.status = JobStatus.SUCCEEDED
+                await self._retain(runtime, ctx)
+            except Superseded:
+                job.status, job.error = JobStatus.SUPERSEDED, SUPERSEDED
+                if job.phase(START).status is PhaseStatus.PENDING:
+                    pass  # nothing changed on the host
+                elif ctx.behind_ingress:  # the proxy never sent it a request: the proven one still serves
+                    await self._discard_unserving(port, runtime, ctx)
+                else:  # it may serve, unverified: bring back the last good one
+                    await self._restore_good(job, port, runtime, ctx, "superseded after Start Service",
+                                             _cut_short(job))
+            except PhaseFailed as failure:
+                await self._failed(job, port, runtime, ctx, failure)
         finally:
             if previous is None and job.kind == "deploy" and not job.transient \
                     and job.status in (JobStatus.SUPERSEDED, JobStatus.FAILED):
                 await self._clear_unserved(runtime, ctx)  # under the lock: it removes the service's files
             await lock.release()
-        return await self._finish(job, t0)
+        return await self.end(job)
 
-    async def _prove(self, rec: PhaseRecord, handle: HostHandle, runtime: Runtime, ctx: ReleaseContext,
-                     started: dict[str, Any], stop: Callable[[], bool] = lambda: False) -> HealthResult:
-        """Verify Health: the new instance answers on its port; behind an ingress (its private port), then the
-        proxy switches to it, the front door proves it, the old one drains and stops (``switch.switch_to``)."""
-        private = started.get("private_port")
-        result = await wait_healthy(self.http, handle.conn, runtime, ctx.spec, ctx.release.id, stop=stop,
-                                    port=private)
-        rec.details.update(url=result.url, status_code=result.status_code, attempts=result.attempts,
-                           seconds=result.seconds)
-        if ctx.behind_ingress and private is not None:
-            switched = await switch_to(handle.conn, runtime, ctx, self.http, int(private))
-            rec.details["switch"] = switched
-            self.metrics.switch_duration.labels(host=ctx.host.name).observe(switched["switch_seconds"])
-            self.metrics.drain_duration.labels(host=ctx.host.name).observe(switched["drain_seconds"])
-        return result
+    async def _failed(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
+                      failure: PhaseFailed) -> None:
+        job.error = str(failure)
+        job.logs = failure.logs
+        if failure.transient:
+            job.status, job.transient = JobStatus.FAILED, True  # an outage: retried by the next reconcile
+            return
+        await self._quarantine(job, ctx, failure)
+        if failure.phase not in ROLLBACK_PHASES:
+            job.status = JobStatus.FAILED
+            return
+        ok = await self._restore_good(job, port, runtime, ctx, str(failure), failure.phase)
+        job.status = JobStatus.ROLLED_BACK if ok else JobStatus.FAILED
+        # a run of broken commits must not pile up one image and release dir each: the failed release stays
+        # (a forced retry reuses it), earlier failed ones go, within keep_releases
+        await self._retain(runtime, ctx)
+
+    async def _restore_good(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
+                            reason: str, phase: str) -> bool:
+        """Stop ``ctx``'s release and bring back the last good one through the same phases (its kept container
+        or unit; else rebuilt from its own commit); True once it is verified and registered again."""
+        ok = await self._restore(job, port, runtime, ctx, reason)
+        self.events.publish(RolledBack(service=ctx.spec.name, host=ctx.host.name, failed_release=ctx.release.id,
+                                       restored_release=(job.rollback or {}).get("release"), phase=phase, ok=ok))
+        return ok
+
+    async def _restore(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext, reason: str) -> bool:
+        t0 = time.monotonic()
+        if not ctx.behind_ingress:  # behind an ingress the failed one goes once the proxy serves the good one
+            await runtime.discard(ctx)
+        prev = await self.store.last_good(ctx.spec.name, exclude=ctx.release.id)
+        if prev is None or prev.host != ctx.host.name:
+            if ctx.behind_ingress:
+                await self._discard_unserving(port, runtime, ctx)
+            job.rollback = {"release": None, "reason": "no earlier good release of this service on this host"}
+            return False
+        try:
+            prev_ctx = await self.context_for(prev)
+        except Exception as e:  # its secrets cannot be resolved: it cannot be restored
+            job.rollback = {"release": prev.release, "error": str(e)}
+            return False
+        self._hide(job, prev_ctx)
+        tree_at = self.tree_at
+        source = (lambda: tree_at(prev.commit)) if tree_at is not None and prev.commit else None
+
+        async def held(rec: PhaseRecord) -> None:
+            rec.details["lock"] = "held by this job"
+
+        run = Pass(prev_ctx, job.rollback_phases, source, rollback=True)
+        job.registration = None
+        try:
+            done = await self._run(job, run, port, runtime, held)
+        except (PhaseFailed, Superseded) as e:  # the rollback itself failed: say so, keep the job's error too
+            job.rollback = {"release": prev.release, "error": str(getattr(e, "cause", e))}
+            return False
+        if ctx.behind_ingress:
+            await runtime.discard(ctx)
+        job.rollback = {"release": prev.release, "commit": prev.commit, "reason": reason,
+                        "seconds": round(time.monotonic() - t0, 3), **done}
+        return True
+
+    async def _discard_unserving(self, port: HostPort, runtime: Runtime, ctx: ReleaseContext) -> None:
+        """Behind an ingress: remove ``ctx``'s instance unless the proxy sends it requests (it never does before
+        its switch)."""
+        if await port.serving(ctx) != ctx.release.id:
+            await runtime.discard(ctx)
 
     async def _clear_unserved(self, runtime: Runtime, ctx: ReleaseContext) -> None:
         """A service's first release on a host that never came to serve (superseded, or failed with nothing to
@@ -326,9 +293,7 @@ class Deployer:
             log.warning("clearing %s from %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
     async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
-        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance)
-        if ctx.managed_by != "git":  # out-of-band: never counted as git's, so never pruned by a reconcile
-            want["metadata"]["managed_by"] = f"deployerd-{ctx.managed_by}"
+        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance, ctx.managed_by)
         entry = await self.registry.register(ctx.spec.name, want["endpoint"], want["metadata"], ctx.spec.droplet_id)
         return {
             "droplet_id": entry.id,
@@ -339,70 +304,11 @@ class Deployer:
 
     async def _quarantine(self, job: Job, ctx: ReleaseContext, failure: PhaseFailed) -> None:
         await self.store.save_release(release_record(ctx, "failed"))
+        reason = self._scrub(job, f"{failure.phase} failed: {failure.cause}")
         await self.store.quarantine(
-            Quarantine(service=ctx.spec.name, release=ctx.release.id, job_id=job.id,
-                       reason=self._scrub(job, f"{failure.phase} failed: {failure.cause}"), created_at=utcnow())
-        )
-
-    async def _rollback(self, job: Job, ctx: ReleaseContext, handle: HostHandle, failure: PhaseFailed) -> None:
-        """Restore the last good release (its kept container or unit), verify it, register it again."""
-        runtime = handle.runtime(ctx.spec.method)
-        t0 = time.monotonic()
-        if not ctx.behind_ingress:  # behind an ingress the failed one goes once the proxy serves the good one
-            await runtime.discard(ctx.spec.name, ctx.release.id)
-        prev = await self.store.last_good(ctx.spec.name, exclude=ctx.release.id)
-        if prev is None or prev.host != ctx.host.name:
-            if ctx.behind_ingress:
-                await self._discard_unserving(handle, runtime, ctx)
-            job.status = JobStatus.FAILED
-            job.rollback = {"release": None, "reason": "no earlier good release of this service on this host"}
-            return
-        try:
-            prev_ctx = await self.context_for(prev)
-            self._hide(job, prev_ctx)
-            rebuilt = False
-            if not await runtime.has_artifact(prev_ctx):  # removed by hand: rebuild it from its own commit
-                if self.tree_at is None or not prev.commit:
-                    raise StartError(f"release {prev.release} is no longer on {ctx.host.name} and has no commit")
-                tree = await self.tree_at(prev.commit)
-                try:
-                    await transfer(handle.conn, tree, prev_ctx, previous=None)
-                    await runtime.build(prev_ctx)
-                finally:
-                    await asyncio.to_thread(tree.close)
-                rebuilt = True
-            started = await runtime.start(prev_ctx)
-            probe = PhaseRecord(phase=HEALTH)
-            health = await self._prove(probe, handle, runtime, prev_ctx, started)
-            switch: dict[str, Any] = probe.details.get("switch", {})
-            if ctx.behind_ingress:
-                await runtime.discard(ctx.spec.name, ctx.release.id)
-            registration = await self._register(prev_ctx) if prev_ctx.spec.register else None
-        except Exception as e:  # the rollback itself failed: say so, keep the job's original error too
-            job.status = JobStatus.FAILED
-            job.rollback = {"release": prev.release, "error": str(e)}
-            return
-        await self.store.save_release(release_record(prev_ctx, "good"))
-        job.status = JobStatus.ROLLED_BACK
-        job.registration = registration
-        job.rollback = {
-            "release": prev.release,
-            "commit": prev.commit,
-            "reason": str(failure),
-            "seconds": round(time.monotonic() - t0, 3),
-            "health_seconds": health.seconds,
-            "container_reused": started.get("reused_container"),
-            "rebuilt": rebuilt,
-            **({"switch": switch} if switch else {}),
-        }
-        self.metrics.rollbacks.labels(service=ctx.spec.name, reason=failure.phase).inc()
-
-    async def _discard_unserving(self, handle: HostHandle, runtime: Runtime, ctx: ReleaseContext) -> None:
-        """Behind an ingress, with nothing to roll back to: remove the failed instance unless the proxy sends it
-        requests (it never does before its switch)."""
-        active = (await IngressProxy(handle.conn, ctx.host.name).state()).active(ctx.qualified_name)
-        if active is None or active.name != ctx.release.id:
-            await runtime.discard(ctx.spec.name, ctx.release.id)
+            Quarantine(service=ctx.spec.name, release=ctx.release.id, job_id=job.id, reason=reason,
+                       created_at=utcnow()))
+        self.events.publish(Quarantined(service=ctx.spec.name, release=ctx.release.id, reason=reason))
 
     async def _retain(self, runtime: Runtime, ctx: ReleaseContext) -> None:
         good = [r.release for r in await self.store.releases(ctx.spec.name) if r.status == "good"]
@@ -412,9 +318,10 @@ class Deployer:
         except Exception as e:  # retention is housekeeping: a failure here must not fail a good deploy
             log.warning("retention for %s on %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
+    # ------------------------------------------------------------------ register, prune
     async def register_only(self, job: Job, ctx: ReleaseContext) -> Job:
         """Register the running release again. No host lock: it touches only the Registry, never the host."""
-        t0 = await self._begin(job, (REGISTER,))
+        await self.begin(job, (REGISTER,))
         try:
             async with self._phase(job, REGISTER) as rec:
                 job.registration = await self._register(ctx)
@@ -422,21 +329,23 @@ class Deployer:
             job.status = JobStatus.SUCCEEDED
         except PhaseFailed as failure:
             job.status, job.error, job.transient = JobStatus.FAILED, str(failure), failure.transient
-        return await self._finish(job, t0)
+        return await self.end(job)
 
-    async def prune(self, job: Job, handle: HostHandle | None, method: str | None, deregister: bool) -> Job:
+    async def prune(self, job: Job, handle: HostHandle | HostPort | None, method: str | None,
+                    deregister: bool) -> Job:
         """Remove a service that left git: its instances, artifacts and files, then its Registry entry."""
-        t0 = await self._begin(job, ("Stop and Remove", "Deregister"))
+        await self.begin(job, ("Stop and Remove", "Deregister"))
         lock = None
         try:
             async with self._phase(job, "Stop and Remove") as rec:
                 if handle is None or method is None:
                     self._skip(rec, "nothing deployed")
                 else:
-                    runtime = handle.runtime(method)
-                    lock = self.locks.lock(handle.conn, handle.spec.base_dir, runtime.qualified(job.service), job.id)
+                    port = port_of(handle)
+                    runtime = port.runtime(method)
+                    lock = port.lock(self.locks, runtime.qualified(job.service), job.id)
                     rec.details["lock"] = await lock.acquire()
-                    rec.details.update(await runtime.remove_service(job.service))
+                    rec.details.update((await runtime.remove_service(job.service)).record())
             async with self._phase(job, "Deregister") as rec:
                 if deregister:
                     rec.details["deregistered"] = await self.registry.deregister(job.service)
@@ -449,4 +358,9 @@ class Deployer:
         finally:
             if lock is not None:
                 await lock.release()
-        return await self._finish(job, t0)
+        return await self.end(job)
+
+
+def _cut_short(job: Job) -> str:
+    """The phase a superseded job stopped in or after."""
+    return next((p.phase for p in reversed(job.phases) if p.status is not PhaseStatus.PENDING), START)

@@ -84,7 +84,8 @@ def plan(
         names = sorted({i.service for i in managed} | set(registry_owned))
         return sorted((_empty_guard(name, managed, registry_owned) for name in names), key=sort_key)
 
-    hosts_of: dict[str, set[str]] = {}  # service -> hosts a managed instance of it is on (one pass, not one per service)
+    # service -> hosts a managed instance of it is on (one pass, not one per service)
+    hosts_of: dict[str, set[str]] = {}
     for i in managed:
         hosts_of.setdefault(i.service, set()).add(i.host)
     actions: list[Action] = []
@@ -125,8 +126,8 @@ def _unreachable(observed: ObservedState, host: str) -> str | None:
     return None
 
 
-def _current_managed(facts: HostFacts, service: str) -> Instance | None:
-    mine = [i for i in facts.of_service(service) if i.current and i.managed_by == "git"]
+def _current_managed(facts: HostFacts, service: str, managed_by: str = "git") -> Instance | None:
+    mine = [i for i in facts.of_service(service) if i.current and i.managed_by == managed_by]
     running = [i for i in mine if i.state is RunState.RUNNING]
     return running[0] if running else (mine[0] if mine else None)
 
@@ -142,14 +143,14 @@ def _changed(inst: Instance, release: Release) -> list[str]:
 
 
 def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: ObservedState,
-                      release: Release, instance: str) -> str | None:
+                      release: Release, instance: str, managed_by: str = "git") -> str | None:
     """Why the Registry entry needs writing, or None when it is right (or not ours to check)."""
     if not spec.register or observed.registry is None:
         return None
     entry = observed.registry.get(spec.name)
     if entry is None:
         return "registry entry missing"
-    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance)
+    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance, managed_by)
     wrong = [f for f in ("endpoint", "status", "metadata") if getattr(entry, f) != expected[f]]
     if spec.droplet_id is not None and entry.id != spec.droplet_id:
         wrong.append("id")
@@ -161,7 +162,7 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
 
 def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
                   managed_on: set[str], quarantined: str | None, force: bool,
-                  instance: str, interrupted: str | None = None) -> list[Action]:
+                  instance: str, interrupted: str | None = None, managed_by: str = "git") -> list[Action]:
     host = spec.host
     base = {"service": spec.name, "host": host, "release": release.id}
     elsewhere = sorted(h for h in managed_on if h != host)
@@ -170,14 +171,15 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
         # the old host (if moved) keeps serving until the new one can be reached
         return [Action(kind=ActionKind.BLOCKED, reasons=[why], **base)]
     facts = observed.hosts[host]
-    inst = _current_managed(facts, spec.name)
+    inst = _current_managed(facts, spec.name, managed_by)
     current = inst.release if inst else None
 
     reasons: list[str] = []
     if inst is None:
-        if any(i.managed_by != "git" for i in facts.of_service(spec.name)):
+        if any(i.managed_by != managed_by for i in facts.of_service(spec.name)):
+            other = "an out-of-band" if managed_by == "git" else "a git-managed"
             return [Action(kind=ActionKind.BLOCKED, current_release=None, reasons=[
-                f"an out-of-band instance of {spec.name} runs on {host}; left untouched"], **base)]
+                f"{other} instance of {spec.name} runs on {host}; left untouched"], **base)]
         reasons.append(f"not deployed on {host}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
     else:
         if inst.release != release.id:
@@ -208,11 +210,11 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
                                                                       or inst.state is not RunState.RUNNING)
         if kept:
             reasons.append("kept release, no rebuild")
-        reg = _registry_problem(spec, desired, observed, release, instance)
+        reg = _registry_problem(spec, desired, observed, release, instance, managed_by)
         if reg == "registry entry missing":
             reasons.append(reg)  # the Register phase of the deploy writes it
         actions.append(Action(kind=ActionKind.DEPLOY, current_release=current, reasons=reasons, kept=kept, **base))
-    elif (reg := _registry_problem(spec, desired, observed, release, instance)) is not None:
+    elif (reg := _registry_problem(spec, desired, observed, release, instance, managed_by)) is not None:
         actions.append(Action(kind=ActionKind.REGISTER, current_release=current, reasons=[reg], **base))
     else:
         actions.append(Action(kind=ActionKind.NOOP, current_release=current, reasons=["in sync"], **base))
@@ -223,6 +225,30 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
                               current_release=old_inst.release if old_inst else None,
                               reasons=[f"moved to {host}"]))
     return actions
+
+
+def plan_out_of_band(wanted: Mapping[str, tuple[ServiceSpec, Release]], desired: DesiredState,
+                     observed: ObservedState, quarantined: Mapping[str, str] | None = None,
+                     instance: str = "default") -> list[Action]:
+    """Actions for the services the older POST /deploy deployed (``wanted``: the release each should run).
+
+    The same rules as git's, matched on their own (``managed_by: api``) instances: a stopped or unhealthy one is
+    started again, a lost Registry entry written again. A commit never prunes them; a name git now manages is
+    left to git's plan (which leaves the out-of-band instance untouched).
+    """
+    quarantined = quarantined or {}
+    actions: list[Action] = []
+    for name, (spec, release) in sorted(wanted.items()):
+        if name in desired.services or name in desired.broken:
+            continue
+        if spec.host not in desired.hosts:
+            actions.append(Action(service=name, host=spec.host, kind=ActionKind.BLOCKED, release=release.id,
+                                  reasons=[f"host {spec.host} is no longer in hosts.yaml; out-of-band release "
+                                           "left as is"]))
+            continue
+        actions.extend(_plan_service(spec, release, desired, observed, set(), quarantined.get(name), False,
+                                     instance, managed_by="api"))
+    return sorted(actions, key=sort_key)
 
 
 def _plan_broken(name: str, desired: DesiredState, observed: ObservedState) -> list[Action]:
@@ -273,7 +299,8 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
 def _empty_guard(name: str, managed: list[Instance], registry_owned: dict[str, str]) -> Action:
     hosts = sorted({i.host for i in managed if i.service == name})
     current = next((i.release for i in managed if i.service == name and i.current), None)
-    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED, current_release=current,
+    return Action(service=name, host=hosts[0] if hosts else registry_owned.get(name, ""), kind=ActionKind.BLOCKED,
+                  current_release=current,
                   reasons=["commit removes every service; prune refused (empty desired state guard: "
                            "`deployerd sync --prune-all` prunes them)"])
 

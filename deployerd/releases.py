@@ -25,8 +25,9 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
     """Per-input digests (source, image, env, port, health, host) and the id over all of them.
 
     Env values only enter as a digest; the commit does not enter at all, so an unrelated commit keeps
-    the id. Secret values are not known here: the daemon adds their keyed digest (`Release.with_input`). Only the settings of the chosen method count (editing the systemd block of a docker
-    service changes nothing that runs).
+    the id. Secret values are not known here: the daemon adds their keyed digest (`Release.with_input`).
+    Only the settings of the chosen method count (editing the systemd block of a docker service changes
+    nothing that runs).
     """
     prefix = len(spec.source) + 1
     image: dict[str, Any] = {"method": spec.method}
@@ -48,17 +49,18 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
 
 
 def expected_registry_entry(
-    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default"
+    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default", managed_by: str = "git"
 ) -> dict[str, Any]:
     """The Registry record a healthy deployment should have; used by plan (compare) and Register (write).
 
-    ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's.
+    ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's;
+    an out-of-band service's (``managed_by`` ``api``) says ``deployerd-api``, so a commit never prunes it.
     """
     return {
         "endpoint": endpoint_url(host, spec.port),
         "status": "active",
-        "metadata": {"managed_by": "deployerd", "instance": instance, "release": release.id, "host": host.name,
-                     "method": spec.method},
+        "metadata": {"managed_by": "deployerd" if managed_by == "git" else f"deployerd-{managed_by}",
+                     "instance": instance, "release": release.id, "host": host.name, "method": spec.method},
     }
 
 

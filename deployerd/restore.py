@@ -15,7 +15,7 @@ from deployerd.observe import Hosts
 from deployerd.phases import Deployer
 from deployerd.plan import Action
 from deployerd.secrets import SecretError
-from deployerd.store import Job, JobStatus, Store
+from deployerd.store import Job, Store
 from deployerd.tree import GitTree
 
 
@@ -28,13 +28,13 @@ class Restorer:
         """Run ``job`` for the RESTORE ``action``; a release that cannot be restored fails the job."""
         record = next((r for r in await self.store.releases(action.service) if r.release == action.release), None)
         if record is None:
-            return await self._fail_unstarted(job, f"no record of release {action.release}")
+            return await self.deployer.end_unstarted(job, f"no record of release {action.release}")
         if not record.commit:
-            return await self._fail_unstarted(job, f"release {action.release} has no commit to restore from")
+            return await self.deployer.end_unstarted(job, f"release {action.release} has no commit to restore from")
         try:
             ctx = await self.deployer.context_for(record)
         except (SecretError, OSError) as e:
-            return await self._fail_unstarted(job, str(e))
+            return await self.deployer.end_unstarted(job, str(e))
         job.commit = record.commit
         tree = await self.tree_at(record.commit)
         try:
@@ -42,9 +42,3 @@ class Restorer:
             return await self.deployer.deploy(job, ctx, handle, tree, previous=None)
         finally:
             await asyncio.to_thread(tree.close)
-
-    async def _fail_unstarted(self, job: Job, error: str) -> Job:
-        """End a job that fails before its first phase (nothing ran on the host)."""
-        job.status, job.error = JobStatus.FAILED, error
-        await self.store.save_job(job)
-        return job

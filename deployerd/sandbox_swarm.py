@@ -111,7 +111,8 @@ async def _start_image_registry(conn: Connection) -> None:
     """Run Debian's docker-registry on the manager (its unit ships disabled) and wait for its /v2/."""
     await conn.put_bytes("/etc/docker/registry/deployerd-sandbox.yml", REGISTRY_CONFIG.encode())
     await conn.makedirs("/etc/systemd/system/docker-registry.service.d")
-    await conn.put_bytes("/etc/systemd/system/docker-registry.service.d/deployerd-sandbox.conf", REGISTRY_DROPIN.encode())
+    await conn.put_bytes("/etc/systemd/system/docker-registry.service.d/deployerd-sandbox.conf",
+                         REGISTRY_DROPIN.encode())
     await conn.run(["systemctl", "daemon-reload"])
     # restart: the package's SysV script may have started it at boot with its own config
     await conn.run(["systemctl", "enable", "docker-registry.service"], check=False)

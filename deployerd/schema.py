@@ -29,7 +29,9 @@ HOSTS_FILE = "hosts.yaml"
 SERVICES_DIR = "services"
 
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 _POSIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SAFE_PATH = re.compile(r"[A-Za-z0-9._/-]+")
@@ -249,7 +251,8 @@ class ServiceSpec(_Model):
     # names only: the daemon resolves the values at deploy time (deployerd.secrets), never from git in clear
     secrets: Annotated[list[str], AfterValidator(_secret_names), Field(max_length=100)] = Field(default_factory=list)
     register: bool = True
-    drain_timeout_s: float = Field(default=30.0, ge=0, le=600)  # behind an ingress: requests in flight on the old release
+    # behind an ingress: how long requests in flight on the old release may finish
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=600)
     docker: DockerSpec = DockerSpec()
     systemd: SystemdSpec = SystemdSpec()
 

@@ -289,7 +289,8 @@ class Secrets:
             raise SecretError(f"{where}: age did not finish within {AGE_TIMEOUT_S:.0f} s") from None
         if proc.returncode != 0:
             reason = err.decode("utf-8", "replace").strip().splitlines()
-            raise SecretError(f"{where}: age could not decrypt it: {(reason or ['exit ' + str(proc.returncode)])[-1][:200]}")
+            last = (reason or [f"exit {proc.returncode}"])[-1][:200]
+            raise SecretError(f"{where}: age could not decrypt it: {last}")
         return out
 
     # ---------------------------------------------------------------- resolving
@@ -344,7 +345,7 @@ class Secrets:
         services, releases = dict(desired.services), dict(desired.releases)
         errors, broken = list(desired.errors), set(desired.broken)
         values: dict[str, _EnvValues] = {}
-        for spec, result in zip(wanting, results):
+        for spec, result in zip(wanting, results, strict=True):
             if isinstance(result, (SecretError, TreeError, OSError)):  # PermissionError is an OSError
                 yml = f"{SERVICES_DIR}/{spec.name}.yml"
                 file = yml if await asyncio.to_thread(tree.exists, yml) else f"{SERVICES_DIR}/{spec.name}.yaml"

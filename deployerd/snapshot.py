@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from deployerd.desired import DesiredState, load_desired
 from deployerd.observe import Hosts, observe
 from deployerd.observed import ObservedState
-from deployerd.plan import Action, plan
+from deployerd.plan import Action, ActionKind, plan, plan_out_of_band, sort_key
 from deployerd.registry_client import RegistryClient
+from deployerd.runtimes import ReleaseContext
 from deployerd.secrets import Secrets
 from deployerd.source import GitSource, SourceError
 from deployerd.store import Store
@@ -36,6 +37,14 @@ class Snapshot:
     actions: list[Action]
     fetch_error: str | None = None  # git could not be fetched: this is the last good revision
     stages: Mapping[str, float] = field(default_factory=dict)  # seconds per planning stage
+    # out-of-band services (the older POST /deploy) -> the release each should run
+    out_of_band: Mapping[str, ReleaseContext] = field(default_factory=dict, repr=False)
+
+    def out_of_band_context(self, action: Action) -> ReleaseContext | None:
+        """The out-of-band release an action is about (None: the action is about a git service)."""
+        if action.service in self.desired.services or action.kind is ActionKind.PRUNE:
+            return None
+        return self.out_of_band.get(action.service)
 
 
 class _Stopwatch:
@@ -55,10 +64,12 @@ class Planner:
     """Fetch, load (validate, resolve secrets), observe, read quarantines, plan: a ``Snapshot``."""
 
     def __init__(self, source: GitSource, secrets: Secrets, hosts: Hosts, registry: RegistryClient, store: Store,
-                 instance: str, idle: Callable[[], bool]) -> None:
+                 instance: str, idle: Callable[[], bool],
+                 out_of_band: Callable[[DesiredState], Awaitable[Mapping[str, ReleaseContext]]] | None = None) -> None:
         self.source, self.secrets, self.hosts, self.registry, self.store = source, secrets, hosts, registry, store
         self.instance = instance
         self._idle = idle  # no job in flight: older trees can be closed
+        self._out_of_band = out_of_band  # the out-of-band services' wanted releases (from the store)
         self._tree: GitTree | None = None  # the pinned commit's files
         self._retired: list[GitTree] = []  # older commits' trees, closed once no job may read them
         self._loaded: DesiredState | None = None  # as validated from git, before secrets are resolved
@@ -105,9 +116,14 @@ class Planner:
         clock.lap("store")
         actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted,
                        prune_all=prune_all)
+        oob = await self._out_of_band(desired) if self._out_of_band else {}
+        if oob:  # healed and registered again like git's, never pruned by a commit
+            wanted = {n: (c.spec, c.release) for n, c in oob.items()}
+            actions = sorted(actions + plan_out_of_band(wanted, desired, observed, quarantined, self.instance),
+                             key=sort_key)
         clock.lap("plan")
         return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
-                        fetch_error=fetch_error, stages=clock.stages)
+                        fetch_error=fetch_error, stages=clock.stages, out_of_band=oob)
 
     def _log_invalid(self, loaded: DesiredState) -> None:
         """A WARNING per validation error when it appears, once (not at every reconcile of the same files)."""

@@ -286,7 +286,7 @@ class GitSource:
     def _translate(self, exc: git.GitCommandError) -> SourceError:
         stderr = str(exc.stderr or "")
         low = stderr.lower()
-        for needle, what, transient in _CLASSIFY:
+        for needle, what, transient in _CLASSIFY:  # noqa: B007 - the match's transient is read after the break
             if needle in low:
                 reason = what.format(branch=self.branch)
                 break

@@ -111,7 +111,8 @@ class Board:
             status.last_job = job_id
 
     def _row(self, snap: Snapshot, a: Action, busy: Collection[str], probes: Mapping[str, Probe]) -> ServiceStatus:
-        spec = snap.desired.services.get(a.service)
+        oob = snap.out_of_band_context(a)
+        spec = oob.spec if oob else snap.desired.services.get(a.service)
         facts = snap.observed.hosts.get(a.host)
         reachable = facts is not None and facts.reachable
         inst = facts.current(a.service) if facts is not None and reachable else None
@@ -140,7 +141,7 @@ class Board:
         prev = self.services.get(a.service)
         return ServiceStatus(
             name=a.service, host=a.host, method=spec.method if spec else (inst.method if inst else "docker"),
-            managed_by="git", sync_status=sync, health_status=health, release=a.release,
+            managed_by="api" if oob else "git", sync_status=sync, health_status=health, release=a.release,
             running_release=inst.release if inst else None, commit=inst.commit if inst else None,
             reasons=reasons, url=endpoint_url(host, spec.port) if spec and host else None,
             last_job=prev.last_job if prev else None,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -91,6 +92,7 @@ class Job(BaseModel):
     request: dict[str, Any] | None = None  # the older API's request as sent (env var names, never values)
     registration: dict[str, Any] | None = None
     phases: list[PhaseRecord] = Field(default_factory=list)
+    rollback_phases: list[PhaseRecord] = Field(default_factory=list)  # the restored release's pass, if any
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     completed_at: str | None = None
@@ -117,6 +119,16 @@ class ReleaseRecord(BaseModel):
     spec: dict[str, Any] = Field(default_factory=dict)  # the ServiceSpec it was built from (out-of-band deploys)
 
 
+class OutOfBandService(BaseModel):
+    """A service the older POST /deploy deployed: the release that should run (its last good one) and where.
+    Reconciles heal and register it again like a git service; only DELETE /deploy/services/{name} removes it."""
+
+    service: str
+    host: str
+    release: str
+    updated_at: str = Field(default_factory=utcnow)
+
+
 class Quarantine(BaseModel):
     service: str
     release: str
@@ -133,6 +145,7 @@ CREATE TABLE IF NOT EXISTS releases (
   service TEXT NOT NULL, release TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL, last_good_at TEXT,
   PRIMARY KEY (service, release));
 CREATE TABLE IF NOT EXISTS quarantine (service TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS out_of_band (service TEXT PRIMARY KEY, body TEXT NOT NULL);
 """
 
 
@@ -145,7 +158,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, path: Path) -> "Store":
+    async def open(cls, path: Path) -> Store:
         store = cls(path)
         await store._call(store._connect)
         return store
@@ -268,3 +281,18 @@ class Store:
     async def quarantined(self) -> dict[str, Quarantine]:
         rows = await self._call(self._exec, "SELECT body FROM quarantine")
         return {q.service: q for q in (Quarantine.model_validate_json(r[0]) for r in rows)}
+
+    # out-of-band services (the older POST /deploy)
+    async def save_out_of_band(self, svc: OutOfBandService) -> None:
+        await self._call(
+            self._exec,
+            "INSERT INTO out_of_band(service, body) VALUES (?,?) ON CONFLICT(service) DO UPDATE SET body=excluded.body",
+            (svc.service, svc.model_dump_json()),
+        )
+
+    async def out_of_band(self) -> dict[str, OutOfBandService]:
+        rows = await self._call(self._exec, "SELECT body FROM out_of_band")
+        return {s.service: s for s in (OutOfBandService.model_validate_json(r[0]) for r in rows)}
+
+    async def forget_out_of_band(self, service: str) -> None:
+        await self._call(self._exec, "DELETE FROM out_of_band WHERE service=?", (service,))

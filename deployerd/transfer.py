@@ -48,7 +48,7 @@ _BATCH_BYTES = 64 * 1024 * 1024  # file bytes held in memory per delta batch
 
 
 def manifest_path(ctx: ReleaseContext, release: str | None = None) -> str:
-    return posixpath.join(ctx.service_dir, "releases", f"{release or ctx.release.id}.manifest.json")
+    return ctx.layout.manifest(release or ctx.release.id)
 
 
 def _rel(e: Entry, prefix: str) -> str:
@@ -65,7 +65,8 @@ def _file_mode(e: Entry) -> int:
 
 async def _read_manifest(conn: Connection, path: str) -> dict[str, list[Any]] | None:
     try:
-        return json.loads(await conn.read_bytes(path))
+        manifest: dict[str, list[Any]] = json.loads(await conn.read_bytes(path))
+        return manifest
     except Exception:  # absent or unreadable: treat as no previous release
         return None
 
@@ -163,8 +164,8 @@ async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str, batch
             continue
         sizes = [delta.block_size(e.size) for e in batch]
         frames = await asyncio.to_thread(_frames, datas, sizes, batch, lines)
-        todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames) if f is not None]
-        whole += [e for e, f in zip(batch, frames) if f is None]
+        todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames, strict=True) if f is not None]
+        whole += [e for e, f in zip(batch, frames, strict=True) if f is None]
         if not todo:
             continue
         res = await wire.run(["python3", "-c", delta.APPLY_SCRIPT, partial, *(rel for _, rel, _ in todo)],
@@ -210,7 +211,7 @@ async def transfer(conn: Connection, tree: Tree, ctx: ReleaseContext, previous: 
 
     wire = _Wire(conn)
     prev_manifest = await _read_manifest(conn, manifest_path(ctx, previous)) if previous else None
-    prev_dir = posixpath.join(ctx.service_dir, "releases", previous or "")
+    prev_dir = ctx.layout.release_dir(previous or "")
     old = prev_manifest or {}
     by_delta = [e for e in entries if e.kind == "file" and e.size >= DELTA_MIN_SIZE
                 and (was := old.get(rel := _rel(e, source))) is not None and was[0] == "file" and was != wanted[rel]]
@@ -230,12 +231,12 @@ async def _fill(wire: _Wire, tree: Tree, ctx: ReleaseContext, source: str, entri
                 batches: list[list[Entry]], hashing: list[asyncio.Task[list[str] | None]]) -> dict[str, Any]:
     """Copy the previous release, send what changed (deltas and whole files), move the release into place."""
     conn = wire.conn
-    partial = ctx.release_dir + ".partial"
+    partial = ctx.layout.partial_dir(ctx.release.id)
     await wire.run(["rm", "-rf", "--", partial])
     await conn.makedirs(posixpath.dirname(partial))
     base: dict[str, list[Any]] = {}
     if prev_manifest is not None:
-        prev_dir = posixpath.join(ctx.service_dir, "releases", previous or "")
+        prev_dir = ctx.layout.release_dir(previous or "")
         copied = await wire.run(["cp", "-a", "--", prev_dir, partial], check=False)
         if copied.exit_status == 0:
             base = prev_manifest
@@ -247,10 +248,9 @@ async def _fill(wire: _Wire, tree: Tree, ctx: ReleaseContext, source: str, entri
     gone = [p for p in base if p not in wanted]
     chosen = {e for b in batches for e in b}
     whole = [e for e in changed if e not in chosen]
-    sftp = await conn.sftp()
     dirs = sorted({posixpath.dirname(posixpath.join(partial, _rel(e, source))) for e in whole})
     for d in dirs:
-        await sftp.makedirs(d, exist_ok=True)
+        await conn.makedirs(d)
     if gone:
         await wire.run(["rm", "-rf", "--", *(posixpath.join(partial, p) for p in gone)])
 
@@ -260,14 +260,11 @@ async def _fill(wire: _Wire, tree: Tree, ctx: ReleaseContext, source: str, entri
         dest = posixpath.join(partial, _rel(e, source))
         async with limit:
             data = await asyncio.to_thread(tree.read, e.path)
-            if await sftp.lexists(dest):  # a copy of the previous release's file: replace, never edit
-                await sftp.remove(dest)
+            # a copy of the previous release's file is replaced, never edited
             if e.kind == "symlink":
-                await sftp.symlink(data.decode(), dest)  # target validated to stay inside the source
+                await conn.replace_symlink(data.decode(), dest)  # target validated to stay inside the source
             else:
-                async with sftp.open(dest, "wb") as f:
-                    await f.write(data)
-                await sftp.chmod(dest, _file_mode(e))
+                await conn.replace_file(dest, data, _file_mode(e))
             wire.sent["files"] += len(data)
 
     async def put_all(es: list[Entry]) -> None:

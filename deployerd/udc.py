@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
-from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 log = logging.getLogger(__name__)
 

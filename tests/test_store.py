@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from deployerd.store import PHASES, Job, JobStatus, PhaseStatus, Quarantine, ReleaseRecord, Store, utcnow
+from deployerd.store import (
+    PHASES,
+    Job,
+    JobStatus,
+    OutOfBandService,
+    PhaseStatus,
+    Quarantine,
+    ReleaseRecord,
+    Store,
+    utcnow,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -75,4 +85,20 @@ async def test_interrupted_deploys_are_those_still_the_latest_job_of_their_servi
     assert sorted(await store.mark_interrupted()) == sorted([older.id, cut.id, pruning.id, oob.id])
     # web's interrupted deploy was followed by a finished one; prunes and out-of-band deploys are not git's
     assert await store.interrupted_deploys() == {"api": "r2"}
+    await store.close()
+
+
+async def test_out_of_band_services_survive_reopen_until_forgotten(tmp_path: Path) -> None:
+    """What POST /deploy deployed is reconciled after a restart (Registry loss, a stop by hand) until removed."""
+    db = tmp_path / "deployerd.db"
+    store = await Store.open(db)
+    await store.save_out_of_band(OutOfBandService(service="adhoc", host="h", release="r1"))
+    await store.save_out_of_band(OutOfBandService(service="adhoc", host="h", release="r2"))  # a newer good one
+    await store.save_out_of_band(OutOfBandService(service="other", host="h2", release="x1"))
+    await store.close()
+    store = await Store.open(db)
+    rows = await store.out_of_band()
+    assert {n: (r.host, r.release) for n, r in rows.items()} == {"adhoc": ("h", "r2"), "other": ("h2", "x1")}
+    await store.forget_out_of_band("adhoc")
+    assert set(await store.out_of_band()) == {"other"}
     await store.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from deployerd.events import Event, JobEnded, JobStarted, Quarantined
+from deployerd.events import Event, JobEnded, JobStarted
 from deployerd.store import JobStatus
 
 # Jobs whose outcome a user waits for; prune jobs (a service removed from git) are not deploys.
@@ -62,13 +62,14 @@ def notice_of(event: Event) -> Notice | None:
             return told(Outcome.SUCCESS, f"{job.release} healthy and registered on {job.host}")
         if job.status is JobStatus.ROLLED_BACK:
             back = (job.rollback or {}).get("release")
-            return told(Outcome.FAILURE, f"{job.release} failed ({job.error}); rolled back to {back}")
+            return told(Outcome.FAILURE, f"{job.release} failed ({job.error}); rolled back to {back}, the failed "
+                        "release is quarantined until git changes")
         if job.status is JobStatus.FAILED and not job.transient:
             return told(Outcome.FAILURE, f"{job.release} failed: {job.error}")
         return None  # superseded, interrupted, or an outage retried by itself: no outcome yet
-    if isinstance(event, Quarantined):
-        return Notice(service=event.service, outcome=Outcome.FAILURE, release=event.release, commit="", host="",
-                      job_id=None, summary=f"{event.release} quarantined: {event.reason}", at=event.at)
+    # Quarantined is not told on its own: it comes with the failed job's JobEnded, which carries the commit
+    # (a commit status needs it) and says rolled back or failed; it was published first, and telling it
+    # would make the job's own failure a duplicate.
     return None
 
 

@@ -24,7 +24,7 @@ class HostHandle:
     runtimes: dict[str, Runtime] = field(default_factory=dict)
 
     @classmethod
-    def for_connection(cls, spec: HostSpec, conn: Connection, instance: str = "default") -> "HostHandle":
+    def for_connection(cls, spec: HostSpec, conn: Connection, instance: str = "default") -> HostHandle:
         return cls(spec, conn, {name: rt(conn, spec, instance) for name, rt in RUNTIMES.items()})
 
     def runtime(self, method: str) -> Runtime:

@@ -7,6 +7,7 @@ so a reconcile that finds nothing to do stays cheap as services grow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from abc import ABC, abstractmethod
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployerd.connection import Connection, RemoteFileError, temp_name_pattern
-from deployerd.desired import HostSpec, Release, ServiceSpec
+from deployerd.desired import HostSpec, Release, ServiceSpec, endpoint_url
+from deployerd.layout import Layout, release_id
 from deployerd.observed import Instance, RunState
 
 LABEL_PREFIX = "deployerd."
@@ -34,7 +36,8 @@ def qualified_name(service: str, instance: str) -> str:
 
 @dataclass(frozen=True)
 class ReleaseContext:
-    """Everything one release of one service needs on its host; where its files live there."""
+    """Everything one release of one service needs on its host: the one way every runtime method names a
+    release (per-service methods take the service's name)."""
 
     spec: ServiceSpec
     host: HostSpec
@@ -49,17 +52,23 @@ class ReleaseContext:
         return qualified_name(self.spec.name, self.instance)
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.host.base_dir, self.qualified_name)
+
+    def with_env(self, env: dict[str, str]) -> ReleaseContext:
+        return dataclasses.replace(self, env=env)
+
+    @property
     def service_dir(self) -> str:
-        return posixpath.join(self.host.base_dir, self.qualified_name)
+        return self.layout.service_dir
 
     @property
     def release_dir(self) -> str:
-        return posixpath.join(self.service_dir, "releases", self.release.id)
+        return self.layout.release_dir(self.release.id)
 
     @property
     def env_file(self) -> str:
-        """Outside the release dir, so a Dockerfile's ``COPY .`` can never bake secrets into an image."""
-        return posixpath.join(self.service_dir, "env", f"{self.release.id}.env")
+        return self.layout.env_file(self.release.id)
 
     @property
     def behind_ingress(self) -> bool:
@@ -68,7 +77,7 @@ class ReleaseContext:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host.public_address or self.host.address}:{self.spec.port}"
+        return endpoint_url(self.host, self.spec.port)
 
     def labels(self) -> dict[str, str]:
         return {
@@ -80,6 +89,52 @@ class ReleaseContext:
             f"{LABEL_PREFIX}port": str(self.spec.port),
             f"{LABEL_PREFIX}inputs": json.dumps(self.release.inputs, sort_keys=True),
         }
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What Build made: ``artifact`` (an image tag, a venv path) and method-specific details for the record."""
+
+    artifact: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return dict(self.details)
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """What Start Service did. ``reused``: a kept instance (container) was started again rather than created
+    (None where the method has no such thing); ``previous``: the release that served before, if known."""
+
+    ref: str  # container or unit name
+    reused: bool | None = None
+    previous: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    private_port: int | None = None  # behind an ingress proxy: where it listens until the switch
+
+    def record(self) -> dict[str, Any]:
+        return {**self.details, "reused_container": self.reused, "private_port": self.private_port}
+
+
+@dataclass(frozen=True)
+class Output:
+    """A release's own last output lines, and the exit code its process last ended with (None: runs, or
+    unknown)."""
+
+    lines: list[str]
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What retention or prune removed from a host."""
+
+    releases: list[str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {**self.details, "removed_releases": self.releases}
 
 
 def env_file_text(env: dict[str, str]) -> bytes:
@@ -108,8 +163,11 @@ class Runtime(ABC):
     def qualified(self, service: str) -> str:
         return qualified_name(service, self.instance)
 
+    def layout(self, service: str) -> Layout:
+        return Layout(self.host.base_dir, self.qualified(service))
+
     def service_dir(self, service: str) -> str:
-        return posixpath.join(self.host.base_dir, self.qualified(service))
+        return self.layout(service).service_dir
 
     def marker_path(self, service: str) -> str:
         return posixpath.join(self.service_dir(service), MARKER_FILE)
@@ -168,33 +226,21 @@ class Runtime(ABC):
 
     async def host_releases(self, service: str) -> set[str]:
         """Release ids that have files on the host (release dirs, partial transfers, manifests, venvs)."""
-        sdir = self.service_dir(service)
-        listed = await self.conn.run(
-            ["ls", "-1", "--", posixpath.join(sdir, "releases"), posixpath.join(sdir, "venvs")], check=False
-        )
+        listed = await self.conn.run(["ls", "-1", "--", *self.layout(service).release_folders], check=False)
         return {
-            entry.removesuffix(".manifest.json").removesuffix(".partial")
+            release_id(entry)
             for entry in listed.stdout.split()
-            if not entry.endswith(":")  # ls prints a header per folder when given two
+            if not entry.endswith(":")  # ls prints a header per folder when given several
         } - {""}
 
     async def remove_release_files(self, service: str, releases: list[str]) -> None:
         """Delete every file of these releases on the host, whichever method made them, in one command, after
         one more that deletes the temp files of atomic writes a killed daemon left in the service's folders."""
-        sdir = self.service_dir(service)
-        await self.remove_stale_temps([sdir, posixpath.join(sdir, "releases"), posixpath.join(sdir, "env")])
+        layout = self.layout(service)
+        await self.remove_stale_temps(layout.written_folders)
         if not releases:
             return
-        paths = []
-        for r in releases:
-            paths += [
-                posixpath.join(sdir, "releases", r),
-                posixpath.join(sdir, "releases", f"{r}.partial"),
-                posixpath.join(sdir, "releases", f"{r}.manifest.json"),
-                posixpath.join(sdir, "venvs", r),
-                posixpath.join(sdir, "env", f"{r}.env"),
-            ]
-        await self.conn.run(["rm", "-rf", "--", *paths])
+        await self.conn.run(["rm", "-rf", "--", *(p for r in releases for p in layout.release_paths(r))])
 
     async def remove_stale_temps(self, folders: list[str], name: str = "*") -> None:
         """Delete the temp files of atomic writes to files named ``name`` (``temp_name_pattern``) directly in
@@ -205,7 +251,7 @@ class Runtime(ABC):
         await self.conn.run(["find", *folders, "-maxdepth", "1", "-type", "f", "-name", temp_name_pattern(name),
                              "-delete"], check=False)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: most runtimes hold nothing more
         """Release what the runtime holds beyond the connection (API clients)."""
 
     @abstractmethod
@@ -218,23 +264,23 @@ class Runtime(ABC):
 
     @abstractmethod
     async def has_artifact(self, ctx: ReleaseContext) -> bool:
-        """Is the release already built on the host (image or environment)? Then Build is skipped."""
+        """Is the release already built on the host (image or environment)? Then Transfer and Build are skipped."""
 
     @abstractmethod
-    async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
+    async def build(self, ctx: ReleaseContext) -> BuildResult:
         """Build the release from its transferred files while the current release keeps serving."""
 
     @abstractmethod
-    async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
+    async def start(self, ctx: ReleaseContext) -> StartResult:
         """Make ``ctx``'s release the one that runs; the previous one is kept stopped for rollback."""
 
     @abstractmethod
-    async def state(self, service: str, release: str) -> RunState | None:
+    async def state(self, ctx: ReleaseContext) -> RunState | None:
         """Run state of one release (None: it does not exist)."""
 
     @abstractmethod
-    async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
-        """Last output lines of one release, attached to a failed job."""
+    async def logs(self, ctx: ReleaseContext, lines: int = 40) -> Output:
+        """The release's own last output lines (since its latest start), attached to a failed job."""
 
     async def stop_others(self, ctx: ReleaseContext) -> list[str]:
         """Stop every running instance of the service but ``ctx``'s (kept for rollback): behind an ingress,
@@ -242,13 +288,13 @@ class Runtime(ABC):
         raise NotImplementedError(f"{self.method} cannot run behind an ingress proxy yet")
 
     @abstractmethod
-    async def discard(self, service: str, release: str) -> None:
+    async def discard(self, ctx: ReleaseContext) -> None:
         """Stop and remove a failed release's running instance (its files stay until retention)."""
 
     @abstractmethod
-    async def remove_service(self, service: str) -> dict[str, Any]:
+    async def remove_service(self, service: str) -> Removed:
         """Prune: stop and remove every instance, artifact and file of a service."""
 
     @abstractmethod
-    async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
+    async def retain(self, service: str, keep: list[str]) -> Removed:
         """Remove the releases of ``service`` not in ``keep`` (instances, artifacts, release dirs)."""

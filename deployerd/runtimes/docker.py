@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import posixpath
+from datetime import UTC, datetime
 from typing import Any
 
 import aiodocker
@@ -24,9 +25,13 @@ from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import (
     LABEL_PREFIX,
     PRIVATE_PORT_LABEL,
+    BuildResult,
+    Output,
     ReleaseContext,
+    Removed,
     Runtime,
     StartError,
+    StartResult,
     env_file_text,
 )
 
@@ -53,6 +58,49 @@ def _run_state(summary: dict[str, Any]) -> RunState:
     if state == "exited" and not status.startswith("Exited (0)"):
         return RunState.FAILED
     return RunState.STOPPED
+
+
+def container_config(ctx: ReleaseContext, private_port: int | None = None) -> dict[str, Any]:
+    """The Docker API's create-container body for ``ctx``'s release (pure: same input, same config). Behind an
+    ingress it publishes on ``private_port`` of 127.0.0.1 only (the proxy binds the public port), recorded in a
+    label where observation finds it."""
+    cport = ctx.spec.docker.container_port or ctx.spec.port
+    labels = ctx.labels()
+    binding = {"HostIp": "0.0.0.0", "HostPort": str(ctx.spec.port)}
+    if private_port is not None:
+        labels[PRIVATE_PORT_LABEL] = str(private_port)
+        binding = {"HostIp": "127.0.0.1", "HostPort": str(private_port)}
+    restart: dict[str, Any] = {"Name": "" if ctx.spec.docker.restart == "no" else ctx.spec.docker.restart}
+    if ctx.spec.docker.restart == "on-failure":
+        restart["MaximumRetryCount"] = 5
+    return {
+        "Image": image_tag(ctx.qualified_name, ctx.release.id),
+        "Env": [f"{k}={v}" for k, v in sorted(ctx.env.items())],
+        "Labels": labels,
+        "ExposedPorts": {f"{cport}/tcp": {}},
+        "HostConfig": {
+            # An init as PID 1 forwards SIGTERM: a server that would ignore it as PID 1 (busybox httpd,
+            # many scripts) stops at once instead of after Docker's 10 s stop timeout, shortening the switch.
+            "Init": True,
+            "PortBindings": {f"{cport}/tcp": [binding]},
+            "RestartPolicy": restart,
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+        },
+    }
+
+
+def build_argv(ctx: ReleaseContext) -> list[str]:
+    """``docker build`` of ``ctx``'s release on the host (pure).
+
+    BuildKit: a warm build of a small image takes ~0.3 s where the legacy builder takes ~2 s (and more with
+    every --label, each a step of its own); a failed step's output still comes on stderr."""
+    argv = ["env", "DOCKER_BUILDKIT=1", "docker", "build", "--quiet", "--tag", image_tag(ctx.qualified_name,
+                                                                                          ctx.release.id)]
+    for key, value in ctx.labels().items():
+        argv += ["--label", f"{key}={value}"]
+    for key, value in sorted(ctx.spec.docker.build_args.items()):
+        argv += ["--build-arg", f"{key}={value}"]
+    return argv + ["--file", posixpath.join(ctx.release_dir, ctx.spec.docker.dockerfile), ctx.release_dir]
 
 
 class DockerRuntime(Runtime):
@@ -87,7 +135,8 @@ class DockerRuntime(Runtime):
             self._client = None
 
     def _filters(self, service: str | None) -> dict[str, list[str]]:
-        labels = [f"{INSTANCE_LABEL}={self.instance}", SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"]
+        labels = [f"{INSTANCE_LABEL}={self.instance}",
+                  SERVICE_LABEL if service is None else f"{SERVICE_LABEL}={service}"]
         return {"label": labels}
 
     async def _containers(self, service: str | None = None) -> list[dict[str, Any]]:
@@ -150,50 +199,15 @@ class DockerRuntime(Runtime):
                 return False
             raise
 
-    async def build(self, ctx: ReleaseContext) -> dict[str, Any]:
+    async def build(self, ctx: ReleaseContext) -> BuildResult:
         tag = image_tag(ctx.qualified_name, ctx.release.id)
-        # BuildKit: a warm build of a small image takes ~0.3 s where the legacy builder takes ~2 s (and more
-        # with every --label, each a step of its own); a failed step's output still comes on stderr.
-        argv = ["env", "DOCKER_BUILDKIT=1", "docker", "build", "--quiet", "--tag", tag]
-        for key, value in ctx.labels().items():
-            argv += ["--label", f"{key}={value}"]
-        for key, value in sorted(ctx.spec.docker.build_args.items()):
-            argv += ["--build-arg", f"{key}={value}"]
-        argv += ["--file", posixpath.join(ctx.release_dir, ctx.spec.docker.dockerfile), ctx.release_dir]
         try:
-            done = await self.conn.run(argv, timeout=15 * 60)
+            done = await self.conn.run(build_argv(ctx), timeout=15 * 60)
         except CommandError as e:
             raise StartError(f"docker build of {tag} failed on {self.host.name}", _tail(e.stderr)) from e
-        return {"image": tag, "image_id": done.stdout.strip()[:19]}
+        return BuildResult(tag, {"image": tag, "image_id": done.stdout.strip()[:19]})
 
-    def _config(self, ctx: ReleaseContext, private_port: int | None = None) -> dict[str, Any]:
-        """The container's config. Behind an ingress it publishes on ``private_port`` of 127.0.0.1 only (the
-        proxy binds the public port), recorded in a label where observation finds it."""
-        cport = ctx.spec.docker.container_port or ctx.spec.port
-        labels = ctx.labels()
-        binding = {"HostIp": "0.0.0.0", "HostPort": str(ctx.spec.port)}
-        if private_port is not None:
-            labels[PRIVATE_PORT_LABEL] = str(private_port)
-            binding = {"HostIp": "127.0.0.1", "HostPort": str(private_port)}
-        restart: dict[str, Any] = {"Name": "" if ctx.spec.docker.restart == "no" else ctx.spec.docker.restart}
-        if ctx.spec.docker.restart == "on-failure":
-            restart["MaximumRetryCount"] = 5
-        return {
-            "Image": image_tag(ctx.qualified_name, ctx.release.id),
-            "Env": [f"{k}={v}" for k, v in sorted(ctx.env.items())],
-            "Labels": labels,
-            "ExposedPorts": {f"{cport}/tcp": {}},
-            "HostConfig": {
-                # An init as PID 1 forwards SIGTERM: a server that would ignore it as PID 1 (busybox httpd,
-                # many scripts) stops at once instead of after Docker's 10 s stop timeout, shortening the switch.
-                "Init": True,
-                "PortBindings": {f"{cport}/tcp": [binding]},
-                "RestartPolicy": restart,
-                "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
-            },
-        }
-
-    async def start(self, ctx: ReleaseContext) -> dict[str, Any]:
+    async def start(self, ctx: ReleaseContext) -> StartResult:
         """Stop-first (no ingress): the previous release is stopped to free the port, then this one starts.
         Behind an ingress: this one starts beside it on a private port; the switch stops the old one later."""
         d = await self._docker()
@@ -212,7 +226,7 @@ class DockerRuntime(Runtime):
         private = await self._private_port(ctx, existing[name] if reused else None)
         try:
             if not reused:
-                container = await d.containers.create(self._config(ctx, private), name=name)
+                container = await d.containers.create(container_config(ctx, private), name=name)
             else:
                 container = d.containers.container(existing[name]["Id"])
             await failpoint("Start Service")  # test-only: old one stopped, new one created, not started
@@ -220,7 +234,8 @@ class DockerRuntime(Runtime):
                 await container.start()
         except DockerError as e:
             raise StartError(f"container {name} did not start on {self.host.name}: {e.message}") from e
-        return {"container": name, "reused_container": reused, "stopped": stopped, "private_port": private}
+        previous = release_of(stopped[0]) if stopped else None
+        return StartResult(name, reused, previous, {"container": name, "stopped": stopped}, private)
 
     async def _stop(self, ctx: ReleaseContext, existing: dict[str, dict[str, Any]]) -> list[str]:
         d = await self._docker()
@@ -253,31 +268,44 @@ class DockerRuntime(Runtime):
         have = set((info.get("Config") or {}).get("Env") or [])
         return all(f"{k}={v}" in have for k, v in ctx.env.items())
 
-    async def state(self, service: str, release: str) -> RunState | None:
+    async def _show(self, ctx: ReleaseContext) -> dict[str, Any] | None:
         d = await self._docker()
         try:
-            info = await d.containers.container(container_name(self.qualified(service), release)).show()
+            info: dict[str, Any] = await d.containers.container(container_name(ctx.qualified_name,
+                                                                               ctx.release.id)).show()
         except DockerError as e:
             if e.status == 404:
                 return None
             raise
+        return info
+
+    async def state(self, ctx: ReleaseContext) -> RunState | None:
+        info = await self._show(ctx)
+        if info is None:
+            return None
         st = info["State"]
         if st.get("Restarting") or (not st.get("Running") and st.get("ExitCode", 0) != 0):
             return RunState.FAILED
         return RunState.RUNNING if st.get("Running") else RunState.STOPPED
 
-    async def logs(self, service: str, release: str, lines: int = 40) -> list[str]:
-        d = await self._docker()
+    async def logs(self, ctx: ReleaseContext, lines: int = 40) -> Output:
+        """The container's output since its latest start (a kept container started again also holds what its
+        earlier run wrote), and its exit code when it is not running."""
         try:
-            out = await d.containers.container(container_name(self.qualified(service), release)).log(
-                stdout=True, stderr=True, tail=lines
-            )
+            info = await self._show(ctx)
+            if info is None:
+                return Output([])
+            st = info.get("State") or {}
+            since = _epoch(st.get("StartedAt", ""))
+            out = await (await self._docker()).containers.container(info["Id"]).log(
+                stdout=True, stderr=True, tail=lines, since=since or 0)  # 0: from the first line
         except DockerError:
-            return []
-        return [line.rstrip("\n") for line in out][-lines:]
+            return Output([])
+        code = None if st.get("Running") else st.get("ExitCode")
+        return Output([line.rstrip("\n") for line in out][-lines:], code)
 
-    async def discard(self, service: str, release: str) -> None:
-        await self._remove_container(container_name(self.qualified(service), release))
+    async def discard(self, ctx: ReleaseContext) -> None:
+        await self._remove_container(container_name(ctx.qualified_name, ctx.release.id))
 
     async def _remove_container(self, ref: str, attempts: int = 20) -> None:
         """Force-remove a container. One in a restart loop (a release that exits at once) can be neither killed
@@ -299,7 +327,7 @@ class DockerRuntime(Runtime):
     async def has_instances(self, service: str) -> bool:
         return bool(await self._containers(service))
 
-    async def remove_service(self, service: str) -> dict[str, Any]:
+    async def remove_service(self, service: str) -> Removed:
         owned = await self.owned_dir(service)  # refuses before anything is removed
         if self.host.ingress != "none":  # the proxy stops taking its public port first
             await IngressProxy(self.conn, self.host.name).remove_route(self.qualified(service))
@@ -307,12 +335,12 @@ class DockerRuntime(Runtime):
         removed = await self._retain(service, keep=[], owned=owned)
         if owned:
             await self.conn.run(["rm", "-rf", "--", self.service_dir(service)])
-        return {"removed_releases": sorted(releases | set(removed["removed_releases"]))}
+        return Removed(sorted(releases | set(removed.releases)))
 
-    async def retain(self, service: str, keep: list[str]) -> dict[str, Any]:
+    async def retain(self, service: str, keep: list[str]) -> Removed:
         return await self._retain(service, keep, await self.owned_dir(service))
 
-    async def _retain(self, service: str, keep: list[str], owned: bool) -> dict[str, Any]:
+    async def _retain(self, service: str, keep: list[str], owned: bool) -> Removed:
         d = await self._docker()
         containers = await self._containers(service)
         images = await d.images.list(filters=self._filters(service))
@@ -336,7 +364,7 @@ class DockerRuntime(Runtime):
         stale = sorted(r for r in removed if r)
         if owned:
             await self.remove_release_files(service, stale)
-        return {"removed_releases": stale}
+        return Removed(stale)
 
 
 def _docker_health(summary: dict[str, Any]) -> bool | None:
@@ -347,6 +375,21 @@ def _docker_health(summary: dict[str, Any]) -> bool | None:
     if "(healthy)" in status:
         return True
     return None
+
+
+def release_of(container: str) -> str:
+    """The release id in a container name (``container_name``'s last part)."""
+    return container.rsplit("-", 1)[-1]
+
+
+def _epoch(started_at: str) -> int | None:
+    """Docker's ``StartedAt`` (RFC 3339, nanoseconds) as whole seconds since the epoch; None when unset."""
+    if not started_at or started_at.startswith("0001-"):
+        return None
+    try:
+        return int(datetime.fromisoformat(started_at[:19]).replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        return None
 
 
 def _tail(text: str, lines: int = 40) -> list[str]:

@@ -71,7 +71,8 @@ def image_ref() -> str:
 
 
 async def ensure_image(docker_env: dict[str, str]) -> str:
-    """The host image in the engine ``docker_env`` points at: already there, else loaded from the cached tarball, else built and cached."""
+    """The host image in the engine ``docker_env`` points at: already there, else loaded from the cached
+    tarball, else built and cached."""
     ref = image_ref()
     if (await run(["docker", "image", "inspect", ref], env=docker_env, check=False)).rc == 0:
         return ref

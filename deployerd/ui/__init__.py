@@ -7,6 +7,7 @@ the event stream says changed. Pages read the engine's last look and the store, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -51,7 +52,7 @@ def _when(iso: str | None) -> str:
 
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
-                      trim_blocks=True, lstrip_blocks=True, enable_async=False)
+                      trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(short=_short, seconds=_seconds, when=_when, q=lambda s: quote(str(s), safe=""))
     env.globals.update(version=__version__, phases=PHASES, failed=views.failed)
     return env
@@ -64,6 +65,7 @@ class Pages:
         self.engine = engine
         self.live = live
         self.env = _environment()
+        self._macros: Any = self.env.get_template("_macros.html").module
 
     def _part(self, template: str, **context: Any) -> str:
         return self.env.get_template(template).render(**context)
@@ -72,24 +74,32 @@ class Pages:
         main = self._part(template, parts={k: Markup(v) for k, v in parts.items()}, **context)
         return Rendered(main=main, parts=parts)
 
+    # Views are read on the loop (they await the store and git); rendering them, which takes a while for
+    # hundreds of rows, runs on a thread: the views are plain data that nothing changes any more.
     async def overview(self) -> Rendered:
-        o = await views.overview(self.engine, self.live)
+        return await asyncio.to_thread(self._overview, await views.overview(self.engine, self.live))
+
+    def _overview(self, o: views.Overview) -> Rendered:
         parts = {"summary": self._part("_summary.html", o=o), "grid-head": self._part("_grid_head.html", o=o)}
+        row_of = self._macros.row_of
         for row in o.rows:
-            parts[row.dom_id] = self._part("_row.html", row=row, o=o)
+            parts[row.dom_id] = str(row_of(row, o.hosts))
         return self._page("overview.html", parts, o=o)
 
     async def service(self, name: str) -> Rendered | None:
         s = await views.service_page(self.engine, self.live, name)
-        if s is None:
-            return None
+        return None if s is None else await asyncio.to_thread(self._service, s)
+
+    def _service(self, s: views.ServicePage) -> Rendered:
         parts = {"service-status": self._part("_service_status.html", s=s),
                  "service-plan": self._part("_service_plan.html", s=s),
                  "service-jobs": self._part("_service_jobs.html", s=s)}
         return self._page("service.html", parts, s=s)
 
     async def hosts(self) -> Rendered:
-        rows = views.hosts_page(self.engine, self.live)
+        return await asyncio.to_thread(self._hosts, views.hosts_page(self.engine, self.live))
+
+    def _hosts(self, rows: list[views.HostRow]) -> Rendered:
         parts = {r.dom_id: self._part("_host_row.html", h=r) for r in rows}
         return self._page("hosts.html", parts, rows=rows)
 

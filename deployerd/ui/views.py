@@ -118,7 +118,8 @@ class HostRow:
     connects: int
     forwards: int
     failures: int
-    proxy: str | None = None  # the ingress proxy's state on this host, once deployerd manages one
+    proxy: str  # the host's ingress proxy: none, or which and how it was found
+    proxy_ok: bool = True
 
     @property
     def dom_id(self) -> str:
@@ -193,6 +194,14 @@ def hosts_page(engine: Engine, live: LiveJobs) -> list[HostRow]:
         down = engine.hosts.down.get(name)
         counters = stats.get(name)
         reachable = facts.reachable if facts else None
+        ingress = spec.ingress if spec else "none"
+        proxy_error = facts.ingress_error if facts and reachable else None
+        if ingress == "none":
+            proxy = "none"
+        elif not reachable:
+            proxy = f"{ingress}: not observed"
+        else:
+            proxy = f"{ingress}: {proxy_error}" if proxy_error else f"{ingress}: serving"
         rows.append(HostRow(
             name=name, address=f"{spec.user}@{spec.address}:{spec.ssh_port}" if spec else "",
             reachable=reachable,
@@ -205,6 +214,7 @@ def hosts_page(engine: Engine, live: LiveJobs) -> list[HostRow]:
             commands=counters.commands if counters else 0, sftp_ops=counters.sftp_ops if counters else 0,
             api_requests=counters.api_requests if counters else 0, connects=counters.connects if counters else 0,
             forwards=counters.forwards if counters else 0, failures=counters.failures if counters else 0,
+            proxy=proxy, proxy_ok=proxy_error is None,
         ))
     return rows
 

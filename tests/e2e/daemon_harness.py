@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import uvicorn
@@ -137,6 +138,15 @@ class Daemon:
         jobs = await self.jobs(service)
         assert jobs, f"no job for {service}"
         return jobs[0]
+
+
+def api_source(settings: Settings, name: str, port: int) -> Path:
+    """A busybox web service's folder under the daemon's API source directory, for the older POST /deploy."""
+    src = settings.api_source_root / name
+    (src / "www").mkdir(parents=True)
+    (src / "Dockerfile").write_text(DOCKERFILE.format(port=port))
+    (src / "www" / "health").write_text('{"status": "active"}')
+    return src
 
 
 def settings_for(tmp: Path, sandbox: SandboxInfo, repo: DesiredRepo, **overrides: Any) -> Settings:

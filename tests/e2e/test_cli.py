@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import DesiredRepo, api_source, running_daemon, settings_for
 
 from deployerd.config import Settings
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
-
-from daemon_harness import DesiredRepo, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,3 +110,29 @@ async def test_sync_prune_all_lets_an_emptying_commit_prune(sandbox: SandboxInfo
         instances, _ = await handle.runtime("docker").observe()
         assert [i for i in instances if i.service == "last-one"] == []
         assert [a.kind.value for a in await d.reconcile()] == []  # nothing left, nothing to guard
+
+
+async def test_remove_an_out_of_band_service(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """`deployerd remove NAME` removes what POST /deploy deployed; a name git manages is refused."""
+    _, settings, config = one_service(sandbox, tmp_path, "cli-git", 8421)
+    src = api_source(settings, "cli-oob", 8422)
+    async with running_daemon(settings) as d:
+        await d.reconcile()
+        resp = await d.http.post("/deploy", headers=d.auth, json={
+            "service_name": "cli-oob", "service_path": str(src), "service_port": 8422, "auto_register": False})
+        assert resp.status_code == 202, resp.text
+        await d.engine.drain()
+        assert (await d.last_job("cli-oob")).status is JobStatus.SUCCEEDED
+        code, out = await cli("remove", "cli-git", "--config", str(config))
+        assert code == 1 and "409" in out and "managed by git" in out, out
+        code, out = await cli("remove", "cli-oob", "--config", str(config))
+        assert code == 0 and "removing cli-oob: job deploy-" in out, out
+        await d.engine.drain()
+        removed = await d.last_job("cli-oob")
+        assert (removed.kind, removed.status) == ("prune", JobStatus.SUCCEEDED), removed
+        handle = await d.engine.hosts.handle(d.engine.desired.hosts["sbx-1"])
+        instances, kept = await handle.runtime("docker").observe()
+        assert [i for i in instances if i.service == "cli-oob"] == [] and "cli-oob" not in kept
+        assert all(a.service != "cli-oob" for a in await d.reconcile())  # forgotten: not healed back
+        code, out = await cli("remove", "cli-oob", "--config", str(config))
+        assert code == 1 and "404" in out, out

@@ -4,11 +4,15 @@ repository) deploys to a sandbox host, a release that echoes its secret and exit
 - a real Prometheus (Debian's package, started here on loopback with its own config and storage, scraping every
   second and evaluating monitoring/deployerd.rules.yml every second) fires DeployerdRollback;
 - the live /metrics passes ``promtool check metrics`` and names every metric the dashboard and rules use;
+- commit statuses and chat messages reach a receiver on loopback (a receiver that checks the documented
+  request shapes, NOT the real GitHub or Slack): pending, success, pending, failure;
+- the audit trail has one record per job, with author, committer, trigger and message, and no secret value.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import shutil
 import subprocess
@@ -184,3 +188,54 @@ async def test_a_real_rollback_fires_the_alert_in_a_real_prometheus(sandbox: San
         finally:
             prometheus.stop()
 
+
+async def test_notifications_and_audit_of_real_deploys(sandbox: SandboxInfo, tmp_path: Path,
+                                                       receiver: Receiver) -> None:
+    repo, secret_value, secrets_file, good_commit = with_secret(tmp_path, sandbox)
+    base = f"http://127.0.0.1:{receiver.port}"
+    notifications = [
+        {"kind": "github", "name": "gh", "api_url": f"{base}/gh", "repo": "ops/desired-state",
+         "token_file": str(private_file(tmp_path / "gh.token", receiver.tokens["github"]))},
+        {"kind": "slack", "name": "chat", "url_file": str(private_file(tmp_path / "slack.url", f"{base}/slack/T/B/X"))},
+    ]
+    settings = settings_for(tmp_path, sandbox, repo, secrets_file=secrets_file, notifications=notifications)
+    async with running_daemon(settings, loop=True) as d:
+        first, _, bad_commit = await deploy_then_break(d, repo)
+        # notifications: the receiver saw the documented shapes, in order, no secret value
+        await d.subscribers.notifier.drain()
+        statuses = [(r.json["state"], r.path.rsplit("/", 1)[1]) for r in receiver.of("github")]
+        assert statuses == [("pending", good_commit), ("success", good_commit),
+                            ("pending", bad_commit), ("failure", bad_commit)], statuses
+        assert all(r.json["context"] == f"deployerd/{NAME}" for r in receiver.of("github"))
+        assert not [r.problems for r in receiver.received if r.problems]
+        assert len(receiver.of("slack")) == 4
+        assert all(secret_value.encode() not in r.body for r in receiver.received)
+
+        # the audit trail
+        await d.subscribers.audit.drain()
+        raw = settings.audit_path.read_bytes()
+        assert secret_value.encode() not in raw
+        records = [json.loads(line) for line in raw.decode().splitlines()]
+        mine = [r for r in records if r["service"] == NAME]
+        assert [r["outcome"] for r in mine] == ["succeeded", "rolled_back"], mine
+        assert mine[0]["who"]["author"] == "deployerd tests <test@deployerd.local>"
+        assert mine[0]["who"]["committer"] == "deployerd tests <test@deployerd.local>"
+        assert mine[1]["message"] == "obs-web: a release that cannot start" and mine[1]["commit"] == bad_commit
+        assert mine[1]["trigger"] == "watch" and mine[1]["rolled_back_to"] == first.release
+        assert mine[1]["hosts"] == ["sbx-1"] and [p["phase"] for p in mine[1]["phases"]][0] == "Validation"
+        assert (await d.http.get("/audit")).status_code == 401
+        answer = await d.http.get("/audit", params={"service": NAME}, headers=d.auth)
+        assert [r["outcome"] for r in answer.json()["records"]] == ["succeeded", "rolled_back"]
+        assert secret_value not in answer.text
+        config = tmp_path / "cli.yaml"  # the CLI asks the daemon (GET /audit with the token), or reads the file
+        config.write_text(yaml.safe_dump({"api_token_file": str(settings.api_token_file),
+                                          "listen_port": settings.listen_port}))
+        for how in (["--config", str(config)], ["--file", str(settings.audit_path)]):
+            table = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "deployerd", "audit", *how, "--service", NAME, "--since", "1h"],
+                capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert table.returncode == 0, table.stderr
+            print(table.stdout)
+            lines = table.stdout.splitlines()
+            assert len(lines) == 3 and "succeeded" in lines[1] and "rolled_back" in lines[2], lines
+            assert "deployerd tests" in lines[2] and "watch" in lines[2] and "a release that cannot" in lines[2]

@@ -551,3 +551,47 @@ async def _deployed_commit(d: Daemon, service: str, commit: str) -> Job | None:
         if job.commit == commit and job.status.finished:
             return job
     return None
+
+
+# ------------------------------------------------------------------ 5. the connection lost during Transfer
+
+
+async def test_connection_lost_during_transfer_is_retried_never_quarantined(sandbox: SandboxInfo,
+                                                                            tmp_path: Path) -> None:
+    """Bug 2 of issue 12: sshd killed while Transfer writes a large file. The SFTP error that ends the write
+    is an outage (transient): the job fails, is retried once the host is back, and its release is never
+    quarantined (it was, when transfer.py used asyncssh's SFTP client past the connection's translation)."""
+    host, _ = two_hosts(sandbox)
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("o-big", 8711, host=host.name)
+    repo.commit("small")
+    settings = daemon_settings(tmp_path, sandbox, repo, ssh_connect_timeout_s=5)
+    async with running_daemon(settings, loop=True) as d:
+        await deploy_all(d, ["o-big"])
+        before = await job_ids(d, "o-big")
+        repo.service("o-big", 8711, host=host.name, version="2")
+        for i in range(2):  # 2 x 45 MB of random bytes: seconds of SFTP writes, whole (nothing to delta against)
+            (repo.path / f"services/o-big/www/blob{i}.bin").write_bytes(os.urandom(45 * 1024 * 1024))
+        repo.commit("v2: large files")
+
+        async def transferring() -> Job | None:
+            for job in await d.jobs("o-big"):
+                if job.id not in before and job.phase("Transfer").status.value == "running":
+                    return job
+            return None
+
+        job = await until("v2 in Transfer", transferring, step=0.1)
+        try:
+            await ssh_down(sandbox, host)
+            cut = await until("the v2 job to end", lambda: finished_job(d, "o-big", before))
+            report("connection lost during Transfer", status=cut.status.value, transient=cut.transient,
+                   error=cut.error)
+            assert cut.id == job.id and cut.status is JobStatus.FAILED and cut.transient, (cut.status, cut.error)
+            assert "o-big" not in await d.engine.store.quarantined()
+        finally:
+            await ssh_up(sandbox, host)
+        done = await until("v2 retried once the host is back",
+                           lambda: finished_job(d, "o-big", before | {job.id}, JobStatus.SUCCEEDED))
+        assert done.release == job.release
+        assert await serves(web_url(host, 8711), "o-big v2")
+        await no_harm(d, ["o-big"], before)

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import aiodocker
 import pytest
+from daemon_harness import DesiredRepo, api_source, git, http_get, registry_client, running_daemon, settings_for
 
 from deployerd.plan import ActionKind
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus, PhaseStatus
-
-from daemon_harness import DesiredRepo, git, http_get, registry_client, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -152,7 +151,8 @@ async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo
         # the older API says failed, naming the failure and the rollback; deployerd's own route has it all
         body = (await d.http.get(f"/deploy/{job.id}")).json()
         assert body["status"] == "failed" and body["success"] is False
-        assert body["error"].startswith(f"{failed_phase}: ") and f"rolled back to release {good.release}" in body["error"]
+        assert body["error"].startswith(f"{failed_phase}: ")
+        assert f"rolled back to release {good.release}" in body["error"]
         assert [p["status"] for p in body["phases"]][-1] == "skipped"
         rich = (await d.http.get(f"/jobs/{job.id}")).json()
         assert rich["status"] == "rolled_back" and rich["logs"] == job.logs
@@ -304,11 +304,7 @@ async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
     repo.service("in-git", 8161)
     repo.commit("one")
     settings = settings_for(tmp_path, sandbox, repo)
-    src = settings.api_source_root / "legacy-svc"
-    (src / "www").mkdir(parents=True)
-    (src / "Dockerfile").write_text(
-        'FROM busybox:latest\nCOPY www /www\nCMD ["busybox", "httpd", "-f", "-p", "8162", "-h", "/www"]\n')
-    (src / "www" / "health").write_text('{"status": "active"}')
+    src = api_source(settings, "legacy-svc", 8162)
     async with running_daemon(settings) as d:
         await d.reconcile()
         body = {"service_name": "legacy-svc", "service_path": str(src), "service_port": 8162, "droplet_id": 4242,
@@ -346,8 +342,42 @@ async def test_older_deploy_api(sandbox: SandboxInfo, tmp_path: Path) -> None:
         assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "env"]
         actions = await d.reconcile()
         assert all(a.service != "legacy-svc" for a in actions if a.kind is ActionKind.PRUNE)
+        assert [(a.kind, a.reasons) for a in actions if a.service == "legacy-svc"] == [(ActionKind.NOOP, ["in sync"])]
         assert (await http_get(url(sandbox, 8162, "/health"))).status_code == 200
         assert (await d.http.get("/deploy/deploy-00000000")).status_code == 404
+
+        # first-class in reconcile: the Registry loses it, it is registered again; stopped by hand, started again
+        async with registry_client(sandbox) as reg:
+            await reg.deregister("legacy-svc")
+            actions = await d.reconcile()
+            assert [(a.kind, a.reasons) for a in actions if a.service == "legacy-svc"] == [
+                (ActionKind.REGISTER, ["registry entry missing"])]
+            entry = await reg.get_by_name("legacy-svc")
+            assert entry is not None and entry.metadata["managed_by"] == "deployerd-api", entry
+        for c in await containers(d, "legacy-svc"):
+            await conn.run(["docker", "stop", c["Id"]])
+        actions = await d.reconcile()
+        assert [a.kind for a in actions if a.service == "legacy-svc"] == [ActionKind.DEPLOY]
+        healed = await d.last_job("legacy-svc")
+        deployed = await d.engine.store.job(created["deploy_job_id"])
+        assert deployed is not None
+        assert (healed.status, healed.managed_by, healed.release) == (JobStatus.SUCCEEDED, "api", deployed.release)
+        assert healed.phases[1].status is PhaseStatus.SKIPPED  # its kept container started again: no transfer
+        assert (await http_get(url(sandbox, 8162, "/health"))).status_code == 200
+
+        # removable, with the token; git's names are not
+        assert (await d.http.delete("/deploy/services/legacy-svc")).status_code == 401
+        assert (await d.http.delete("/deploy/services/in-git", headers=d.auth)).status_code == 409
+        assert (await d.http.delete("/deploy/services/nothing-here", headers=d.auth)).status_code == 404
+        gone = await d.http.delete("/deploy/services/legacy-svc", headers=d.auth)
+        assert gone.status_code == 202, gone.text
+        await d.engine.drain()
+        removed = (await d.http.get(f"/deploy/{gone.json()['deploy_job_id']}")).json()
+        assert removed["status"] == "completed", removed
+        assert await containers(d, "legacy-svc") == []
+        async with registry_client(sandbox) as reg:
+            assert await reg.get_by_name("legacy-svc") is None
+        assert all(a.service != "legacy-svc" for a in await d.reconcile())
 
 
 async def test_commit_seen_by_watch_deploys(sandbox: SandboxInfo, tmp_path: Path) -> None:
@@ -402,6 +432,46 @@ async def test_newer_commit_supersedes_a_deploy_waiting_for_health(sandbox: Sand
         assert v3.status is JobStatus.SUCCEEDED and v3.id != v2.id
         assert "impatient v3" in (await http_get(url(sandbox, 8181))).text
         assert "impatient" not in await d.engine.store.quarantined()
+
+
+async def test_a_deploy_superseded_in_verify_health_leaves_a_verified_release_serving(
+        sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """Bug 1 of issue 11: deploy Y waits in Verify Health (its health never passes) when the branch moves to
+    a tree whose release is quarantined. Y was left serving, unverified; the last good release must be."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("cutshort", 8188)
+    repo.commit("v1: good")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        good = await d.last_job("cutshort")
+        assert good.status is JobStatus.SUCCEEDED, good.error
+        repo.service("cutshort", 8188, version="2", health_timeout_s=3)
+        (repo.path / "services/cutshort/www/health").unlink()
+        repo.commit("v2: broken health")
+        await d.reconcile()
+        broken = await d.last_job("cutshort")
+        assert broken.status is JobStatus.ROLLED_BACK, broken.error
+        assert (await d.engine.store.quarantined())["cutshort"].release == broken.release
+
+        repo.service("cutshort", 8188, version="3", health_timeout_s=300)
+        (repo.path / "services/cutshort/www/health").unlink()
+        repo.commit("v3: health never passes")
+        await d.engine.reconcile(["test"])  # launches the v3 job without waiting for it
+        for _ in range(300):  # bounded: until the job is waiting in Verify Health
+            y = await d.last_job("cutshort")
+            if any(p.phase == "Verify Health" and p.status is PhaseStatus.RUNNING for p in y.phases):
+                break
+            await asyncio.sleep(0.2)
+        assert y.release not in (good.release, broken.release)
+        git(repo.path, "reset", "--hard", "HEAD~1")  # back to v2, whose release is quarantined
+        await d.engine.reconcile(["test"])
+        await d.engine.drain()
+        y = await d.engine.store.job(y.id)
+        assert y is not None and y.status is JobStatus.SUPERSEDED, (y.status, y.error)
+        assert "cutshort v1" in (await http_get(url(sandbox, 8188))).text
+        assert (await http_get(url(sandbox, 8188, "/health"))).status_code == 200
+        running = {c["Labels"]["deployerd.release"] for c in await containers(d, "cutshort") if c["State"] == "running"}
+        assert running == {good.release}
 
 
 async def test_api_guards_webhook_and_health(sandbox: SandboxInfo, tmp_path: Path) -> None:

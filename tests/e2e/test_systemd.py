@@ -248,7 +248,7 @@ async def test_deploy_change_revert_as_a_hardened_unit(sandbox: SandboxInfo, tmp
 
         # retention: what is not kept goes (source, venv, env file, manifest); `current` never does
         removed = await rt.retain("sd-web", keep=[])
-        assert removed == {"removed_releases": [v2.release]}
+        assert removed.releases == [v2.release]
         assert (await sh(d, "ls", "-1", f"{sdir}/releases")).split() == [v1.release, f"{v1.release}.manifest.json"]
         assert (await sh(d, "ls", "-1", f"{sdir}/venvs")).split() == [v1.release]
         assert (await sh(d, "ls", "-1", f"{sdir}/env")).split() == [f"{v1.release}.env"]

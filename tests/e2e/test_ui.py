@@ -5,7 +5,8 @@ on sbx-2 echoes its secret and exits, so its first deploy fails with the echo in
 from a real secrets file. The tests check that a commit appears on an open page without a reload, that the failed
 deploy shows its log tail (the value as ***), and that no secret value is anywhere in any page's DOM or in the
 event stream. Screenshots, light and dark, go to $DEPLOYERD_TEST_SCREENSHOTS (default: a pytest temp dir),
-printed at the end. The time from a commit to the cell showing it is measured and printed, not asserted.
+whose path is written to the test output. The time from a commit to the cell showing it is measured and
+printed, not asserted.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ async def _until_finished(d: Daemon, name: str, limit_s: float = 180) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def ui(sandbox: SandboxInfo, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[UI]:
+async def ui(sandbox: SandboxInfo, tmp_path_factory: pytest.TempPathFactory,
+             request: pytest.FixtureRequest) -> AsyncIterator[UI]:
     tmp = tmp_path_factory.mktemp("ui")
     shots = Path(os.environ.get("DEPLOYERD_TEST_SCREENSHOTS") or tmp_path_factory.mktemp("ui-screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(shots.mkdir, parents=True, exist_ok=True)
     web_key, leak_token = f"WebK{secrets.token_hex(12)}", f"LeakT{secrets.token_hex(12)}"
     repo = DesiredRepo(tmp / "repo", sandbox)
     repo.service(WEB, PORTS[WEB], host="sbx-1", secrets=["API_KEY"], env={"PLAIN": "not-secret"})
@@ -98,7 +100,17 @@ async def ui(sandbox: SandboxInfo, tmp_path_factory: pytest.TempPathFactory) -> 
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
             await browser.close()
-            print(f"\nstatus page screenshots: {shots}")
+            _say(request, f"status page screenshots: {shots}")
+
+
+def _say(request: pytest.FixtureRequest, line: str) -> None:
+    """A line in the test output even under -q without -s (a measurement, where the screenshots are)."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        print(f"\n{line}", flush=True)
 
 
 async def _page(ui: UI, path: str, dark: bool = False, js: bool = True):  # type: ignore[no-untyped-def]
@@ -113,7 +125,7 @@ async def _shot(ui: UI, page, name: str) -> None:  # type: ignore[no-untyped-def
     await page.screenshot(path=str(ui.screenshots / f"{name}.png"), full_page=True)
 
 
-async def test_a_commit_appears_on_the_open_page_without_a_reload(ui: UI) -> None:
+async def test_a_commit_appears_on_the_open_page_without_a_reload(ui: UI, request: pytest.FixtureRequest) -> None:
     d = ui.daemon
     assert (await d.last_job(WEB)).status is JobStatus.SUCCEEDED
     context, page = await _page(ui, "/ui")
@@ -156,13 +168,13 @@ async def test_a_commit_appears_on_the_open_page_without_a_reload(ui: UI) -> Non
         unsubscribe()
         seen = await page.evaluate("() => window.seen")
         await _shot(ui, page, "overview-light")
-        print(f"\ncommit -> cell shows the new desired release: {(seen['desired'] - committed_ms) / 1000:.2f} s "
-              f"(commit -> reconcile done {(planned[0] - committed_ms) / 1000:.2f} s, reconcile done -> cell "
-              f"{(seen['desired'] - planned[0]) / 1000:.3f} s); commit -> cell shows the commit running: "
-              f"{(seen['running'] - committed_ms) / 1000:.2f} s (deploy included)")
+        _say(request, f"commit -> cell shows the new desired release: {(seen['desired'] - committed_ms) / 1000:.2f} s"
+                      f" (commit -> reconcile done {(planned[0] - committed_ms) / 1000:.2f} s, reconcile done -> cell "
+                      f"{(seen['desired'] - planned[0]) / 1000:.3f} s); commit -> cell shows the commit running: "
+                      f"{(seen['running'] - committed_ms) / 1000:.2f} s (deploy included)")
         job = await d.last_job(WEB)
-        print(f"the deploy job itself took {job.duration_seconds} s; last reconcile "
-              f"{d.engine.last_reconcile.duration_s if d.engine.last_reconcile else '-'} s")
+        _say(request, f"the deploy job itself took {job.duration_seconds} s; last reconcile "
+                      f"{d.engine.last_reconcile.duration_s if d.engine.last_reconcile else '-'} s")
     finally:
         await context.close()
     # the same page without JavaScript: complete, only static

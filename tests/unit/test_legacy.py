@@ -15,7 +15,7 @@ T0, T1 = "2025-01-14T10:00:00.250000Z", "2025-01-14T10:01:04.900000Z"
 
 def phases(*statuses: PhaseStatus, **details: dict[str, Any]) -> list[PhaseRecord]:
     out = []
-    for name, status in zip(PHASES, statuses):
+    for name, status in zip(PHASES, statuses, strict=False):
         ended = status in (PhaseStatus.SUCCEEDED, PhaseStatus.FAILED, PhaseStatus.SKIPPED)
         out.append(PhaseRecord(phase=name, status=status, started_at=T0 if status is not PhaseStatus.PENDING else None,
                                completed_at=T1 if ended else None, duration_seconds=2.6 if ended else None,

@@ -23,8 +23,8 @@ def test_events_map_to_outcomes() -> None:
     rolled = notice_of(JobEnded(job=job(JobStatus.ROLLED_BACK, error="health", rollback={"release": "r0"})))
     assert rolled is not None and rolled.outcome is Outcome.FAILURE and "rolled back to r0" in rolled.summary
     assert notice_of(JobEnded(job=job(JobStatus.FAILED, error="x"))).outcome is Outcome.FAILURE  # type: ignore[union-attr]
-    quarantined = notice_of(Quarantined(service="web", release="r1", reason="health"))
-    assert quarantined is not None and quarantined.outcome is Outcome.FAILURE
+    # a quarantine comes with its job's failure (JobEnded), which is the one told
+    assert notice_of(Quarantined(service="web", release="r1", reason="health")) is None
     # an outage retried by itself, a superseded job, a prune and other events tell nothing
     assert notice_of(JobEnded(job=job(JobStatus.FAILED, transient=True))) is None
     assert notice_of(JobEnded(job=job(JobStatus.SUPERSEDED))) is None

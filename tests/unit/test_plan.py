@@ -15,7 +15,7 @@ from deployerd.desired import (
     expected_registry_entry,
 )
 from deployerd.observed import HostFacts, Instance, ObservedState, RegistryEntry, RunState
-from deployerd.plan import Action, ActionKind, describe, plan
+from deployerd.plan import Action, ActionKind, describe, plan, plan_out_of_band
 
 INPUTS = {"source": "s1", "image": "i1", "env": "e1", "port": "p1", "health": "h1", "host": "o1"}
 R1 = Release(id="rel000000001", inputs=INPUTS)
@@ -269,3 +269,43 @@ def test_release_whose_deploy_was_interrupted_is_deployed_again_though_it_runs()
     old = observed(inst(release="rel000000000"), registry=registry_for(WEB))
     [deploy] = plan(desired(WEB), old, interrupted={"web": R1.id})
     assert deploy.kind is ActionKind.DEPLOY and deploy.reasons == ["changed: release rel000000000"]
+
+
+# --------------------------------------------------------------------------- out-of-band services (POST /deploy)
+
+OOB = spec("adhoc", port=8090)
+
+
+def oob_registry(**override: Any) -> dict[str, RegistryEntry]:
+    exp = expected_registry_entry(OOB, HOSTS["prod-1"], R1, managed_by="api")
+    return {"adhoc": RegistryEntry(id=7, name="adhoc", **{**exp, **override})}
+
+
+@pytest.mark.parametrize(("have", "expected"), [
+    (observed(inst("adhoc", port=8090, managed_by="api"), registry=oob_registry()),
+     [("noop", "adhoc", "prod-1", ["in sync"])]),
+    (observed(inst("adhoc", port=8090, managed_by="api", state=RunState.STOPPED), registry=oob_registry(),
+              kept={"prod-1": {"adhoc": [R1.id]}}),
+     [("deploy", "adhoc", "prod-1", ["not running (stopped)", "kept release, no rebuild"])]),
+    (observed(inst("adhoc", port=8090, managed_by="api"), registry={}),
+     [("register", "adhoc", "prod-1", ["registry entry missing"])]),
+    (observed(inst("adhoc", port=8090, managed_by="api"), registry=oob_registry(endpoint="http://x:1")),
+     [("register", "adhoc", "prod-1", ["registry entry wrong: endpoint"])]),
+    (observed(inst("adhoc", port=8090, managed_by="git"), registry=oob_registry()),
+     [("blocked", "adhoc", "prod-1", ["a git-managed instance of adhoc runs on prod-1; left untouched"])]),
+    (observed(registry=oob_registry(), unreachable={"prod-1": "down"}),
+     [("blocked", "adhoc", "prod-1", ["host prod-1 unreachable: down"])]),
+], ids=["in-sync", "stopped-by-hand", "registry-lost", "registry-wrong", "git-instance-untouched", "host-down"])
+def test_out_of_band_services_are_healed_and_registered_like_git_ones(
+        have: ObservedState, expected: list[tuple[str, str, str, list[str]]]) -> None:
+    assert summary(plan_out_of_band({"adhoc": (OOB, R1)}, desired(WEB), have)) == expected
+
+
+def test_out_of_band_left_to_git_when_git_names_it_and_blocked_when_host_left() -> None:
+    have = observed(inst("adhoc", port=8090, managed_by="api"))
+    assert plan_out_of_band({"adhoc": (OOB, R1)}, desired(spec("adhoc", port=8090)), have) == []
+    gone = spec("adhoc", host="prod-9", port=8090)
+    assert summary(plan_out_of_band({"adhoc": (gone, R1)}, desired(WEB), have)) == [
+        ("blocked", "adhoc", "prod-9", ["host prod-9 is no longer in hosts.yaml; out-of-band release left as is"])]
+    # and git's own plan never prunes it, even when a commit removes every git service
+    assert plan(desired(), have, prune_all=True) == []
