@@ -81,7 +81,7 @@ async def test_claimed_dir_is_marked_and_removed_by_prune(conn: Connection, base
     assert marker == {"created_by": "deployerd", "instance": "default", "service": name}
     await rt.claim(name)  # a second deploy finds it ours
     await conn.makedirs(f"{base}/{name}/releases/r1")
-    assert (await rt.retain(name, keep=[]))["removed_releases"] == ["r1"]
+    assert (await rt.retain(name, keep=[])).releases == ["r1"]
     await rt.remove_service(name)
     assert not await exists(conn, f"{base}/{name}")
 
