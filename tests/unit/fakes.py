@@ -69,6 +69,9 @@ class FakeRuntime(Runtime):
                           state=RunState.RUNNING) for s, r in running.items()],
                 {s: sorted(self.fake.built) for s in running})
 
+    async def has_instances(self, service: str) -> bool:
+        return service in self.fake.running
+
     async def has_artifact(self, ctx: ReleaseContext) -> bool:
         return ctx.release.id in self.fake.built
 
