@@ -33,7 +33,7 @@ CHROOT_PACKAGES = ("docker.io", "busybox-static", "git", "python3-docker", "rsyn
                    "docker-registry", "curl")
 DISABLED_UNITS = ("caddy.service", "caddy-api.service", "haproxy.service", "docker-registry.service")
 # Bump when the build steps below change in a way the helper files do not show.
-RECIPE_REVISION = "2"
+RECIPE_REVISION = "3"
 
 
 def cache_dir() -> Path:
@@ -178,8 +178,14 @@ def _configure_rootfs(rootfs: Path) -> None:
             link = d / unit
             link.unlink(missing_ok=True)
             link.symlink_to(f"/etc/systemd/system/{unit}")
-    for unit in DISABLED_UNITS:  # the packages' postinst enabled them
-        for link in (rootfs / "etc/systemd/system").glob(f"*.wants/{unit}"):
+    # The packages' postinst enabled them. Their links point into the chroot (/lib/systemd/...), so seen from
+    # here they dangle, and Path.glob skips dangling links: look at each .wants folder's entry itself.
+    for folder in (rootfs / "etc/systemd/system").glob("*.wants"):
+        for unit in DISABLED_UNITS:
+            if (folder / unit).is_symlink():
+                (folder / unit).unlink()
+    for link in (rootfs / "etc").glob("rc?.d/[SK][0-9][0-9]*"):  # their SysV scripts' runlevel links too
+        if link.name[3:] in {u.removesuffix(".service") for u in DISABLED_UNITS}:
             link.unlink()
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
