@@ -28,11 +28,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import bench_host  # noqa: E402
 from load_gen import LoadResult, run_load  # noqa: E402
 
-from deployerd import sandbox as sbx  # noqa: E402
-from deployerd.connection import Connection, HostAddress  # noqa: E402
+from deployerd.connection import Connection  # noqa: E402
 
 SWITCHES = int(os.environ.get("BENCH_SWITCHES", "20"))
 LAT_SECONDS = float(os.environ.get("BENCH_LAT_SECONDS", "10"))
@@ -278,13 +279,7 @@ async def measure(proxy: Caddy | HAProxy, conn: Connection, addr: str) -> dict:
 
 
 async def main() -> None:
-    state = os.environ.get("DEPLOYERD_BENCH_SANDBOX")
-    if not state:
-        raise SystemExit("set DEPLOYERD_BENCH_SANDBOX to a running sandbox's state dir")
-    info = sbx.SandboxInfo.model_validate_json((Path(state) / "sandbox.json").read_text())
-    h = info.hosts[0]
-    conn = await Connection.open(HostAddress(name=h.name, address=h.address, port=h.ssh_port, user=h.user,
-                                             key_path=h.key_path, known_hosts=h.known_hosts), connect_timeout=30)
+    h, conn = await bench_host()
     try:
         for u in ("bench-caddy", "bench-haproxy", "bench-app-a", "bench-app-b"):
             await conn.run(["systemctl", "stop", u], check=False)

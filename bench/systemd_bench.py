@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import secrets
 import sys
 import tempfile
@@ -25,9 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deployerd import sandbox as sbx  # noqa: E402
 from deployerd import transfer as tr  # noqa: E402
-from deployerd.connection import Connection, HostAddress  # noqa: E402
+from _common import bench_host  # noqa: E402
+
+from deployerd.connection import Connection  # noqa: E402
 from deployerd.desired import HostSpec, ServiceSpec, compute_release  # noqa: E402
 from deployerd.runtimes.base import ReleaseContext  # noqa: E402
 from deployerd.runtimes.systemd import SystemdRuntime  # noqa: E402
@@ -74,11 +74,7 @@ async def deploy(conn: Connection, rt: SystemdRuntime, tree: DirTree, ctx: Relea
 
 
 async def main() -> None:
-    info = sbx.load_info(Path(os.environ["DEPLOYERD_BENCH_SANDBOX"]))
-    assert info is not None, "DEPLOYERD_BENCH_SANDBOX: no sandbox there"
-    h = info.hosts[0]
-    conn = await Connection.open(HostAddress(name=h.name, address=h.address, port=h.ssh_port, user=h.user,
-                                             key_path=h.key_path, known_hosts=h.known_hosts))
+    h, conn = await bench_host()
     host = HostSpec(name=h.name, address="127.0.0.1", base_dir=f"/opt/deployerd-sd-bench-{secrets.token_hex(4)}")
     tmp = Path(tempfile.mkdtemp(prefix="deployerd-sdbench-"))
     (tmp / "svc").mkdir()

@@ -20,12 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import med  # noqa: E402
+from _common import bench_host, med  # noqa: E402
 from peers import big_tree, touch_one, write_source  # noqa: E402
 
-from deployerd import sandbox as sbx  # noqa: E402
 from deployerd import transfer as tr  # noqa: E402
-from deployerd.connection import Connection, HostAddress  # noqa: E402
 from deployerd.desired import HostSpec, Release, ServiceSpec  # noqa: E402
 from deployerd.runtimes.base import ReleaseContext  # noqa: E402
 from deployerd.tree import DirTree  # noqa: E402
@@ -38,11 +36,7 @@ def context(host: str, base: str, release: str) -> ReleaseContext:
 
 
 async def main() -> None:
-    info = sbx.load_info(Path(os.environ["DEPLOYERD_BENCH_SANDBOX"]))
-    assert info is not None, "DEPLOYERD_BENCH_SANDBOX: no sandbox there"
-    h = info.hosts[0]
-    conn = await Connection.open(HostAddress(name=h.name, address=h.address, port=h.ssh_port, user=h.user,
-                                             key_path=h.key_path, known_hosts=h.known_hosts))
+    h, conn = await bench_host()
     base = f"/opt/deployerd-transfer-bench-{secrets.token_hex(4)}"
     tmp = Path(tempfile.mkdtemp(prefix="deployerd-tbench-"))
     src = tmp / "svc"
