@@ -9,9 +9,12 @@ hosts wait for its connect timeout, it gets no stream of attempts, and a healed 
 whatever the resync interval. A host going down or answering again (or answering for the first time) is
 published as HostDown / HostUp on the event bus.
 
-A host whose SSH answers but one runtime does not (its Docker engine stopped) is unreachable as a whole, the
-reason naming the runtime: half the facts of a host would let the planner take the silent half for "nothing
-runs there" (a registry-only prune of a service still running), so its systemd services wait too.
+A host is asked only for the runtimes its services need (``methods``: from the desired state, plus any
+runtime it showed instances of before), so a host with systemd services only is never asked for Docker and
+needs none installed. Facts are per runtime: one that fails (its Docker engine stopped) is recorded as silent
+with the reason, one not asked as unobserved, and the planner makes only that runtime's services unknown on
+the host (half the facts taken as "nothing runs there" would prune what still runs). A host every asked
+runtime of which failed is unreachable as a whole, retried by its probe.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from deployerd.desired import HostSpec
 from deployerd.ingress import IngressError, IngressProxy
 from deployerd.observed import HostFacts, Instance, ObservedState, RegistryEntry
 from deployerd.registry_client import RegistryClient, RegistryError
-from deployerd.runtimes import HostHandle
+from deployerd.runtimes import RUNTIMES, HostHandle
 from deployerd.runtimes.base import qualified_name
 from deployerd.store import utcnow
 
@@ -82,6 +85,7 @@ class Hosts:
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._up: set[str] = set()  # hosts whose last observation answered (HostUp published)
         self._warned: dict[str, str] = {}  # host -> the problem last logged: one WARNING per change, not per pass
+        self._had: dict[str, set[str]] = {}  # host -> runtimes it showed instances of: asked again (to prune them)
 
     def address(self, spec: HostSpec) -> HostAddress:
         return HostAddress(
@@ -103,13 +107,25 @@ class Hosts:
             handle = self._handles[spec.name] = HostHandle.for_connection(spec, conn, self.instance)
         return handle
 
-    async def facts(self, spec: HostSpec) -> HostFacts:
-        """The host's facts. A host that is down is reported with its last error at once, its probe retrying
-        it meanwhile (a changed address in hosts.yaml is tried at once)."""
+    def methods(self, spec: HostSpec, wanted: Collection[str] | None) -> list[str]:
+        """The runtimes to ask ``spec``'s host for: ``wanted`` (None: every runtime) and those it had instances of."""
+        asked = set(RUNTIMES) if wanted is None else set(wanted) | self._had.get(spec.name, set())
+        return sorted(asked & set(RUNTIMES))
+
+    def remember(self, host: str, method: str) -> None:
+        """Ask ``host`` for ``method`` from now on (something of ours may run there: it must be read to prune)."""
+        if method in RUNTIMES:
+            self._had.setdefault(host, set()).add(method)
+
+    async def facts(self, spec: HostSpec, methods: Collection[str] | None = None) -> HostFacts:
+        """The host's facts, read from the runtimes ``methods`` names (None: all; see ``methods``). A host
+        that is down is reported with its last error at once, its probe retrying it meanwhile (a changed
+        address in hosts.yaml is tried at once)."""
         address = self.address(spec)
         down = self.down.get(spec.name)
+        asked = self.methods(spec, methods)
         if down is None or down.address != address:
-            facts = await self._read(spec)
+            facts = await self._read(spec, asked)
             if facts.reachable:
                 self.down.pop(spec.name, None)
                 self._answered(spec.name)
@@ -124,15 +140,15 @@ class Hosts:
         down.asked_at = time.monotonic()
         probe = self._probes.get(spec.name)
         if probe is None or probe.done():
-            self._probes[spec.name] = asyncio.create_task(self._probe(spec, down), name=f"probe {spec.name}")
+            self._probes[spec.name] = asyncio.create_task(self._probe(spec, down, asked), name=f"probe {spec.name}")
         return HostFacts(host=spec.name, reachable=False, error=down.error)
 
-    async def _probe(self, spec: HostSpec, down: HostDown) -> None:
+    async def _probe(self, spec: HostSpec, down: HostDown, methods: list[str]) -> None:
         """Retry a down host at its backoff times, off the reconcile; ends when it answers (then ``on_back``),
         when its record was replaced, or when no reconcile asked for it for PROBE_IDLE_S."""
         while self.down.get(spec.name) is down and time.monotonic() - down.asked_at < PROBE_IDLE_S:
             await asyncio.sleep(down.backoff.remaining_s())
-            facts = await self._read(spec)
+            facts = await self._read(spec, methods)
             if self.down.get(spec.name) is not down:
                 return
             if facts.reachable:
@@ -162,31 +178,50 @@ class Hosts:
             self._up.add(name)
             self.bus.publish(events.HostUp(host=name))
 
-    async def _read(self, spec: HostSpec) -> HostFacts:
-        method = "ssh"
+    async def _read(self, spec: HostSpec, methods: list[str]) -> HostFacts:
+        """Read the runtimes ``methods`` names, each on its own: one failing is silent, the others' facts stand."""
         try:
             handle = await self.handle(spec)
             instances: list[Instance] = []
             kept: dict[str, list[str]] = {}
-            for runtime in handle.runtimes.values():
-                method = runtime.method
-                found, releases = await runtime.observe()
+            silent: dict[str, str] = {}
+            for method in methods:
+                runtime = handle.runtimes[method]
+                try:
+                    found, releases = await runtime.observe()
+                except HostUnreachable:
+                    raise
+                except Exception as e:  # its engine API (over the tunnel) failed: not known, not empty
+                    silent[method] = f"host {spec.name}: {method} not answering: {type(e).__name__}: {e}"
+                    log.debug("observing %s on host %s failed: %s", method, spec.name, e)
+                    await runtime.close()
+                    continue
                 instances += found
                 for service, ids in releases.items():
                     kept.setdefault(service, []).extend(ids)
+            if methods and len(silent) == len(methods):  # nothing answered: the host is down, its probe retries
+                await self.pool.drop(spec.name)
+                return HostFacts(host=spec.name, reachable=False, error="; ".join(silent.values()))
+            self._had[spec.name] = {i.method for i in instances} | (self._had.get(spec.name, set()) & set(silent))
             ingress_error = None
             if spec.ingress != "none":
-                method = "ingress proxy"
-                ingress_error = await _serving(handle, spec, instances)
+                try:
+                    ingress_error = await _serving(handle, spec, instances)
+                except HostUnreachable:
+                    raise
+                except Exception as e:
+                    await self.pool.drop(spec.name)
+                    return HostFacts(host=spec.name, reachable=False,
+                                     error=f"host {spec.name}: ingress proxy not answering: {type(e).__name__}: {e}")
+            for method, why in silent.items():
+                self.warn(spec.name, why, kind=f"{method} silent")
+            for method in set(methods) - set(silent):
+                self.warn(spec.name, None, kind=f"{method} silent")
             return HostFacts(host=spec.name, reachable=True, instances=instances, releases_kept=kept,
-                             ingress_error=ingress_error, host_key=handle.conn.host_key)
+                             ingress_error=ingress_error, host_key=handle.conn.host_key, silent=silent,
+                             unobserved=sorted(set(RUNTIMES) - set(methods)))
         except HostUnreachable as e:
             return HostFacts(host=spec.name, reachable=False, error=str(e))
-        except Exception as e:  # the engine API over the tunnel failed: the host is not known, not empty
-            log.warning("observing host %s failed: %s", spec.name, e)
-            await self.pool.drop(spec.name)
-            return HostFacts(host=spec.name, reachable=False,
-                             error=f"host {spec.name}: {method} not answering: {type(e).__name__}: {e}")
 
     async def close(self) -> None:
         for probe in self._probes.values():
@@ -224,18 +259,32 @@ async def _serving(handle: HostHandle, spec: HostSpec, instances: list[Instance]
     return error
 
 
-async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryClient) -> ObservedState:
-    """Read every host and the Registry concurrently."""
+async def observe(hosts: Hosts, specs: dict[str, HostSpec], registry: RegistryClient,
+                  methods: Mapping[str, Collection[str]] | None = None) -> ObservedState:
+    """Read every host and the Registry concurrently. ``methods``: the runtimes each host's services use
+    (`methods_by_host`; None: every runtime on every host)."""
     names = sorted(specs)
     facts_list, registry_result = await asyncio.gather(
-        asyncio.gather(*(hosts.facts(specs[n]) for n in names)),
+        asyncio.gather(*(hosts.facts(specs[n], None if methods is None else methods.get(n, ())) for n in names)),
         _registry(registry),
     )
     entries, error = registry_result
+    for entry in (entries or {}).values():  # a runtime the Registry places a service of ours in: ask it next time
+        meta = entry.metadata or {}
+        if str(meta.get("managed_by", "")).startswith("deployerd") and str(meta.get("host", "")) in specs:
+            hosts.remember(str(meta["host"]), str(meta.get("method", "")))
     checked = same_machine(dict(zip(names, facts_list, strict=True)))
     for name, f in checked.items():  # made unknown here (its connection is fine, the entry is not)?
         hosts.warn(name, f.error if not f.reachable and f.host_key else None, kind="the same machine as another")
     return ObservedState(hosts=checked, registry=entries, registry_error=error)
+
+
+def methods_by_host(placed: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+    """host -> the runtimes of the services placed on it, from (host, method) pairs of the desired state."""
+    out: dict[str, set[str]] = {}
+    for host, method in placed:
+        out.setdefault(host, set()).add(method)
+    return out
 
 
 def same_machine(facts: dict[str, HostFacts]) -> dict[str, HostFacts]:

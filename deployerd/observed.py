@@ -49,7 +49,22 @@ class HostFacts(BaseModel):
     releases_kept: dict[str, list[str]] = Field(default_factory=dict)  # service -> release ids kept on host
     ingress_error: str | None = None  # the host's ingress proxy was found dead or refusing (named for /health)
     host_key: str = ""  # fingerprint of the SSH host key seen: two entries showing one key are one machine
+    # Facts are per runtime: a runtime asked for that failed is silent (method -> why, naming the host), one
+    # not asked (no service of it placed here) is unobserved. Either way nothing of that method is known here.
+    silent: dict[str, str] = Field(default_factory=dict)
+    unobserved: list[str] = Field(default_factory=list)
     _by_service: dict[str, list[Instance]] | None = PrivateAttr(default=None)
+
+    def unknown(self, method: str) -> str | None:
+        """Why this host's ``method`` instances are not known (None: they were read): an empty answer from a
+        silent or unasked runtime must never be taken for "nothing runs there"."""
+        if not self.reachable:
+            return f"host {self.host} unreachable: {self.error or 'unknown error'}"
+        if method in self.silent:
+            return self.silent[method]
+        if method in self.unobserved:
+            return f"host {self.host}: {method} not observed (no {method} service placed on it)"
+        return None
 
     def of_service(self, service: str) -> list[Instance]:
         """The instances of ``service`` here, in observed order. Indexed once (facts are not changed after

@@ -1,7 +1,8 @@
 """The planner: desired state + observed state -> ordered actions, each with the reasons it exists.
 
 Pure (no asyncio, no I/O) so every decision is a table test. Safety rules it enforces, whatever the
-executor does: nothing is deployed or pruned on a host that could not be observed; a broken manifest
+executor does: nothing is deployed or pruned on a host, or in a runtime of a host (its Docker engine
+stopped, or not asked), that could not be observed; a broken manifest
 leaves its running release alone; an out-of-band (``managed_by == "api"``) instance is never touched;
 a commit that removes every service prunes nothing; a quarantined release is not retried until git
 changes (or ``force``).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
+from typing import get_args
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +28,8 @@ class ActionKind(StrEnum):
     BLOCKED = "blocked"
     RESTORE = "restore"  # the desired release is quarantined and the last good one stopped: restart that
 
+
+_RUNTIMES: tuple[str, ...] = get_args(ServiceSpec.model_fields["method"].annotation)  # every deployment method
 
 _ORDER = {ActionKind.PRUNE: 0, ActionKind.DEPLOY: 1, ActionKind.RESTORE: 1, ActionKind.REGISTER: 2,
           ActionKind.BLOCKED: 3, ActionKind.NOOP: 4}
@@ -116,14 +120,14 @@ def _registry_owned(observed: ObservedState, instance: str) -> dict[str, str]:
             and (e.metadata or {}).get("instance", "default") == instance}
 
 
-def _unreachable(observed: ObservedState, host: str) -> str | None:
-    """Why ``host`` cannot be acted on, or None when it was observed."""
+def _unreachable(observed: ObservedState, host: str, methods: Iterable[str] = ()) -> str | None:
+    """Why ``host`` (or its runtimes ``methods``) cannot be acted on, or None when they were observed."""
     facts = observed.hosts.get(host)
     if facts is None:
         return f"host {host} unreachable: not observed"
     if not facts.reachable:
         return f"host {host} unreachable: {facts.error or 'unknown error'}"
-    return None
+    return next((why for m in methods if (why := facts.unknown(m)) is not None), None)
 
 
 def _current_managed(facts: HostFacts, service: str, managed_by: str = "git") -> Instance | None:
@@ -167,8 +171,8 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
     base = {"service": spec.name, "host": host, "release": release.id}
     elsewhere = sorted(h for h in managed_on if h != host)
 
-    if (why := _unreachable(observed, host)) is not None:
-        # the old host (if moved) keeps serving until the new one can be reached
+    if (why := _unreachable(observed, host, [spec.method])) is not None:
+        # the old host (if moved) keeps serving until the new one (its runtime) can be reached
         return [Action(kind=ActionKind.BLOCKED, reasons=[why], **base)]
     facts = observed.hosts[host]
     inst = _current_managed(facts, spec.name, managed_by)
@@ -287,7 +291,10 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
             out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, current_release=current,
                               reasons=["hosts.yaml invalid; prune refused until the desired state is whole"]))
             continue
-        if inst is None and host and (why := _unreachable(observed, host)) is not None:
+        # only the Registry entry seen: prune it only when the runtime it names (any, if none) answered there
+        method = str(((observed.registry or {})[name].metadata or {}).get("method", "")) if inst is None else ""
+        if inst is None and host and (why := _unreachable(observed, host, [method] if method else
+                                                          _RUNTIMES)) is not None:
             out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, current_release=None,
                               reasons=[why]))
             continue

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from deployerd.desired import DesiredState, load_desired
-from deployerd.observe import Hosts, observe
+from deployerd.observe import Hosts, methods_by_host, observe
 from deployerd.observed import ObservedState
 from deployerd.plan import Action, ActionKind, plan, plan_out_of_band, sort_key
 from deployerd.registry_client import RegistryClient
@@ -107,7 +107,10 @@ class Planner:
         # secrets are resolved every time: a value rotated in the secrets file needs no commit
         desired, secret_env = await self.secrets.apply(loaded, tree)
         clock.lap("load")  # desired state and secrets
-        observed = await observe(self.hosts, desired.hosts, self.registry)
+        oob = await self._out_of_band(desired) if self._out_of_band else {}
+        placed = [(s.host, s.method) for s in desired.services.values()] + \
+            [(c.spec.host, c.spec.method) for c in oob.values()]
+        observed = await observe(self.hosts, desired.hosts, self.registry, methods_by_host(placed))
         clock.lap("observe")
         quarantined = {
             s: q.release for s, q in (await self.store.quarantined()).items()
@@ -116,7 +119,6 @@ class Planner:
         clock.lap("store")
         actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted,
                        prune_all=prune_all)
-        oob = await self._out_of_band(desired) if self._out_of_band else {}
         if oob:  # healed and registered again like git's, never pruned by a commit
             wanted = {n: (c.spec, c.release) for n, c in oob.items()}
             actions = sorted(actions + plan_out_of_band(wanted, desired, observed, quarantined, self.instance),

@@ -19,6 +19,7 @@ from deployerd.liveness import Probe
 from deployerd.observe import HostDown
 from deployerd.observed import ObservedState, RunState
 from deployerd.plan import Action, ActionKind
+from deployerd.runtimes import RUNTIMES
 from deployerd.snapshot import Snapshot
 from deployerd.source import GitSource
 
@@ -114,7 +115,9 @@ class Board:
         oob = snap.out_of_band_context(a)
         spec = oob.spec if oob else snap.desired.services.get(a.service)
         facts = snap.observed.hosts.get(a.host)
-        reachable = facts is not None and facts.reachable
+        method = spec.method if spec else None
+        # reachable: its host, and the runtime its service uses there, answered (a silent Docker: only its own)
+        reachable = facts is not None and facts.reachable and (method is None or facts.unknown(method) is None)
         inst = facts.current(a.service) if facts is not None and reachable else None
         if a.kind is ActionKind.NOOP:
             sync = SyncState.SYNCED
@@ -159,8 +162,11 @@ def health(
     """What /health says: computed from what the loop last saw, never from a remote call."""
     hosts: dict[str, dict[str, Any]] = {}
     if observed is not None:
-        hosts = {n: {"reachable": f.reachable, "error": f.error, **({"ingress_error": f.ingress_error}
-                                                                   if f.ingress_error else {})}
+        hosts = {n: {"reachable": f.reachable, "error": f.error,
+                     **({"ingress_error": f.ingress_error} if f.ingress_error else {}),
+                     # each runtime: "answering", "not observed" (no service of it here) or why it is silent
+                     **({"runtimes": {m: ("not observed" if m in f.unobserved else f.silent.get(m, "answering"))
+                                      for m in sorted(RUNTIMES)}} if f.reachable else {})}
                  for n, f in observed.hosts.items()}
     for n, down in hosts_down.items():  # failed hosts are retried backing off: say since when, and when next
         if n in hosts and not hosts[n]["reachable"]:
@@ -180,6 +186,8 @@ def health(
             if "attempts" in h:
                 line += f" ({h['attempts']} attempts since {h['since']}, next in {h['next_attempt_in_s']:g} s)"
             degraded.append(line)
+        for why in (observed.hosts[n].silent.values() if observed is not None and h["reachable"] else ()):
+            degraded.append(f"{why} (its services Unknown on {n}; the others reconcile)")
         if h.get("ingress_error"):  # a dead proxy: found by the last observation (which started it again)
             degraded.append(str(h["ingress_error"]))
     if observed is not None and not registry_ok:

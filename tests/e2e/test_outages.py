@@ -37,6 +37,8 @@ from daemon_harness import (
     settings_for,
 )
 
+from test_systemd import systemd_service
+
 from deployerd import sandbox as sbx
 from deployerd.config import Settings
 from deployerd.engine import BACKOFF_MAX_S, BACKOFF_MIN_S
@@ -317,6 +319,73 @@ async def test_host_docker_engine_stopped(sandbox: SandboxInfo, tmp_path: Path) 
                recovery_to_converged_s=round(converged_s, 1),
                health_degraded=h["degraded"], health_answered_in_s=h["_answered_in_s"],
                jobs_during_outage=len((await job_ids(d, "d-web")) - before) - 1)
+
+
+async def test_host_without_docker_deploys_its_systemd_services(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A host whose Docker engine is stopped from the start, with a systemd service only: it is never asked
+    for Docker, and the service deploys and serves (today the whole host stayed unreachable)."""
+    down, _ = two_hosts(sandbox)
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    systemd_service(repo, "n-unit", 8721, host=down.name)
+    repo.commit("a systemd service on a host without Docker")
+    await docker_down(sandbox, down)
+    async with running_daemon(daemon_settings(tmp_path, sandbox, repo), loop=True) as d:
+        try:  # Docker comes back before the daemon's cleanup (which reads every runtime)
+            await deploy_all(d, ["n-unit"])
+            assert await serves(web_url(down, 8721) + "health", '"version": "1"')
+            await until("n-unit Synced and Healthy", lambda: _synced(d, "n-unit"), timeout_s=60)
+            h = await health(d)
+            assert h["hosts"][down.name]["reachable"], h["hosts"]
+            assert h["hosts"][down.name]["runtimes"]["docker"] == "not observed", h["hosts"]
+            assert not any("docker" in line for line in h["degraded"]), h["degraded"]
+        finally:
+            await docker_up(sandbox, down)
+
+
+async def test_docker_stopped_makes_only_docker_services_unknown(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A Docker and a systemd service on one host, its Docker engine stopped: the systemd one still deploys a
+    change, the Docker one is Unknown (no job, nothing pruned, its Registry entry kept), /health names it."""
+    down, _ = two_hosts(sandbox)
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("m-dock", 8722, host=down.name)
+    systemd_service(repo, "m-unit", 8723, host=down.name)
+    repo.commit("one service of each runtime on one host")
+    async with running_daemon(daemon_settings(tmp_path, sandbox, repo), loop=True) as d:
+        await deploy_all(d, ["m-dock", "m-unit"])
+        before = await job_ids(d, "m-dock", "m-unit")
+        try:
+            await docker_down(sandbox, down)
+            repo.service("m-dock", 8722, host=down.name, version="2")
+            systemd_service(repo, "m-unit", 8723, host=down.name, version="2")
+            repo.commit("change both")
+            job = await until("m-unit v2 while the host's Docker is down",
+                              lambda: finished_job(d, "m-unit", before))
+            assert job.status is JobStatus.SUCCEEDED, job.error
+            assert await serves(web_url(down, 8723) + "health", '"version": "2"')
+            h = await until("/health naming the host's Docker engine",
+                            lambda: _degraded_with(d, f"host {down.name}: docker not answering"))
+            assert h["hosts"][down.name]["reachable"], h["hosts"]
+            assert h["hosts"][down.name]["runtimes"]["systemd"] == "answering", h["hosts"]
+            assert "docker not answering" in h["hosts"][down.name]["runtimes"]["docker"], h["hosts"]
+            dock = d.engine.services["m-dock"]
+            assert dock.sync_status == "Unknown" and dock.health_status == "Unknown", dock  # not "Missing"
+            assert any("docker not answering" in r for r in dock.reasons), dock
+            await until("m-unit Synced", lambda: _synced(d, "m-unit"))
+            await no_harm(d, ["m-dock", "m-unit"], before)
+            assert not (await job_ids(d, "m-dock")) - before, "a job ran against a stopped Docker engine"
+            async with registry_client(sandbox) as reg:
+                assert await reg.get_by_name("m-dock") is not None
+        finally:
+            await docker_up(sandbox, down)
+        await until("m-dock v2 after Docker is back",
+                    lambda: finished_job(d, "m-dock", before, JobStatus.SUCCEEDED), step=0.2)
+        await until("m-dock serving v2", lambda: serves(web_url(down, 8722), "m-dock v2"), step=0.2)
+        report("docker down beside systemd", health_degraded=h["degraded"], runtimes=h["hosts"][down.name]["runtimes"])
+
+
+async def _synced(d: Daemon, name: str) -> bool:
+    row = d.engine.services.get(name)
+    return row is not None and row.sync_status == "Synced" and row.health_status == "Healthy"
 
 
 # ----------------------------------------------------------------------------------------- 3. Registry

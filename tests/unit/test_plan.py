@@ -309,3 +309,53 @@ def test_out_of_band_left_to_git_when_git_names_it_and_blocked_when_host_left() 
         ("blocked", "adhoc", "prod-9", ["host prod-9 is no longer in hosts.yaml; out-of-band release left as is"])]
     # and git's own plan never prunes it, even when a commit removes every git service
     assert plan(desired(), have, prune_all=True) == []
+
+
+# --------------------------------------------------------------------------- per-runtime facts (issue 12, bug 1)
+
+
+def _silent_docker(*instances: Instance, registry: dict[str, RegistryEntry] | None = None) -> ObservedState:
+    """prod-1 answers over SSH and its systemd answers, its Docker engine does not."""
+    facts = {"prod-1": HostFacts(host="prod-1", reachable=True, instances=list(instances),
+                                 silent={"docker": "host prod-1: docker not answering: ClientConnectorError"}),
+             "prod-2": HostFacts(host="prod-2", reachable=True)}
+    return ObservedState(hosts=facts, registry=registry)
+
+
+def test_silent_docker_makes_only_its_services_unknown() -> None:
+    web, unit = spec("web"), spec("unit", port=8081, method="systemd")
+    actions = plan(desired(web, unit), _silent_docker(registry={}))
+    assert summary(actions) == [
+        ("deploy", "unit", "prod-1", ["not deployed on prod-1", "registry entry missing"]),
+        ("blocked", "web", "prod-1", ["host prod-1: docker not answering: ClientConnectorError"]),
+    ]
+
+
+def test_silent_docker_prunes_nothing_it_may_hold() -> None:
+    """A service removed from git whose Registry entry says docker on prod-1: its container may still run."""
+    unit, gone = spec("unit", port=8081, method="systemd"), spec("gone", port=8090)
+    running = inst("unit", release=R1.id).model_copy(update={"method": "systemd"})
+    actions = plan(desired(unit), _silent_docker(running, registry=registry_for(unit, gone)))
+    assert summary(actions) == [
+        ("blocked", "gone", "prod-1", ["host prod-1: docker not answering: ClientConnectorError"]),
+        ("noop", "unit", "prod-1", ["in sync"]),
+    ]
+
+
+def test_unobserved_docker_neither_deploys_nor_prunes() -> None:
+    """A runtime not asked (no service of it placed there) is as unknown as a silent one."""
+    facts = {"prod-1": HostFacts(host="prod-1", reachable=True, unobserved=["docker"]),
+             "prod-2": HostFacts(host="prod-2", reachable=True)}
+    gone = spec("gone", port=8090)
+    actions = plan(desired(WEB), ObservedState(hosts=facts, registry=registry_for(WEB, gone)))
+    not_observed = "host prod-1: docker not observed (no docker service placed on it)"
+    assert summary(actions) == [("blocked", "gone", "prod-1", [not_observed]),
+                                ("blocked", "web", "prod-1", [not_observed])]
+
+
+def test_systemd_only_host_deploys_without_docker() -> None:
+    unit = spec("unit", port=8081, method="systemd")
+    facts = {"prod-1": HostFacts(host="prod-1", reachable=True, unobserved=["docker"]),
+             "prod-2": HostFacts(host="prod-2", reachable=True)}
+    actions = plan(desired(unit), ObservedState(hosts=facts, registry={}))
+    assert summary(actions) == [("deploy", "unit", "prod-1", ["not deployed on prod-1", "registry entry missing"])]
