@@ -54,7 +54,7 @@ from deployerd.sandbox_hosts import (  # noqa: F401 - HostInfo and connect are p
     write_private,
 )
 from deployerd.sandbox_image import cache_dir, ensure_image, image_ref, image_version  # noqa: F401 - public here too
-from deployerd.sandbox_image._proc import Result, SandboxError, file_lock, pid_alive, run, terminate  # noqa: F401
+from deployerd.sandbox_image._proc import Result, SandboxError, file_lock, pid_alive, run, spawn_detached, terminate  # noqa: F401
 from deployerd.sandbox_swarm import SwarmInfo, form_swarm
 
 log = logging.getLogger("deployerd.sandbox")
@@ -140,14 +140,8 @@ async def _start_registry(state_dir: Path) -> RegistryInfo | None:
             "--port", str(port), "--token-file", str(token_path)]
     logpath = state_dir / "registry.log"
 
-    def spawn() -> int:
-        import subprocess
-
-        with open(logpath, "ab") as logf:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    start_new_session=True, close_fds=True).pid
-
-    pid = await asyncio.to_thread(spawn)
+    proc = await asyncio.to_thread(spawn_detached, argv, logpath)
+    pid = proc.pid
     (state_dir / "registry.pid").write_text(f"{pid}\n")  # found by `up`/`down` even if sandbox.json is lost
     url = f"http://127.0.0.1:{port}"
     token = token_path.read_text().strip()
@@ -157,7 +151,7 @@ async def _start_registry(state_dir: Path) -> RegistryInfo | None:
                 await client.get(f"{url}/droplets", headers={"Authorization": f"Bearer {token}"})
                 log.info("registry answering at %s (pid %d)", url, pid)
                 return RegistryInfo(url=url, token_path=str(token_path), pid=pid, db=str(db))
-            if not pid_alive(pid, "deployerd.registry"):
+            if proc.poll() is not None:
                 break
             await asyncio.sleep(0.2)
     await terminate(pid, "deployerd.registry")

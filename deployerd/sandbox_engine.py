@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from deployerd.sandbox_image._proc import Result, SandboxError, file_lock, pid_alive, run, terminate
+from deployerd.sandbox_image._proc import Result, SandboxError, file_lock, pid_alive, run, spawn_detached, terminate
 
 log = logging.getLogger("deployerd.sandbox")
 
@@ -93,24 +93,21 @@ async def _start_private_engine() -> EngineInfo:
             "--exec-root", str(ENGINE_RUN_DIR / "exec"), "--pidfile", str(ENGINE_PIDFILE), "--bridge", ENGINE_BRIDGE]
     t0 = time.monotonic()
     await _ensure_bridge()
+    _remove_stale_pidfiles()
 
-    def spawn() -> int:
-        with open(logpath, "ab") as logf:
-            import subprocess
-
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    start_new_session=True, close_fds=True).pid
-
-    pid = await asyncio.to_thread(spawn)
+    proc = await asyncio.to_thread(spawn_detached, argv, logpath)
     engine = Engine(f"unix://{ENGINE_SOCKET}")
     for _ in range(int(ENGINE_TIMEOUT / 0.2)):
         if await engine.answers():
-            log.info("started private Docker engine (pid %d) in %.1f s, log %s", pid, time.monotonic() - t0, logpath)
-            return EngineInfo(url=engine.url, private=True, started=True, pid=pid)
-        if not pid_alive(pid, "dockerd"):
+            log.info("started private Docker engine (pid %d) in %.1f s, log %s", proc.pid, time.monotonic() - t0,
+                     logpath)
+            return EngineInfo(url=engine.url, private=True, started=True, pid=proc.pid)
+        if proc.poll() is not None:
             break
         await asyncio.sleep(0.2)
-    raise SandboxError(f"private Docker engine did not answer; see {logpath}")
+    rc = proc.poll()
+    why = f"dockerd exited with {rc}" if rc is not None else f"not within {ENGINE_TIMEOUT:.0f} s"
+    raise SandboxError(f"private Docker engine did not answer ({why}); see {logpath}")
 
 
 async def _ensure_bridge() -> None:
@@ -135,10 +132,25 @@ async def remove_bridge() -> None:
     await run(["ip", "link", "del", "dev", ENGINE_BRIDGE], check=False)
 
 
-def _private_engine_pid() -> int | None:
+def _read_pid(path: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        return int(ENGINE_PIDFILE.read_text().strip())
+        return int(path.read_text().strip())
     return None
+
+
+def _private_engine_pid() -> int | None:
+    return _read_pid(ENGINE_PIDFILE)
+
+
+def _remove_stale_pidfiles() -> None:
+    """Remove the pid files of a dockerd and containerd that were killed (as a session's processes are before
+    CI): both refuse to start, or wait on a dead socket, beside a pid file whose pid another process now holds."""
+    containerd_pidfile = ENGINE_RUN_DIR / "exec" / "containerd" / "containerd.pid"
+    for path, needle in ((ENGINE_PIDFILE, "dockerd"), (containerd_pidfile, "containerd")):
+        pid = _read_pid(path)
+        if pid and not pid_alive(pid, needle):
+            log.info("removing stale pid file %s (pid %d is not our %s)", path, pid, needle)
+            path.unlink(missing_ok=True)
 
 
 async def find_engine(*, start: bool) -> EngineInfo | None:

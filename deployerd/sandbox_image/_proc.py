@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,23 @@ async def pipe(producer: list[str], consumer: list[str], *, logfile: Path,
         raise SandboxError(f"{producer[0]} | {consumer[0]} {consumer[1]} failed ({rc1}, {rc2}); see {logfile}")
 
 
+def spawn_detached(argv: list[str], logpath: Path) -> subprocess.Popen[bytes]:
+    """Start a daemon in its own session, so that it outlives the command that started it; output to ``logpath``.
+
+    Blocking (fork and exec): call it through ``asyncio.to_thread``. While the starter waits for the daemon to
+    answer, ``poll()`` on the returned handle says whether it died, whatever /proc shows.
+    """
+    with open(logpath, "ab") as logf:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True, close_fds=True)
+
+
 def pid_alive(pid: int | None, needle: str) -> bool:
-    """Is ``pid`` running and really ours (its command line holds ``needle``)? Guards against pid reuse."""
+    """Is ``pid`` running and really ours (its command line or name holds ``needle``)? Guards against pid reuse.
+
+    A process that has just exec'd can show an empty command line for a moment (seen once in a hundred fresh
+    ``sleep``s here), so its name in /proc/PID/stat counts too.
+    """
     if not pid:
         return False
     try:
@@ -76,7 +92,8 @@ def pid_alive(pid: int | None, needle: str) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return needle in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
+    name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+    return (needle in cmdline or needle in name) and rest.split()[0] != "Z"
 
 
 async def terminate(pid: int | None, needle: str, timeout: float = 20.0) -> None:
