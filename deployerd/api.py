@@ -94,16 +94,16 @@ def create_app(engine: Engine) -> FastAPI:
         return {"status": status, "service": "deployerd", "version": __version__, "timestamp": iso_now(), **{
             k: v for k, v in detail.items() if k != "status"}, "state": detail["status"]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", tags=["observe"])
     async def metrics() -> Response:
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/services")
+    @app.get("/services", tags=["observe"])
     async def services() -> dict[str, Any]:
         rows = [s.__dict__ for s in sorted(engine.services.values(), key=lambda s: s.name)]
         return {"services": rows, "revision": engine.source.revision, "total": len(rows)}
 
-    @app.get("/services/{name}")
+    @app.get("/services/{name}", tags=["observe"])
     async def service(name: str) -> dict[str, Any]:
         status = engine.services.get(name)
         if status is None:
@@ -111,7 +111,7 @@ def create_app(engine: Engine) -> FastAPI:
         jobs = await engine.store.jobs(name, limit=1)
         return {**status.__dict__, "last_job": jobs[0].model_dump(mode="json") if jobs else None}
 
-    @app.get("/services/{name}/history")
+    @app.get("/services/{name}/history", tags=["observe"])
     async def history(name: str, limit: int = Query(20, ge=1)) -> dict[str, Any]:
         jobs = await engine.store.jobs(name, limit=min(limit, 200))
         releases = await engine.store.releases(name)
@@ -125,7 +125,7 @@ def create_app(engine: Engine) -> FastAPI:
             "quarantine": quarantine.model_dump() if quarantine else None,
         }
 
-    @app.get("/audit", dependencies=guard)
+    @app.get("/audit", dependencies=guard, tags=["observe"])
     async def audit(service: str | None = None, since: str | None = None,
                     limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
         """The audit trail, oldest first (the last ``limit``). Read-only, yet behind the token: it names commit
@@ -137,12 +137,12 @@ def create_app(engine: Engine) -> FastAPI:
         records, bad = await asyncio.to_thread(read_file, settings.audit_path, service, when)
         return {"records": [r.model_dump() for r in records[-limit:]], "unreadable_lines": bad}
 
-    @app.get("/jobs/{job_id}")
+    @app.get("/jobs/{job_id}", tags=["observe"])
     async def get_rich_job(job_id: str) -> dict[str, Any]:
         """deployerd's own record of a job: rich statuses, structured phase details, rollback, logs."""
         return (await _job(job_id)).model_dump(mode="json")
 
-    @app.get("/deploy/{job_id}", response_model=legacy.LegacyJob)
+    @app.get("/deploy/{job_id}", response_model=legacy.LegacyJob, tags=["older API"])
     async def get_job(job_id: str) -> legacy.LegacyJob:
         """The older Deployer's shape, exactly (`deployerd.legacy`)."""
         return legacy.legacy_job(await _job(job_id))
@@ -153,7 +153,7 @@ def create_app(engine: Engine) -> FastAPI:
             raise HTTPException(404, f"no deploy job {job_id!r}")
         return job
 
-    @app.post("/deploy", dependencies=guard, status_code=202, response_model=legacy.DeployCreated)
+    @app.post("/deploy", dependencies=guard, status_code=202, response_model=legacy.DeployCreated, tags=["older API"])
     async def post_deploy(req: legacy.DeployRequest) -> legacy.DeployCreated:
         """The older ``POST /deploy``: a directory under the API source directory, deployed out of band."""
         root = await asyncio.to_thread(settings.api_source_root.resolve)
@@ -176,7 +176,8 @@ def create_app(engine: Engine) -> FastAPI:
             raise HTTPException(422, legacy.Refused.field("service_path", str(e)).errors) from e
         return legacy.created(job)
 
-    @app.delete("/deploy/services/{name}", dependencies=guard, status_code=202, response_model=legacy.DeployCreated)
+    @app.delete("/deploy/services/{name}", dependencies=guard, status_code=202, response_model=legacy.DeployCreated,
+                tags=["older API"])
     async def remove_service(name: str) -> legacy.DeployCreated:
         """Remove an out-of-band service (instances, artifacts, files, its Registry entry); poll the job."""
         try:
@@ -187,7 +188,7 @@ def create_app(engine: Engine) -> FastAPI:
             raise HTTPException(409, str(e)) from e
         return legacy.created(job)
 
-    @app.post("/sync", dependencies=guard)
+    @app.post("/sync", dependencies=guard, tags=["control"])
     async def sync(req: SyncRequest | None = None) -> dict[str, Any]:
         req = req or SyncRequest()
         force = ({req.service} if req.service else set()) if req.force else None
@@ -198,7 +199,7 @@ def create_app(engine: Engine) -> FastAPI:
                 raise HTTPException(404, f"no service named {req.service!r} (not in git, not running)")
         return {"revision": engine.source.revision, "actions": [a.model_dump(mode="json") for a in actions]}
 
-    @app.post("/webhook")
+    @app.post("/webhook", tags=["control"])
     async def webhook(request: Request) -> dict[str, Any]:
         secret = settings.secret("webhook_secret")
         if secret is None:

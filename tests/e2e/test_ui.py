@@ -247,3 +247,25 @@ async def test_no_secret_value_in_any_page_or_the_event_stream(ui: UI) -> None:
         for text in texts:
             assert value not in text
         assert value not in stream
+
+
+async def test_the_api_docs_render_in_a_browser_from_the_daemon_alone(ui: UI) -> None:
+    """Swagger UI at /docs draws every operation of the OpenAPI spec, with every file it loads served by the
+    daemon itself: a user behind a closed network gets working docs (a CDN would leave a blank page)."""
+    spec = (await ui.daemon.http.get("/openapi.json")).json()
+    operations = sum(len(methods) for methods in spec["paths"].values())
+    context, page = await _page(ui, "/docs")
+    origins: set[str] = set()
+    page.on("request", lambda req: origins.add(req.url.split("/", 3)[2] if "://" in req.url else req.url))
+    try:
+        await page.reload()
+        await page.wait_for_selector(".opblock", timeout=30_000)
+        assert await page.locator(".opblock").count() == operations
+        # every operation sits under a named section, none under Swagger's catch-all "default"
+        assert "default" not in await page.locator(".opblock-tag").all_inner_texts()
+        assert await page.locator(".info .title").inner_text() != ""
+        assert await page.locator("button.authorize").count() == 1  # the bearer scheme can be entered
+        await _shot(ui, page, "api-docs-light")
+        assert origins == {ui.daemon.url.split("/", 3)[2]}, origins
+    finally:
+        await context.close()
