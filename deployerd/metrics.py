@@ -57,8 +57,9 @@ class Metrics:
             ["host"], buckets=BUCKETS, registry=r,
         )
         self.rollbacks = Counter(
-            "deployerd_rollbacks_total", "Automatic rollbacks by service and failed phase", ["service", "reason"],
-            registry=r,
+            "deployerd_rollbacks_total",
+            "Automatic rollbacks by service, failed phase and result (restored: the last good release serves again)",
+            ["service", "reason", "result"], registry=r,
         )
         self._service_info = _ServiceInfo(lambda: ())
         r.register(self._service_info)
@@ -135,10 +136,12 @@ class Metrics:
                 if job.duration_seconds is not None:
                     self.job_duration.labels(kind=job.kind, status=job.status.value).observe(job.duration_seconds)
             case events.PhaseChanged():
-                if event.duration_s is not None:
+                # a rollback pass re-runs phases for the old release: timing them here would skew the deploys'
+                if event.duration_s is not None and not event.rollback:
                     self.phase_duration.labels(phase=event.phase, method=event.job.method).observe(event.duration_s)
             case events.RolledBack():
-                self.rollbacks.labels(service=event.service, reason=event.phase).inc()
+                result = "restored" if event.ok else "failed"
+                self.rollbacks.labels(service=event.service, reason=event.phase, result=result).inc()
             case events.Switched():
                 self.switch_duration.labels(host=event.host).observe(event.switch_s)
                 self.drain_duration.labels(host=event.host).observe(event.drain_s)

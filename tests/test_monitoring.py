@@ -91,7 +91,7 @@ def live_metrics_text() -> str:
     m.reconcile_duration.observe(0.3)
     m.jobs.labels(kind="deploy", status="succeeded").inc()
     m.phase_duration.labels(phase="Build", method="docker").observe(2)
-    m.rollbacks.labels(service="web", reason="Verify Health").inc()
+    m.rollbacks.labels(service="web", reason="Verify Health", result="restored").inc()
     m.job_duration.labels(kind="deploy", status="succeeded").observe(4)
     m.host_up.labels(host="web-1").set(1)
     m.host_locks.labels(event="acquired").inc()

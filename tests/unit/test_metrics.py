@@ -62,6 +62,9 @@ def test_every_event_kind_is_counted_by_the_subscriber() -> None:
     bus.publish(events.PhaseChanged(job=job, phase="Build", status="failed", duration_s=2.0))
     bus.publish(events.RolledBack(service="web", host="h", failed_release="r2", restored_release="r1",
                                   phase="Verify Health", ok=True))
+    bus.publish(events.PhaseChanged(job=job, phase="Build", status="succeeded", duration_s=9.0, rollback=True))
+    bus.publish(events.RolledBack(service="web", host="h", failed_release="r3", restored_release=None,
+                                  phase="Build", ok=False))
     bus.publish(events.Quarantined(service="web", release="r2", reason="health"))
     bus.publish(events.JobEnded(job=job))
     assert bus.subscriber_errors == 0
@@ -71,8 +74,11 @@ def test_every_event_kind_is_counted_by_the_subscriber() -> None:
     assert _sample(m, "deployerd_git_fetch_errors_total") == 1
     assert _sample(m, "deployerd_last_applied_commit_timestamp_seconds") == 1700000000
     assert _sample(m, "deployerd_host_up", host="h") == 1 and _sample(m, "deployerd_host_up", host="g") == 0
+    # the rollback pass's Build is not a deploy's Build
     assert _sample(m, "deployerd_phase_duration_seconds_count", phase="Build", method="systemd") == 1
-    assert _sample(m, "deployerd_rollbacks_total", service="web", reason="Verify Health") == 1
+    assert _sample(m, "deployerd_phase_duration_seconds_sum", phase="Build", method="systemd") == 2.0
+    assert _sample(m, "deployerd_rollbacks_total", service="web", reason="Verify Health", result="restored") == 1
+    assert _sample(m, "deployerd_rollbacks_total", service="web", reason="Build", result="failed") == 1
     assert _sample(m, "deployerd_quarantines_total", service="web") == 1
     assert _sample(m, "deployerd_jobs_total", kind="deploy", status="failed") == 1
     assert _sample(m, "deployerd_job_duration_seconds_sum", kind="deploy", status="failed") == 3.0
