@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from deployerd.events import Event, EventBus, JobEnded
 from deployerd.source import read_commit
 from deployerd.store import Job
+from deployerd.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -121,32 +121,21 @@ class AuditLog:
         self.commit_info = commit_info
         self.token_name = token_name
         self.errors = 0
-        self._queue: asyncio.Queue[JobEnded] = asyncio.Queue(QUEUE_MAX)
-        self._busy = False
-        self._task: asyncio.Task[None] | None = None
+        self._worker: Worker[JobEnded] = Worker("audit trail", self._write_event, QUEUE_MAX)
         self._unsubscribe: Callable[[], None] = lambda: None
 
     def start(self, bus: EventBus) -> None:
         self._unsubscribe = bus.subscribe(self.on_event)
-        self._task = asyncio.create_task(self._run(), name="audit trail")
+        self._worker.start()
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, JobEnded):
-            if self._queue.full():  # thousands of jobs behind a stuck disk: say so rather than grow
-                self.errors += 1
-                log.error("audit trail: %s is not being written; the record of job %s is lost", self.path,
-                          event.job.id)
-                return
-            self._queue.put_nowait(event)
+        # thousands of jobs behind a stuck disk: say so rather than grow
+        if isinstance(event, JobEnded) and not self._worker.put(event):
+            self.errors += 1
+            log.error("audit trail: %s is not being written; the record of job %s is lost", self.path, event.job.id)
 
-    async def _run(self) -> None:
-        while True:
-            event = await self._queue.get()
-            self._busy = True
-            try:
-                await self.write(event.job, event.at)
-            finally:
-                self._busy = False
+    async def _write_event(self, event: JobEnded) -> None:
+        await self.write(event.job, event.at)
 
     async def write(self, job: Job, at: str) -> None:
         try:
@@ -158,20 +147,12 @@ class AuditLog:
 
     async def drain(self, limit_s: float = 30.0) -> None:
         """Wait (bounded) until every record handed over is written: at the daemon's stop, and in tests."""
-        deadline = time.monotonic() + limit_s
-        while (self._busy or not self._queue.empty()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._worker.drain(limit_s)
 
     async def close(self) -> None:
         self._unsubscribe()
-        await self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._worker.drain()
+        await self._worker.close()
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -10,7 +10,6 @@ from their files (0600 enforced) at each delivery and never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from deployerd.events import Event, EventBus
 from deployerd.metrics import Metrics
 from deployerd.notify.outcomes import Deduper, Notice, notice_of
 from deployerd.notify.render import Request, build
+from deployerd.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,14 @@ class _Channel:
     def __init__(self, dest: Destination, notifier: Notifier) -> None:
         self.dest = dest
         self.dedupe = Deduper(dest.reminder_s)
-        self.queue: asyncio.Queue[Notice] = asyncio.Queue(QUEUE_MAX)
+        self.worker: Worker[Notice] = Worker(f"notify {dest.name}", self._deliver, QUEUE_MAX)
         self._n = notifier
-        self.busy = False
 
     def offer(self, notice: Notice) -> None:
         admitted = self.dedupe.admit(notice, self._n.clock())
-        if admitted is None:
-            return
-        if self.queue.full():
-            self.queue.get_nowait()
+        if admitted is not None and not self.worker.put(admitted, drop_oldest=True):
             self._n.count(self.dest, "dropped")
             log.warning("notifications to %s: queue full, oldest message dropped", self.dest.name)
-        self.queue.put_nowait(admitted)
-
-    async def run(self) -> None:
-        while True:
-            notice = await self.queue.get()
-            self.busy = True
-            try:
-                await self._deliver(notice)
-            finally:
-                self.busy = False
 
     async def _deliver(self, notice: Notice) -> None:
         error = ""
@@ -117,7 +103,6 @@ class Notifier:
         self.clock = clock
         self.http = http or httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False)
         self.channels = [_Channel(d, self) for d in destinations]
-        self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] = lambda: None
         for d in destinations:  # every series exists from the start: alerts on increase() see the first failure
             for result in ("sent", "failed", "dropped"):
@@ -131,7 +116,8 @@ class Notifier:
         if not self.channels:
             return
         self._unsubscribe = bus.subscribe(self.on_event)
-        self._tasks = [asyncio.create_task(c.run(), name=f"notify {c.dest.name}") for c in self.channels]
+        for channel in self.channels:
+            channel.worker.start()
 
     def on_event(self, event: Event) -> None:
         notice = notice_of(event)
@@ -142,15 +128,11 @@ class Notifier:
     async def drain(self, limit_s: float = 30.0) -> None:
         """Wait (bounded) until every queue is empty: tests, and the daemon's stop, use it."""
         deadline = time.monotonic() + limit_s
-        while any(c.busy or not c.queue.empty() for c in self.channels) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        for channel in self.channels:
+            await channel.worker.drain(max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
         self._unsubscribe()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        for channel in self.channels:
+            await channel.worker.close()
         await self.http.aclose()
