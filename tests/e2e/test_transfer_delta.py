@@ -128,3 +128,35 @@ async def test_a_file_the_host_cannot_read_is_sent_whole(conn: Connection, tmp_p
         assert await host_sums(conn, ctx2.release_dir) == local_sums(src)
     finally:
         await conn.run(["rm", "-rf", "--", base])
+
+
+async def test_removed_files_and_a_file_turned_folder_land_exactly(conn: Connection, tmp_path: Path) -> None:
+    """The one prepare step removes what went (a file whose path becomes a folder too) and makes the new folders;
+    a previous release that cannot be copied (removed by hand) makes every file go whole, still exact."""
+    src = tmp_path / "svc"
+    (src / "old" / "deep").mkdir(parents=True)
+    for rel in ("keep.txt", "a", "old/x.txt", "old/deep/y.txt", "name with space.txt"):
+        (src / rel).write_text(f"{rel}\n")
+    base = f"/opt/deployerd-test-delta-{secrets.token_hex(4)}"
+    try:
+        await transfer(conn, DirTree(tmp_path), context(conn.host.name, base, "r1"), None)
+        (src / "a").unlink()
+        (src / "a").mkdir()
+        (src / "a" / "b.txt").write_text("now a folder\n")
+        for rel in ("old/x.txt", "old/deep/y.txt", "name with space.txt"):
+            (src / rel).unlink()
+        (src / "new" / "n1" / "n2").mkdir(parents=True)
+        (src / "new" / "n1" / "n2" / "z.txt").write_text("z\n")
+        ctx2 = context(conn.host.name, base, "r2")
+        out = await transfer(conn, DirTree(tmp_path), ctx2, "r1")
+        assert out["files_removed"] == 4 and out["delta_from"] == "r1", out
+        assert await host_sums(conn, ctx2.release_dir) == local_sums(src)
+        kinds = await conn.run(["stat", "-c", "%F", "--", posixpath.join(ctx2.release_dir, "a")])
+        assert kinds.stdout.strip() == "directory"
+        await conn.run(["rm", "-rf", "--", ctx2.release_dir, manifest_path(ctx2)])
+        await conn.run(["rm", "-rf", "--", context(conn.host.name, base, "r1").release_dir])
+        again = await transfer(conn, DirTree(tmp_path), ctx2, "r1")  # r1's manifest is left, its folder is not
+        assert again["delta_from"] is None and again["files_sent"] == 3, again
+        assert await host_sums(conn, ctx2.release_dir) == local_sums(src)
+    finally:
+        await conn.run(["rm", "-rf", "--", base])
