@@ -4,8 +4,9 @@ Only what changed since the previous release crosses the network: the previous r
 on the host (a local copy, no network; one remote step also removes the files that disappeared and makes the
 new folders), then the files whose blob hash differs are sent. A changed file of at least ``DELTA_MIN_SIZE``
 whose path was a file in the previous release is sent as a block delta against the host's copy (deployerd.delta:
-two remote steps for all such files together, one for block hashes, one to rebuild and verify); the rest, and any delta the host could not
-verify, are written whole over SFTP (one write is cheaper than a hash round trip for a small file).
+two remote steps for all such files together, one for block hashes, one to rebuild and verify); the rest, and
+any delta the host could not verify, are written whole over SFTP (one write is cheaper than a hash round trip for
+a small file).
 Everything lands in ``<release>.partial`` and is renamed into place at the end, so a crash mid-transfer never
 leaves a half-written release that looks complete (one step moves it); the manifest, written last, is sent as a
 patch of the previous one when that patch and its script are smaller than the manifest.
