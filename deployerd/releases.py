@@ -12,7 +12,7 @@ import ipaddress
 import json
 from typing import Any
 
-from deployerd.schema import HostSpec, Release, ServiceSpec, release_id
+from deployerd.schema import DEFAULT_COMMAND, DEFAULT_COMMAND_BEFORE, HostSpec, Release, ServiceSpec, release_id
 from deployerd.tree import Entry
 
 
@@ -35,6 +35,8 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
         image["docker"] = spec.docker.model_dump(exclude={"container_port"})  # ports count under "port"
     else:
         image["systemd"] = spec.systemd.model_dump()
+        if spec.systemd.command == DEFAULT_COMMAND:  # same release ids as before {host} was the default's
+            image["systemd"]["command"] = DEFAULT_COMMAND_BEFORE
     inputs = {
         "source": _digest([[e.path[prefix:], e.mode, e.sha] for e in source]),
         "image": _digest(image),

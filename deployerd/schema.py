@@ -224,11 +224,15 @@ class DockerSpec(_Model):
     restart: Literal["no", "always", "unless-stopped", "on-failure"] = "unless-stopped"
 
 
+# {host}: 0.0.0.0, or 127.0.0.1 behind the host's ingress proxy (where {port} is the release's private port)
+DEFAULT_COMMAND = "uvicorn app.main:app --host {host} --port {port}"
+DEFAULT_COMMAND_BEFORE = "uvicorn app.main:app --host 0.0.0.0 --port {port}"  # its spelling before {host}
+
+
 class SystemdSpec(_Model):
     """Run settings for ``method: systemd`` (a Python app run by a unit file)."""
 
-    command: Annotated[str, AfterValidator(_one_line), Field(min_length=1, max_length=4096)] = (
-        "uvicorn app.main:app --host 0.0.0.0 --port {port}")
+    command: Annotated[str, AfterValidator(_one_line), Field(min_length=1, max_length=4096)] = DEFAULT_COMMAND
     requirements: RelPath = "requirements.txt"
     user: Annotated[str, AfterValidator(_posix_user)] | None = None
 

@@ -3,7 +3,9 @@
 Called by the phase runner once the new release answered its health check on its private port (deploy,
 rollback and restore alike). In order:
 
-1. the service's frontend exists on its public port (the proxy started again if it had died);
+1. the service's frontend exists on its public port (the proxy started again if it had died); an instance of
+   the service deployed before the host had the proxy, which binds that port itself, stops first (the one
+   moment of such a migration where requests fail: it lasts until the proxy has bound the port);
 2. the proxy sends new requests to the new release, atomically (one runtime API line);
 3. a request through the public port must come back from the new release (the proxy names the server that
    answered): only then does the job go on to Register;
@@ -34,9 +36,12 @@ async def switch_to(conn: Connection, runtime: Runtime, ctx: ReleaseContext, htt
     """Switch ``ctx.spec``'s public port to ``ctx``'s instance on ``private_port``; what the phase records."""
     proxy = IngressProxy(conn, ctx.host.name, ctx.spec.drain_timeout_s)
     name = ctx.qualified_name
-    route = await proxy.ensure_route(name, ctx.spec.port)
+    unproxied = await runtime.stop_unproxied(ctx)  # a host from before the proxy: its instance held the port
+    route = await proxy.ensure_route(name, ctx.spec.port, ctx.release.id, private_port)
     await failpoint("Before Switch")  # test-only: the new instance runs beside the old one, which still serves
     switched = await proxy.switch(name, ctx.release.id, private_port)
+    if route.get("serving_from_start") == ctx.release.id:  # a new frontend, bound serving this release
+        switched.before = None
     try:
         seen = await _front_door(proxy, http, ctx)
     except IngressError:
@@ -52,7 +57,8 @@ async def switch_to(conn: Connection, runtime: Runtime, ctx: ReleaseContext, htt
     stopped = await runtime.stop_others(ctx)
     return {"upstream_before": switched.before, "upstream_after": switched.after, "front_door": seen,
             "switch_seconds": switched.seconds, "drain_seconds": drained, "stopped": stopped,
-            "private_port": private_port, **({"proxy": route} if route else {})}
+            "private_port": private_port, **({"proxy": route} if route else {}),
+            **({"stopped_unproxied": unproxied} if unproxied else {})}
 
 
 async def _front_door(proxy: IngressProxy, http: httpx.AsyncClient, ctx: ReleaseContext) -> str:

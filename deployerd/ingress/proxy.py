@@ -181,13 +181,19 @@ class IngressProxy:
                 raise IngressError(self.host, f"not serving after start or reload ({last})")
             await asyncio.sleep(0.1)
 
-    async def ensure_route(self, service: str, port: int) -> dict[str, object]:
-        """The service's frontend exists on ``port`` (its backend keeps what it serves)."""
+    async def ensure_route(self, service: str, port: int, release: str | None = None,
+                           upstream_port: int | None = None) -> dict[str, object]:
+        """The service's frontend exists on ``port``: its backend keeps what it serves, or, new, binds the port
+        already serving ``release`` on ``upstream_port`` (no moment of a frontend without a server)."""
         async with self.lock:
             routes = {r.service: r for r in await self.routes()}
             old = routes.get(service)
-            routes[service] = Route(service, port, old.release if old else None, old.upstream_port if old else None)
-            return await self.apply(list(routes.values()))
+            fresh = release is not None and (old is None or old.release is None)
+            if not fresh and old is not None:
+                release, upstream_port = old.release, old.upstream_port
+            routes[service] = Route(service, port, release, upstream_port)
+            done = await self.apply(list(routes.values()))
+            return {**done, "serving_from_start": release} if fresh and done else done
 
     async def remove_route(self, service: str) -> dict[str, object]:
         async with self.lock:

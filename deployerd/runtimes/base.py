@@ -287,6 +287,11 @@ class Runtime(ABC):
         once the proxy has switched to ``ctx`` and the old one drained. Returns what it stopped."""
         raise NotImplementedError(f"{self.method} cannot run behind an ingress proxy yet")
 
+    async def stop_unproxied(self, ctx: ReleaseContext) -> list[str]:
+        """Behind an ingress, before the proxy binds the public port: stop the service's instances that bind it
+        themselves (deployed stop-first, before the host had the proxy). Returns what it stopped."""
+        return []
+
     @abstractmethod
     async def discard(self, ctx: ReleaseContext) -> None:
         """Stop and remove a failed release's running instance (its files stay until retention)."""

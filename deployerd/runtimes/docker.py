@@ -250,6 +250,16 @@ class DockerRuntime(Runtime):
     async def stop_others(self, ctx: ReleaseContext) -> list[str]:
         return await self._stop(ctx, {c["Names"][0].lstrip("/"): c for c in await self._containers(ctx.spec.name)})
 
+    async def stop_unproxied(self, ctx: ReleaseContext) -> list[str]:
+        """Containers of the service publishing the public port themselves (no private port label) stop, kept."""
+        d = await self._docker()
+        stopped = []
+        for c in await self._containers(ctx.spec.name):
+            if PRIVATE_PORT_LABEL not in (c.get("Labels") or {}) and c.get("State") in ("running", "restarting"):
+                await d.containers.container(c["Id"]).stop(t=10)
+                stopped.append(c["Names"][0].lstrip("/"))
+        return stopped
+
     async def _private_port(self, ctx: ReleaseContext, kept: dict[str, Any] | None) -> int | None:
         """Behind an ingress: the kept container's port, else a free one (not in any container's label)."""
         if not ctx.behind_ingress:

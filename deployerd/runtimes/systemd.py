@@ -11,17 +11,23 @@ Layout under the service dir (``<base_dir>/<qualified name>``)::
     current -> releases/<id>     the unit's WorkingDirectory, switched atomically (``current.new`` + ``mv -T``)
     data/                        the only path the service may write (ReadWritePaths=)
 
-One unit per service, ``/etc/systemd/system/deployerd-<qualified name>.service``. Its ``X-Deployerd-*``
-lines (ignored by systemd) carry what Docker keeps in labels: service, release, commit, instance,
-managed_by, port and inputs; observe reads them back. A rollback is a ``start`` of the previous release:
-its venv and source are still on the host, so only the unit, ``current`` and a restart change.
+With ``ingress: none``, one unit per service, ``/etc/systemd/system/deployerd-<qualified name>.service``,
+switched stop-first: a rollback is a ``start`` of the previous release (its venv and source are still on the
+host, so only the unit, ``current`` and a restart change). Behind the host's ingress proxy, one unit per
+release, ``deployerd-<qualified name>@<release>.service``, on a private port of 127.0.0.1 that deployerd
+allocates and the unit records: it starts beside the serving one, and ``switch.switch_to`` moves the proxy to
+it, then stops the old one (``stop_others``), kept for rollback. Full unit files rather than a template with
+per-release drop-ins: each release differs in its command, venv, env file, port and metadata anyway, and one
+self-contained file per release is read back, verified and removed as one. The ``X-Deployerd-*`` lines
+(ignored by systemd) carry what Docker keeps in labels: service, release, commit, instance, managed_by, port,
+inputs and the private port; observe reads them back (``systemd_probe``).
 
 The build and start steps are data (``build_steps``, ``start_steps``), executed by ``steps.execute``: Start
 Service is three round trips (the release's facts, naming it, running it), Build two.
 
-Facts are read by one constant helper (``python3 -c PROBE args``, no value ever spliced into code or a
-shell string): every deployerd unit of this instance, its metadata, its systemd state, ``current`` and
-the complete releases, in one round trip per host.
+Facts are read by one constant helper (``systemd_probe.PROBE``, no value ever spliced into code or a shell
+string): every deployerd unit of this instance, its metadata, its systemd state, ``current`` and the complete
+releases, in one round trip per host.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from typing import Any
 
 from deployerd.connection import CommandError
 from deployerd.failpoints import failpoint
+from deployerd.ingress import IngressProxy, allocate_port
 from deployerd.layout import release_id
 from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import BuildResult, Output, ReleaseContext, Removed, Runtime, StartError, StartResult
-from deployerd.runtimes.steps import execute
+from deployerd.runtimes.steps import Run, execute
+from deployerd.runtimes.systemd_probe import PROBE, parse_probe, run_state, unit_state
 from deployerd.runtimes.systemd_steps import (
     COMPLETE_MARKER,
     PRUNE_PYENVS,
@@ -44,10 +52,12 @@ from deployerd.runtimes.systemd_steps import (
     ReleaseFacts,
     build_steps,
     start_steps,
+    switched_steps,
 )
 from deployerd.runtimes.systemd_unit import (
     UNIT_DIR,
     command_argv,
+    ctx_unit,
     default_user,
     render_unit,
     service_user,
@@ -57,116 +67,9 @@ from deployerd.runtimes.systemd_unit import (
     venv_dir,
 )
 
-_PROPS = "Id,LoadState,ActiveState,SubState,Result,NRestarts,MainPID"
-
-# The probe: constant code, values only as argv. Prints a JSON list of this instance's units.
-PROBE = r"""
-import json, os, subprocess, sys
-unit_dir, base, instance, only = sys.argv[1], sys.argv[2], sys.argv[3], set(sys.argv[4:])
-pre, suf, meta_pre = "deployerd-", ".service", "X-Deployerd-"
-units = []
-try:
-    files = sorted(os.listdir(unit_dir))
-except OSError:
-    files = []
-for fn in files:
-    if not (fn.startswith(pre) and fn.endswith(suf)):
-        continue
-    q = fn[len(pre):-len(suf)]
-    if only and q not in only:
-        continue
-    meta = {}
-    try:
-        with open(os.path.join(unit_dir, fn), encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(meta_pre) and "=" in line:
-                    k, v = line[len(meta_pre):].rstrip("\n").split("=", 1)
-                    meta[k.lower()] = v
-    except OSError:
-        continue
-    if meta.get("instance") != instance:
-        continue
-    sdir = os.path.join(base, q)
-    try:
-        current = os.path.basename(os.readlink(os.path.join(sdir, "current")))
-    except OSError:
-        current = None
-    kept = []
-    try:
-        rels = os.listdir(os.path.join(sdir, "releases"))
-    except OSError:
-        rels = []
-    for r in rels:
-        marker = os.path.join(sdir, "venvs", r, ".deployerd-complete")
-        if os.path.isdir(os.path.join(sdir, "releases", r)) and os.path.isfile(marker):
-            kept.append([r, os.stat(marker).st_mtime])
-    units.append({"unit": fn, "qualified": q, "meta": meta, "current": current, "kept": kept, "props": {}})
-if units:
-    out = subprocess.run(["systemctl", "show", "--property=__PROPS__", "--", *[u["unit"] for u in units]],
-                         capture_output=True, text=True)
-    props = {}
-    for block in out.stdout.split("\n\n"):
-        d = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if "Id" in d:
-            props[d["Id"]] = d
-    for u in units:
-        u["props"] = props.get(u["unit"], {})
-print(json.dumps(units))
-""".replace("__PROPS__", _PROPS)
-
-
-# --------------------------------------------------------------------------- pure: facts
-
-
-def run_state(props: dict[str, str]) -> RunState | None:
-    """systemd's ActiveState/SubState -> RunState; None when systemd does not know the unit."""
-    if not props or props.get("LoadState") in ("not-found", "bad-setting", "error", "masked"):
-        return None
-    active, sub = props.get("ActiveState", ""), props.get("SubState", "")
-    if active == "failed" or sub == "auto-restart":
-        return RunState.FAILED
-    if active in ("active", "reloading", "activating"):
-        return RunState.RUNNING
-    if active == "inactive" and props.get("Result", "success") not in ("success", ""):
-        return RunState.FAILED  # ended by a failure (e.g. its start limit) and the failed state was reset
-    return RunState.STOPPED
-
-
-def parse_probe(units: list[dict[str, Any]], host: str, method: str = "systemd"
-                ) -> tuple[list[Instance], dict[str, list[str]]]:
-    """The probe's JSON -> instances (one per unit, always current) and kept releases (newest first)."""
-    instances: list[Instance] = []
-    kept: dict[str, list[str]] = {}
-    for u in units:
-        meta = u.get("meta") or {}
-        service = meta.get("service")
-        if not service:
-            continue
-        release = meta.get("release", "")
-        state = run_state(u.get("props") or {}) or RunState.STOPPED
-        if u.get("current") != release and state is RunState.RUNNING:
-            state = RunState.STOPPED  # the unit names a release `current` does not point at: not serving it
-        try:
-            inputs = json.loads(meta.get("inputs", "{}"))
-        except ValueError:
-            inputs = {}
-        port = meta.get("port", "")
-        instances.append(Instance(
-            service=service, host=host, method=method, release=release, commit=meta.get("commit", ""),
-            state=state, ref=u.get("unit", ""), port=int(port) if port.isdigit() else None,
-            managed_by=meta.get("managed-by", "git"), current=True,
-            inputs=inputs if isinstance(inputs, dict) else {},
-        ))
-        releases = [r for r, _ in sorted(u.get("kept") or [], key=lambda k: k[1], reverse=True)]
-        kept.setdefault(service, []).extend(r for r in releases if r not in kept[service])
-    return instances, kept
-
 
 def _tail(text: str, lines: int = 40) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
-
-
-# --------------------------------------------------------------------------- the runtime
 
 
 class SystemdRuntime(Runtime):
@@ -207,11 +110,14 @@ class SystemdRuntime(Runtime):
                                   "offline_wheels": facts.has_wheels and facts.has_req})
 
     async def start(self, ctx: ReleaseContext) -> StartResult:
-        unit = unit_name(ctx.qualified_name)
+        """Stop-first (no ingress): the service's one unit names and runs the new release. Behind an ingress:
+        the release's own unit starts beside the serving one, on a private port (``switch`` moves the proxy)."""
         user = service_user(ctx)
         facts = await self._facts(ctx)
-        text = render_unit(ctx, user, command_argv(ctx, set(facts.bins)))
-        name, run = start_steps(ctx, user, text)
+        private = await self._private_port(ctx) if ctx.behind_ingress else None
+        unit = ctx_unit(ctx)
+        text = render_unit(ctx, user, command_argv(ctx, set(facts.bins), private), private)
+        name, run = start_steps(ctx, user, text, private)
         done = await execute(self.conn, name)
         await failpoint("Start Service")  # test-only: the host names the new release, the old code still runs
         try:
@@ -222,23 +128,44 @@ class SystemdRuntime(Runtime):
                              out.lines or _tail(e.stderr)) from e
         return StartResult(unit, None, facts.current,
                            {"unit": unit, "user": user, "user_created": done[0].exit_status == 0,
-                            "release_dir": ctx.release_dir, "previous_release": facts.current})
+                            "release_dir": ctx.release_dir, "previous_release": facts.current}, private)
+
+    async def _private_port(self, ctx: ReleaseContext) -> int:
+        """The port the release's unit recorded when it still runs or nothing else took it; else a free one:
+        recorded by none of this daemon's units on the host and not listening there (a Docker container's, a
+        process deployerd does not know)."""
+        units = await self._probe()
+        listening = await self.conn.run(["ss", "-Hltn"], check=False)
+        used = {int(f[3].rsplit(":", 1)[-1]) for f in (ln.split() for ln in listening.stdout.splitlines())
+                if len(f) >= 4 and f[3].rsplit(":", 1)[-1].isdigit()}
+        mine = unit_name(ctx.qualified_name, ctx.release.id)
+        for u in units:
+            recorded = (u.get("meta") or {}).get("private-port", "")
+            if u.get("unit") == mine and recorded.isdigit() and (
+                    unit_state(u) is RunState.RUNNING or int(recorded) not in used):
+                return int(recorded)
+        used |= {int(p) for u in units if (p := (u.get("meta") or {}).get("private-port", "")).isdigit()}
+        return allocate_port(used, ctx.qualified_name)
+
+    async def _unit_of(self, ctx: ReleaseContext) -> dict[str, Any] | None:
+        """The probed unit that runs ``ctx``'s release (None: no such unit, or it names another release)."""
+        unit = ctx_unit(ctx)
+        found = next((u for u in await self._probe(ctx.qualified_name) if u.get("unit") == unit), None)
+        if found is None or (found.get("meta") or {}).get("release") != ctx.release.id:
+            return None
+        return found
 
     async def state(self, ctx: ReleaseContext) -> RunState | None:
-        units = await self._probe(ctx.qualified_name)
-        if not units:
+        unit = ctx_unit(ctx)
+        u = next((u for u in await self._probe(ctx.qualified_name) if u.get("unit") == unit), None)
+        if u is None or run_state(u.get("props") or {}) is None:
             return None
-        u = units[0]
-        state = run_state(u.get("props") or {})
-        if state is None:
-            return None
-        release = ctx.release.id
-        if u.get("current") != release or (u.get("meta") or {}).get("release") != release:
-            return RunState.STOPPED
-        return state
+        if (u.get("meta") or {}).get("release") != ctx.release.id:
+            return RunState.STOPPED  # the service's one unit names another release now
+        return unit_state(u)
 
     async def logs(self, ctx: ReleaseContext, lines: int = 40) -> Output:
-        unit = unit_name(ctx.qualified_name)
+        unit = ctx_unit(ctx)
         done = await self.conn.run(["python3", "-c", UNIT_LOGS, posixpath.join(UNIT_DIR, unit), unit, str(lines)],
                                    check=False)
         try:
@@ -249,51 +176,95 @@ class SystemdRuntime(Runtime):
         code = int(status) if status.isdigit() and d.get("code") == "exited" else None
         return Output([line for line in d.get("lines") or [] if line.strip()][-lines:], code)
 
-    async def discard(self, ctx: ReleaseContext) -> None:
+    async def stop_others(self, ctx: ReleaseContext) -> list[str]:
+        """After the switch: the new release's unit starts at boot and ``current`` names it; the service's other
+        running units stop (kept for rollback). Returns the units stopped."""
+        mine = ctx_unit(ctx)
         units = await self._probe(ctx.qualified_name)
-        if units and (units[0].get("meta") or {}).get("release") == ctx.release.id:
-            unit = unit_name(ctx.qualified_name)
-            await self.conn.run(["systemctl", "stop", "--", unit], check=False)
-            await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)
+        running = [u["unit"] for u in units if u["unit"] != mine and unit_state(u) is RunState.RUNNING]
+        enabled = [u["unit"] for u in units if u["unit"] != mine
+                   and (u.get("props") or {}).get("UnitFileState") == "enabled"]
+        await execute(self.conn, switched_steps(ctx, sorted(set(running) | set(enabled))))
+        return running
+
+    async def stop_unproxied(self, ctx: ReleaseContext) -> list[str]:
+        """Before the proxy first binds the public port: the service's one unit from before the proxy (or from
+        ``ingress: none``) holds it; it stops, and its file goes (its release stays on the host, and comes back
+        behind the proxy, in a unit of its own, when rolled back to)."""
+        legacy = unit_name(ctx.qualified_name)
+        units = [u for u in await self._probe(ctx.qualified_name) if u.get("unit") == legacy]
+        if not units:
+            return []
+        await execute(self.conn, [Run("systemctl", "disable", "--now", "--quiet", "--", legacy, timeout=60),
+                                  Run("rm", "-f", "--", posixpath.join(UNIT_DIR, legacy)),
+                                  Run("systemctl", "daemon-reload"),
+                                  Run("systemctl", "reset-failed", "--", legacy, ok=None)])
+        return [legacy]
+
+    async def discard(self, ctx: ReleaseContext) -> None:
+        if await self._unit_of(ctx) is None:
+            return
+        unit = ctx_unit(ctx)
+        steps = [Run("systemctl", "stop", "--", unit, ok=None, timeout=60), Run("systemctl", "reset-failed", "--",
+                                                                                 unit, ok=None)]
+        if ctx.behind_ingress:  # a failed release's own unit goes, as a failed container does
+            steps += [Run("systemctl", "disable", "--quiet", "--", unit, ok=None),
+                      Run("rm", "-f", "--", posixpath.join(UNIT_DIR, unit)), Run("systemctl", "daemon-reload")]
+        await execute(self.conn, steps)
 
     async def has_instances(self, service: str) -> bool:
         return bool(await self._probe(self.qualified(service)))
 
+    async def _remove_units(self, units: list[str]) -> None:
+        """Stop, disable and delete these unit files of ours (found by the probe: this instance's metadata)."""
+        if not units:
+            return
+        await execute(self.conn, [Run("systemctl", "disable", "--now", "--quiet", "--", *units, ok=None,
+                                      timeout=120),
+                                  Run("rm", "-f", "--", *(posixpath.join(UNIT_DIR, u) for u in units)),
+                                  Run("systemctl", "daemon-reload"),
+                                  Run("systemctl", "reset-failed", "--", *units, ok=None)])
+
     async def remove_service(self, service: str) -> Removed:
         owned = await self.owned_dir(service)  # refuses before anything is removed
         q = self.qualified(service)
-        unit = unit_name(q)
         layout = self.layout(service)
+        if self.host.ingress != "none":  # the proxy stops taking its public port first
+            await IngressProxy(self.conn, self.host.name).remove_route(q)
         listed = await self.conn.run(["ls", "-1", "--", layout.releases_dir], check=False)
         releases = sorted({release_id(e) for e in listed.stdout.split()})
-        await self.conn.run(["systemctl", "disable", "--now", "--quiet", "--", unit], check=False)
-        await self.conn.run(["rm", "-f", "--", posixpath.join(UNIT_DIR, unit)])
-        await self.conn.run(["systemctl", "daemon-reload"])
-        await self.conn.run(["systemctl", "reset-failed", "--", unit], check=False)
+        units = sorted({u["unit"] for u in await self._probe(q)} | {unit_name(q)})
+        await self._remove_units(units)
         if owned:
             await self.conn.run(["rm", "-rf", "--", layout.service_dir])
         # the user deployerd made for it (a user named in the manifest is the admin's, left alone)
         await self.conn.run(["userdel", "--", default_user(q)], check=False)
-        return Removed(releases, {"unit": unit})
+        return Removed(releases, {"unit": unit_name(q), "units": units})
 
     async def retain(self, service: str, keep: list[str]) -> Removed:
         if not await self.owned_dir(service):
             return Removed([])
         layout = self.layout(service)
+        q = self.qualified(service)
+        units = await self._probe(q)
         current = (await self.conn.run(["readlink", "--", layout.current], check=False)).stdout.strip()
-        protect = set(keep) | {posixpath.basename(current)}  # never what serves, whatever keep says
+        running = {(u.get("meta") or {}).get("release", "") for u in units if unit_state(u) is RunState.RUNNING}
+        protect = set(keep) | {posixpath.basename(current)} | running  # never what serves, whatever keep says
         stale = sorted(r for r in await self.host_releases(service) if r not in protect)
-        await self.remove_stale_temps([UNIT_DIR], unit_name(self.qualified(service)))
+        gone = [u["unit"] for u in units
+                if u.get("per_release") and (u.get("meta") or {}).get("release") not in protect]
+        await self._remove_units(gone)
+        await self.remove_stale_temps([UNIT_DIR], unit_name(q, None if self.host.ingress == "none" else "*"))
         await self.remove_release_files(service, stale)
         if stale:
             await self.conn.run(["python3", "-c", PRUNE_PYENVS, layout.service_dir], check=False)
-        return Removed(stale)
+        return Removed(stale, {"units_removed": gone} if gone else {})
 
 
 def _ended(out: Output) -> str:
     return f" (its process exited with code {out.exit_code})" if out.exit_code else ""
 
 
-__all__ = ["COMPLETE_MARKER", "ReleaseFacts", "SystemdRuntime", "build_steps", "command_argv", "default_user",
-           "parse_probe", "render_unit", "run_state", "start_steps", "systemd_env_file_text", "unit_name",
-           "unit_quote", "venv_dir"]
+__all__ = ["COMPLETE_MARKER", "PROBE", "ReleaseFacts", "SystemdRuntime", "build_steps", "command_argv",
+           "default_user", "parse_probe", "render_unit", "run_state", "start_steps", "systemd_env_file_text",
+           "unit_name", "unit_quote", "venv_dir"]

@@ -126,12 +126,19 @@ def build_steps(ctx: ReleaseContext, facts: ReleaseFacts) -> list[Step]:
     return steps + _link(posixpath.join("..", "pyenvs", facts.key), layout.venv(rid))
 
 
-def start_steps(ctx: ReleaseContext, user: str, unit_text: str) -> tuple[list[Step], list[Step]]:
+def start_steps(ctx: ReleaseContext, user: str, unit_text: str, private_port: int | None = None
+                ) -> tuple[list[Step], list[Step]]:
     """Start Service as two lists: what makes the host name the new release (user, env file, data dir, unit,
     ``current``), then what makes systemd run it. The caller runs them in two round trips (a crash test
-    stops the daemon between them)."""
-    layout, unit = ctx.layout, unit_name(ctx.qualified_name)
-    name = [
+    stops the daemon between them).
+
+    With ``private_port`` (behind the host's ingress proxy) the release gets its own unit, started beside the
+    one that serves; ``current`` and the boot-time enablement move to it only once the proxy switched to it
+    (``switched_steps``). A unit of the release that already runs is left running (``start``, not
+    ``restart``): after an interrupted switch it may be the one the proxy sends requests to."""
+    layout = ctx.layout
+    unit = unit_name(ctx.qualified_name, None if private_port is None else ctx.release.id)
+    name: list[Step] = [
         Run("useradd", "--system", "--no-create-home", "--user-group", "--home-dir", "/nonexistent",
             "--shell", "/usr/sbin/nologin", "--", user, ok=(0, 9)),  # 9: it exists
         Run("install", "-d", "-m", "0700", "--", layout.env_dir),
@@ -139,15 +146,28 @@ def start_steps(ctx: ReleaseContext, user: str, unit_text: str) -> tuple[list[St
         Run("install", "-d", "-m", "0750", "--", layout.data_dir),
         Run("chown", "--", f"{user}:", layout.data_dir),  # the user and its login group
         Write(posixpath.join(UNIT_DIR, unit), unit_text.encode()),
-        *_link(posixpath.join("releases", ctx.release.id), layout.current),
     ]
+    reset = Run("systemctl", "reset-failed", "--", unit, ok=None)  # clear a spent start limit
+    if private_port is not None:
+        return name, [Run("systemctl", "daemon-reload"), reset, Run("systemctl", "start", "--", unit, timeout=120)]
     run: list[Step] = [
         Run("systemctl", "daemon-reload"),
         Run("systemctl", "enable", "--quiet", "--", unit),
-        Run("systemctl", "reset-failed", "--", unit, ok=None),  # clear a spent start limit
+        reset,
         Run("systemctl", "restart", "--", unit, timeout=120),
     ]
-    return name, run
+    return name + _link(posixpath.join("releases", ctx.release.id), layout.current), run
+
+
+def switched_steps(ctx: ReleaseContext, others: list[str]) -> list[Step]:
+    """Behind the proxy, once it serves ``ctx``'s release and the old one drained: the release's unit is the
+    one that starts at boot and ``current`` names it; every other unit of the service (``others``: the
+    previous releases' and the per-service unit of a host from before the proxy) stops, kept for rollback."""
+    steps: list[Step] = [Run("systemctl", "enable", "--quiet", "--", unit_name(ctx.qualified_name, ctx.release.id)),
+                         *_link(posixpath.join("releases", ctx.release.id), ctx.layout.current)]
+    if others:
+        steps.append(Run("systemctl", "disable", "--now", "--quiet", "--", *others, timeout=60))
+    return steps
 
 
 # The journal of one unit since its file was last written (the start of the release it names), and how its

@@ -17,8 +17,14 @@ META_PREFIX = "X-Deployerd-"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def unit_name(qualified: str) -> str:
-    return f"deployerd-{qualified}.service"
+def unit_name(qualified: str, release: str | None = None) -> str:
+    """The service's one unit (``ingress: none``), or one release's unit behind the host's ingress proxy."""
+    return f"deployerd-{qualified}.service" if release is None else f"deployerd-{qualified}@{release}.service"
+
+
+def ctx_unit(ctx: ReleaseContext) -> str:
+    """The unit that runs ``ctx``'s release: its own behind an ingress proxy, else the service's one."""
+    return unit_name(ctx.qualified_name, ctx.release.id if ctx.behind_ingress else None)
 
 
 def default_user(qualified: str) -> str:
@@ -67,27 +73,35 @@ def systemd_env_file_text(env: dict[str, str]) -> bytes:
     return "".join(f"{k}={env_file_quote(v)}\n" for k, v in sorted(env.items())).encode()
 
 
-def command_argv(ctx: ReleaseContext, venv_bins: set[str]) -> list[str]:
-    """The manifest's command as argv: ``{port}`` substituted, the first word resolved against the venv's
-    bin (then left to systemd's own search), a relative path taken from the ``current`` release dir."""
+def command_argv(ctx: ReleaseContext, venv_bins: set[str], private_port: int | None = None) -> list[str]:
+    """The manifest's command as argv: ``{port}`` and ``{host}`` substituted (the public port and 0.0.0.0, or
+    behind an ingress proxy the release's private port and 127.0.0.1), the first word resolved against the
+    venv's bin (then left to systemd's own search), a relative path taken from the release's dir."""
     try:
         argv = shlex.split(ctx.spec.systemd.command)
     except ValueError as e:
         raise StartError(f"systemd.command of {ctx.spec.name} cannot be split into words: {e}") from None
     if not argv:
         raise StartError(f"systemd.command of {ctx.spec.name} is empty")
-    argv = [a.replace("{port}", str(ctx.spec.port)) for a in argv]
+    port, host = (ctx.spec.port, "0.0.0.0") if private_port is None else (private_port, "127.0.0.1")
+    argv = [a.replace("{port}", str(port)).replace("{host}", host) for a in argv]
     exe = argv[0]
     if "/" not in exe:
         if exe in venv_bins:
             argv[0] = posixpath.join(venv_dir(ctx.service_dir, ctx.release.id), "bin", exe)
     elif not exe.startswith("/"):
-        argv[0] = posixpath.normpath(posixpath.join(ctx.service_dir, "current", exe))
+        argv[0] = posixpath.normpath(posixpath.join(_workdir(ctx, private_port), exe))
     return argv
 
 
-def render_unit(ctx: ReleaseContext, user: str, argv: list[str]) -> str:
-    """The unit file of ``ctx``'s release (pure: same input, same text)."""
+def _workdir(ctx: ReleaseContext, private_port: int | None) -> str:
+    """The service's ``current`` link (its one unit), or behind an ingress proxy the release's own dir."""
+    return posixpath.join(ctx.service_dir, "current") if private_port is None else ctx.release_dir
+
+
+def render_unit(ctx: ReleaseContext, user: str, argv: list[str], private_port: int | None = None) -> str:
+    """The unit file of ``ctx``'s release (pure: same input, same text). With ``private_port``: the release's
+    own unit behind the host's ingress proxy, which records the port where observation reads it back."""
     venv_bin = posixpath.join(venv_dir(ctx.service_dir, ctx.release.id), "bin")
     meta = {
         "Service": ctx.spec.name,
@@ -97,6 +111,7 @@ def render_unit(ctx: ReleaseContext, user: str, argv: list[str]) -> str:
         "Managed-By": ctx.managed_by,
         "Port": str(ctx.spec.port),
         "Inputs": json.dumps(ctx.release.inputs, sort_keys=True, separators=(",", ":")),
+        **({"Private-Port": str(private_port)} if private_port is not None else {}),
     }
     for key, value in meta.items():
         if any(c in value for c in "\0\n\r"):
@@ -115,7 +130,7 @@ def render_unit(ctx: ReleaseContext, user: str, argv: list[str]) -> str:
         "[Service]",
         "Type=exec",
         f"User={_plain(user)}",
-        f"WorkingDirectory={_plain(posixpath.join(ctx.service_dir, 'current'))}",
+        f"WorkingDirectory={_plain(_workdir(ctx, private_port))}",
         f"EnvironmentFile={_plain(ctx.env_file)}",
         f"Environment={unit_quote(f'PATH={venv_bin}:{BASE_PATH}')}",
         f"Environment={unit_quote(f'VIRTUAL_ENV={posixpath.dirname(venv_bin)}')}",

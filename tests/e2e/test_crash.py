@@ -1,5 +1,5 @@
 """Crash safety: SIGKILL the daemon inside each of the six phases, for Docker and for systemd, and restart it
-(and, behind a host's ingress proxy, on either side of the switch).
+(and, behind a host's ingress proxy, on either side of the switch, Docker and systemd).
 
 The daemon runs as a real process (``python -m deployerd run``) on a real git repository, the sandbox hosts
 and the sandbox Registry. Each case deploys a new release, watches the job through the HTTP API until the
@@ -152,6 +152,7 @@ class Stack:
         self.version = 0
         self.release = ""
         self.desired: DesiredState | None = None
+        self.ingress = False  # behind the host's proxy: one unit per release (systemd)
 
     # ---------------------------------------------------------------- desired state
     def write(self, slow: str | None) -> None:
@@ -303,6 +304,13 @@ class Stack:
             assert len(found) <= KEEP, f"containers: {[c['Names'] for c in found]}"
             image_releases = {(i.get("Labels") or {}).get("deployerd.release") for i in images}
             assert self.release in image_releases and len(images) <= KEEP, f"images: {image_releases}"
+        elif self.ingress:  # one unit per release: the desired one runs, the others are kept stopped
+            found = (await self.run("find", UNIT_DIR, "-maxdepth", "1", "-name", f"deployerd-{q}[@.]*")).split()
+            units = sorted(f.rsplit("/", 1)[-1] for f in found)
+            running = [u for u in units if (await self.run("systemctl", "is-active", u)).strip() == "active"]
+            assert running == [unit_name(q, self.release)], f"running units of {self.service}: {running} of {units}"
+            assert unit_name(q) not in units and len(units) <= KEEP, f"unit files: {units}"
+            assert (await self.run("readlink", f"{sdir}/current")).strip() == f"releases/{self.release}"
         else:
             units = (await self.run("find", UNIT_DIR, "-maxdepth", "1", "-name", f"*deployerd-{q}*")).split()
             assert units == [f"{UNIT_DIR}/{unit_name(q)}"], f"unit files: {units}"
@@ -434,22 +442,24 @@ async def test_sigterm_drains_the_deploy_in_flight(stacks: Stacks, method: str) 
     await st.assert_host_clean()
 
 
-INGRESS_PORT = 8433
+INGRESS_PORTS = {"docker": 8433, "systemd": 8434}
 SWITCH_POINTS = ["Before Switch", "Switch"]  # failpoints in deployerd.switch: new instance up / proxy switched
 
 
 @pytest.mark.timeout(600)
-async def test_sigkill_around_the_ingress_switch(sandbox: SandboxInfo,
-                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Behind the host's proxy (Docker): SIGKILL between starting the new instance and the switch, and between
-    the switch and stopping the old one. After a restart exactly one instance serves, none is orphaned, and a
-    bounded load through the public port saw no failed request over the whole crash and recovery."""
+@pytest.mark.parametrize("method", list(INGRESS_PORTS))
+async def test_sigkill_around_the_ingress_switch(sandbox: SandboxInfo, tmp_path_factory: pytest.TempPathFactory,
+                                                 method: str) -> None:
+    """Behind the host's proxy (Docker; systemd with one unit per release): SIGKILL between starting the new
+    instance and the switch, and between the switch and stopping the old one. After a restart exactly one
+    instance serves, none is orphaned, and a bounded load through the public port saw no failed request over
+    the whole crash and recovery."""
     from load_gen import run_load
 
     assert sandbox.registry is not None
     async with SlowRegistry(sandbox.registry.url) as registry:
-        st = Stack("docker", sandbox, tmp_path_factory.mktemp("crash-ingress"), registry)
-        st.service, st.port = "crash-ingress", INGRESS_PORT
+        st = Stack(method, sandbox, tmp_path_factory.mktemp(f"crash-ingress-{method}"), registry)
+        st.service, st.port, st.ingress = f"crash-ingress-{method}", INGRESS_PORTS[method], True
         hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
                           "public_address": h.internal_address, "ingress": "haproxy"} for h in sandbox.hosts}
         st.repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
@@ -463,7 +473,7 @@ async def test_sigkill_around_the_ingress_switch(sandbox: SandboxInfo,
                 await st.daemon.stop()
                 await st.start(failpoints=point)
                 stop = asyncio.Event()
-                load = asyncio.create_task(run_load(address, INGRESS_PORT, rate=50, seconds=300, stop=stop,
+                load = asyncio.create_task(run_load(address, st.port, rate=50, seconds=300, stop=stop,
                                                          path="/health"))
                 try:
                     st.write(None)

@@ -30,10 +30,10 @@ def with_ingress(repo: DesiredRepo, sandbox: SandboxInfo) -> None:
     repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
 
 
-async def under_load(sandbox: SandboxInfo, work: Any) -> LoadResult:
+async def under_load(sandbox: SandboxInfo, work: Any, port: int = PORT) -> LoadResult:
     """``work`` (a coroutine) while 50 requests/s go to the public port; bounded to 120 s."""
     stop = asyncio.Event()
-    load = asyncio.create_task(run_load(sandbox.hosts[0].internal_address, PORT, rate=50, seconds=120, stop=stop))
+    load = asyncio.create_task(run_load(sandbox.hosts[0].internal_address, port, rate=50, seconds=120, stop=stop))
     await asyncio.sleep(0.5)
     try:
         await work

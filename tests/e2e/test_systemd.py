@@ -38,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 VERSION = {version!r}
 MODE = {mode!r}
 port = int(sys.argv[sys.argv.index("--port") + 1])
+host = sys.argv[sys.argv.index("--host") + 1] if "--host" in sys.argv else "0.0.0.0"
 if MODE == "crash":
     print("fatal: config missing", flush=True)
     sys.exit(1)
@@ -55,10 +56,14 @@ def can_write(path):
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a load through the public port reuses its connection
+
     def do_GET(self):
         if self.path == "/health":
             code = 200 if MODE == "ok" else 500
             body = {{"status": "active" if code == 200 else "broken", "version": VERSION}}
+        elif self.path == "/":  # what a load through the public port asks for
+            code, body = 200, {{"version": VERSION}}
         elif self.path == "/facts":
             service_dir = os.path.dirname(os.path.dirname(os.getcwd()))
             try:
@@ -86,7 +91,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+ThreadingHTTPServer((host, port), Handler).serve_forever()
 '''
 
 HOSTILE_ENV = 'q"x\\y $HOME %h #z \'s `id` ;'  # quotes, backslash, variable, specifier, comment, backticks

@@ -8,6 +8,7 @@ import json
 from deployerd.runtimes.docker import build_argv, container_config
 from deployerd.runtimes.steps import Run, Write, payload
 from deployerd.runtimes.systemd import ReleaseFacts, build_steps, start_steps
+from deployerd.runtimes.systemd_steps import switched_steps
 
 from fakes import context
 
@@ -99,3 +100,29 @@ def test_start_steps_name_the_release_then_run_it() -> None:
     sent = json.loads(payload(name))
     assert all("s3cret" not in json.dumps(item.get("run", "")) for item in sent)
     assert sent[2]["mode"] == 0o600 and "data" in sent[2]
+
+
+def test_behind_the_proxy_a_release_gets_its_own_unit_started_beside_the_old_one() -> None:
+    ctx = context(method="systemd", systemd={"command": "python3 app.py"}).with_env({"TOKEN": "s3cret"})
+    rid, unit = ctx.release.id, f"deployerd-web@{ctx.release.id}.service"
+    name, run = start_steps(ctx, "deployerd-web", "UNIT TEXT", private_port=21234)
+    writes = [s.path for s in name if not isinstance(s, Run)]
+    assert writes == [f"{SDIR}/env/{rid}.env", f"/etc/systemd/system/{unit}"]
+    assert not any(isinstance(s, Run) and "current" in " ".join(s.argv) for s in name)  # current moves at switch
+    # start, not restart: a unit of this release that runs may be the one the proxy already sends requests to
+    assert run == [Run("systemctl", "daemon-reload"), Run("systemctl", "reset-failed", "--", unit, ok=None),
+                   Run("systemctl", "start", "--", unit, timeout=120)]
+    assert all("s3cret" not in a for s in name + run if isinstance(s, Run) for a in s.argv)
+
+
+def test_after_the_switch_the_new_unit_is_enabled_current_and_the_others_stop() -> None:
+    ctx = context(method="systemd", systemd={"command": "python3 app.py"})
+    rid = ctx.release.id
+    steps = switched_steps(ctx, ["deployerd-web@old.service", "deployerd-web.service"])
+    assert [s.argv for s in steps if isinstance(s, Run)] == [
+        ("systemctl", "enable", "--quiet", "--", f"deployerd-web@{rid}.service"),
+        ("ln", "-sfnT", "--", f"releases/{rid}", f"{SDIR}/current.new"),
+        ("mv", "-T", "--", f"{SDIR}/current.new", f"{SDIR}/current"),
+        ("systemctl", "disable", "--now", "--quiet", "--", "deployerd-web@old.service", "deployerd-web.service"),
+    ]
+    assert len(switched_steps(ctx, [])) == 3  # nothing else to stop

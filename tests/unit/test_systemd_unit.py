@@ -282,3 +282,101 @@ def test_service_unit_of_deployerd_itself_verifies() -> None:
                 if "deployerd.service" in line and "/opt/deployerd/bin/deployerd" not in line
                 and "User=deployerd" not in line]
     assert problems == [], done.stderr
+
+
+# --------------------------------------------------------------------------- one unit per release, behind the proxy
+
+
+def test_a_release_unit_behind_the_proxy_records_its_private_port_and_binds_loopback(tmp_path: Path) -> None:
+    c = ctx(command="python3 app.py --host {host} --port {port}", base_dir=str(tmp_path / "services"))
+    text = render_unit(c, "u", command_argv(c, {"python3"}, 21234), 21234)
+    lines = set(text.splitlines())
+    assert "X-Deployerd-Private-Port=21234" in lines and "X-Deployerd-Port=8300" in lines
+    assert f"WorkingDirectory={c.release_dir}" in lines  # its own release, not `current`
+    assert exec_start(text).endswith('"app.py" "--host" "127.0.0.1" "--port" "21234"')
+    stop_first = render_unit(c, "u", command_argv(c, {"python3"}))
+    assert exec_start(stop_first).endswith('"app.py" "--host" "0.0.0.0" "--port" "8300"')
+    assert not any(line.startswith("X-Deployerd-Private-Port") for line in stop_first.splitlines())
+    assert unit_name("web", "abcdef012345") == "deployerd-web@abcdef012345.service"
+    if shutil.which("systemd-analyze") is None:
+        return
+    venv_bin = Path(venv_dir(c.service_dir, c.release.id)) / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python3").symlink_to(sys.executable)
+    Path(c.release_dir).mkdir(parents=True)
+    (Path(c.service_dir) / "data").mkdir()
+    unit = tmp_path / unit_name(c.qualified_name, c.release.id)
+    unit.write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert [line for line in done.stderr.splitlines() if unit.name in line and "nobody" not in line
+            and "'u'" not in line and " u " not in line] == [], done.stderr
+
+
+def test_the_default_command_keeps_its_release_ids() -> None:
+    """``{host}`` came into the default command; a service on the default keeps the release id it had."""
+    from deployerd.releases import compute_release
+    from deployerd.schema import DEFAULT_COMMAND_BEFORE
+
+    spec = ServiceSpec(name="web", host="prod-1", port=8300, source="services/web", method="systemd")
+    before = spec.model_copy(update={"systemd": spec.systemd.model_copy(update={"command": DEFAULT_COMMAND_BEFORE})})
+    host = HostSpec(name="prod-1", address="10.0.0.1")
+    assert "{host}" in spec.systemd.command
+    assert compute_release(spec, host, []).id == compute_release(before, host, []).id
+    assert command_argv(ctx(command=spec.systemd.command), set())[2:] == ["--host", "0.0.0.0", "--port", "8300"]
+
+
+def _release_unit(release: str, state: str = "active", enabled: bool = False, mtime: float = 1.0,
+                  private: str = "21000") -> dict[str, Any]:
+    u = _unit("web", release, "r1", active=state, sub="running" if state == "active" else "dead",
+              **{"private-port": private})
+    u.update(unit=f"deployerd-web@{release}.service", per_release=True, mtime=mtime)
+    u["props"].update(Id=u["unit"], UnitFileState="enabled" if enabled else "disabled")
+    return u
+
+
+@pytest.mark.parametrize(("units", "current"), [
+    # a new release started beside the serving one (an interrupted switch): both running, both current until
+    # the proxy says which one it sends requests to (observe._serving)
+    ([_release_unit("r1", enabled=True), _release_unit("r2", mtime=2.0)], {"r1", "r2"}),
+    # none running (stopped by hand): the enabled one, what the last switch made serve
+    ([_release_unit("r1", "inactive", enabled=True), _release_unit("r2", "inactive", mtime=2.0)], {"r1"}),
+    # none running, none enabled: the newest
+    ([_release_unit("r1", "inactive"), _release_unit("r2", "inactive", mtime=2.0)], {"r2"}),
+    ([_release_unit("r2", enabled=True), _release_unit("r1", "inactive")], {"r2"}),
+])
+def test_release_units_which_is_current(units: list[dict[str, Any]], current: set[str]) -> None:
+    instances, _ = parse_probe(units, "prod-1")
+    assert {i.release for i in instances if i.current} == current
+    assert {i.private_port for i in instances} == {21000}
+    # a per-release unit runs its own release dir: `current` naming another release does not stop it
+    assert all(i.state is RunState.RUNNING for i in instances if i.release in current and len(current) == 2)
+
+
+def test_the_single_unit_from_before_the_proxy_is_read_beside_release_units() -> None:
+    legacy = _unit("web", "r0", "r0")
+    instances, _ = parse_probe([legacy, _release_unit("r1", "inactive")], "prod-1")
+    by = {i.release: i for i in instances}
+    assert by["r0"].current and by["r0"].private_port is None and by["r0"].state is RunState.RUNNING
+    assert by["r1"].private_port == 21000
+
+
+def test_probe_reads_release_units_and_filters_by_service(tmp_path: Path) -> None:
+    units, base = tmp_path / "units", tmp_path / "base"
+    units.mkdir()
+    c = ctx(base_dir=str(base))
+    (units / unit_name("web", "abcdef012345")).write_text(render_unit(c, "u", command_argv(c, set(), 21000), 21000))
+    (units / unit_name("web")).write_text(render_unit(c, "u", command_argv(c, set())))
+    (units / unit_name("web-api", "abcdef012345")).write_text(
+        render_unit(c, "u", command_argv(c, set(), 21001), 21001).replace("X-Deployerd-Service=web",
+                                                                        "X-Deployerd-Service=web-api"))
+    env = {**os.environ, "PATH": str(tmp_path)}
+    (tmp_path / "systemctl").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "systemctl").chmod(0o755)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(units), str(base), "default", "web"], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    found = json.loads(out)
+    assert sorted((u["unit"], u["per_release"]) for u in found) == [
+        ("deployerd-web.service", False), ("deployerd-web@abcdef012345.service", True)]  # not web-api's
+    instances, _ = parse_probe(found, "prod-1")
+    assert sorted((i.ref, i.private_port) for i in instances) == [
+        ("deployerd-web.service", None), ("deployerd-web@abcdef012345.service", 21000)]

@@ -25,9 +25,10 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="0.0.0.0")  # 127.0.0.1 behind the host's ingress proxy
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    ThreadingHTTPServer(("0.0.0.0", args.port), Handler).serve_forever()
+    ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
