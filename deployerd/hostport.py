@@ -16,7 +16,7 @@ from deployerd.health import HealthResult, wait_healthy
 from deployerd.ingress import IngressProxy
 from deployerd.locks import HostLock, HostLocks
 from deployerd.runtimes import HostHandle, ReleaseContext, Runtime
-from deployerd.switch import switch_to
+from deployerd.switch import retire, switch_to
 from deployerd.transfer import transfer
 from deployerd.tree import Tree
 
@@ -49,7 +49,11 @@ class HostPort(Protocol):
 
     async def switch(self, runtime: Runtime, ctx: ReleaseContext, http: httpx.AsyncClient,
                      private_port: int) -> dict[str, Any]:
-        """Behind the host's ingress proxy: send the public port's requests to ``ctx``'s proven instance."""
+        """Behind the host's ingress proxy: send the public port's requests to ``ctx``'s proven instance and prove
+        it through the front door."""
+
+    async def retire(self, runtime: Runtime, ctx: ReleaseContext, before: str | None) -> dict[str, Any]:
+        """Behind the host's ingress proxy, after the switch: drain ``before``, stop the others (kept)."""
 
     async def serving(self, ctx: ReleaseContext) -> str | None:
         """Behind the host's ingress proxy: the release it sends ``ctx``'s service's requests to."""
@@ -85,6 +89,9 @@ class SSHHostPort:
     async def switch(self, runtime: Runtime, ctx: ReleaseContext, http: httpx.AsyncClient,
                      private_port: int) -> dict[str, Any]:
         return await switch_to(self.handle.conn, runtime, ctx, http, private_port)
+
+    async def retire(self, runtime: Runtime, ctx: ReleaseContext, before: str | None) -> dict[str, Any]:
+        return await retire(self.handle.conn, runtime, ctx, before)
 
     async def serving(self, ctx: ReleaseContext) -> str | None:
         active = (await IngressProxy(self.handle.conn, ctx.host.name).state()).active(ctx.qualified_name)

@@ -130,22 +130,29 @@ class Deployer(JobRecorder):
             started = await runtime.start(ctx)
             rec.details.update(started.record())
         boundary()
-        async with self._phase(job, HEALTH, run.records, run.rollback) as rec:
-            health, switched = await self._prove(rec, port, runtime, ctx, started.private_port, run.stop)
-        await self.store.save_release(release_record(ctx, "good"))
-        async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
-            if ctx.spec.register:
-                job.registration = await self._register(ctx)
-                rec.details.update(job.registration)
-            else:
-                self._skip(rec, "register: false in the manifest")
+        async with self._phase(job, HEALTH, run.records, run.rollback) as proved:
+            health, switched = await self._prove(proved, port, runtime, ctx, started.private_port, run.stop)
+        # behind an ingress the old release drains and stops while the proven one registers (see switch.py)
+        retiring = asyncio.create_task(port.retire(runtime, ctx, switched["upstream_before"])) if switched else None
+        try:
+            await self.store.save_release(release_record(ctx, "good"))
+            async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
+                if ctx.spec.register:
+                    job.registration = await self._register(ctx)
+                    rec.details.update(job.registration)
+                else:
+                    self._skip(rec, "register: false in the manifest")
+        finally:
+            if retiring is not None:
+                await self._retired(job, ctx, proved, switched, retiring)
         return {"health_seconds": health.seconds, "container_reused": started.reused, "rebuilt": not built,
                 **({"switch": switched} if switched else {})}
 
     async def _prove(self, rec: PhaseRecord, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
                      private: int | None, stop: Callable[[], bool]) -> tuple[HealthResult, dict[str, Any]]:
         """Verify Health: the new instance answers on its port; behind an ingress (its private port), then the
-        proxy switches to it, the front door proves it, the old one drains and stops (``switch.switch_to``)."""
+        proxy switches to it and the front door proves it (``switch.switch_to``); the old one drains and stops
+        while Register runs (``_retired``)."""
         health = await port.wait_healthy(self.http, runtime, ctx, stop, private)
         rec.details.update(url=health.url, status_code=health.status_code, attempts=health.attempts,
                            seconds=health.seconds)
@@ -153,9 +160,20 @@ class Deployer(JobRecorder):
             return health, {}
         switched = await port.switch(runtime, ctx, self.http, private)
         rec.details["switch"] = switched
+        return health, switched
+
+    async def _retired(self, job: Job, ctx: ReleaseContext, rec: PhaseRecord, switched: dict[str, Any],
+                       retiring: asyncio.Task[dict[str, Any]]) -> None:
+        """The old release's drain and stop, awaited after Register: recorded with the switch; a failure fails
+        Verify Health, as when it ran inside that phase."""
+        try:
+            switched.update(await retiring)
+        except Exception as e:
+            rec.status, rec.error = PhaseStatus.FAILED, self._scrub(job, str(e))
+            await self.store.save_job(job)
+            raise PhaseFailed(HEALTH, e) from e
         self.events.publish(Switched(service=ctx.spec.name, host=ctx.host.name, release=ctx.release.id,
                                      switch_s=switched["switch_seconds"], drain_s=switched["drain_seconds"]))
-        return health, switched
 
     async def _transfer(self, port: HostPort, ctx: ReleaseContext, run: Pass) -> dict[str, Any]:
         if run.source is None:

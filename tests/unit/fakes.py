@@ -22,14 +22,16 @@ from deployerd.runtimes.base import BuildResult, Output, ReleaseContext, Removed
 from deployerd.tree import Entry, Tree
 
 HOST = HostSpec(name="fake-1", address="10.0.0.1")
+INGRESS_HOST = HostSpec(name="fake-1", address="10.0.0.1", ingress="haproxy")
 
 
-def context(name: str = "web", version: str = "1", **spec: Any) -> ReleaseContext:
-    """A release context of a service whose source differs by ``version``."""
-    s = ServiceSpec.model_validate({"name": name, "host": HOST.name, "port": 8080, "source": f"services/{name}",
+def context(name: str = "web", version: str = "1", host: HostSpec = HOST, **spec: Any) -> ReleaseContext:
+    """A release context of a service whose source differs by ``version`` (on ``host``: INGRESS_HOST puts it
+    behind a proxy)."""
+    s = ServiceSpec.model_validate({"name": name, "host": host.name, "port": 8080, "source": f"services/{name}",
                                     **spec})
     entries = [Entry(path=f"services/{name}/index.html", kind="file", mode=0o100644, sha=version * 40, size=1)]
-    return ReleaseContext(spec=s, host=HOST, release=compute_release(s, HOST, entries), commit=f"c{version}")
+    return ReleaseContext(spec=s, host=host, release=compute_release(s, host, entries), commit=f"c{version}")
 
 
 class FakeTree:
@@ -88,7 +90,8 @@ class FakeRuntime(Runtime):
         self.fake.running[ctx.spec.name] = ctx.release.id
         reused = ctx.release.id in self.fake.started
         self.fake.started.add(ctx.release.id)
-        return StartResult(f"c-{ctx.release.id}", reused, previous)
+        private = 20000 + len(self.fake.started) if ctx.behind_ingress else None
+        return StartResult(f"c-{ctx.release.id}", reused, previous, private_port=private)
 
     async def state(self, ctx: ReleaseContext) -> RunState | None:
         return RunState.RUNNING if self.fake.running.get(ctx.spec.name) == ctx.release.id else RunState.STOPPED
@@ -125,6 +128,10 @@ class FakeHost:
     on_health: Callable[[ReleaseContext], None] | None = None  # called once per health wait (e.g. a new commit)
     calls: list[tuple[str, str]] = field(default_factory=list)
     locked: int = 0
+    # behind the fake proxy (contexts on INGRESS_HOST): what serves, and how retiring the old release goes
+    serves: dict[str, str] = field(default_factory=dict)  # service -> release the proxy sends requests to
+    retire_gate: asyncio.Event | None = None  # retire waits for it (bounded) before it stops the old release
+    retire_fail: BaseException | None = None  # the next retirement fails with it
 
     def __post_init__(self) -> None:
         self.rt = FakeRuntime(self)
@@ -162,10 +169,24 @@ class FakeHost:
 
     async def switch(self, runtime: Runtime, ctx: ReleaseContext, http: httpx.AsyncClient,
                      private_port: int) -> dict[str, Any]:
-        raise AssertionError("the fake host has no ingress proxy")
+        self.calls.append(("switch", ctx.release.id))
+        before = self.serves.get(ctx.spec.name)
+        self.serves[ctx.spec.name] = ctx.release.id
+        return {"upstream_before": before, "upstream_after": ctx.release.id, "front_door": ctx.release.id,
+                "switch_seconds": 0.01, "private_port": private_port}
+
+    async def retire(self, runtime: Runtime, ctx: ReleaseContext, before: str | None) -> dict[str, Any]:
+        self.calls.append(("retire", before or ""))
+        if self.retire_gate is not None:
+            await asyncio.wait_for(self.retire_gate.wait(), 5)
+        if self.retire_fail is not None:  # once: a rollback's own retirement then works
+            error, self.retire_fail = self.retire_fail, None
+            raise error
+        self.calls.append(("retired", before or ""))
+        return {"drain_seconds": 0.02, "stopped": [before] if before else []}
 
     async def serving(self, ctx: ReleaseContext) -> str | None:
-        return None
+        return self.serves.get(ctx.spec.name)
 
 
 class FakeRegistry:

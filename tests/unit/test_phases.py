@@ -3,21 +3,21 @@ failures, and the one place a job ends, on a fake host (tests/unit/fakes.py) wit
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import INGRESS_HOST, TREE, FakeHost, FakeRegistry, context
 
 from deployerd.connection import CommandError, HostUnreachable, RemoteFileError
-from deployerd.events import Event, EventBus, JobEnded, JobStarted, PhaseChanged, Quarantined, RolledBack
+from deployerd.events import Event, EventBus, JobEnded, JobStarted, PhaseChanged, Quarantined, RolledBack, Switched
 from deployerd.locks import LockBusy, LockRecord
 from deployerd.phases import Deployer, is_transient
 from deployerd.registry_client import RegistryError
 from deployerd.runtimes.base import ReleaseContext
 from deployerd.store import PHASES, Job, JobStatus, PhaseStatus, Store
-
-from fakes import TREE, FakeHost, FakeRegistry, context
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -196,3 +196,52 @@ async def test_jobs_that_crash_or_never_start_end_in_the_same_place(rig: Rig) ->
     assert never.status is JobStatus.FAILED and never.completed_at and never.duration_seconds == 0.0
     assert [e.job.id for e in rig.kinds(JobEnded)] == [job.id, never.id]
     assert (await rig.store.job(never.id)).error == "no record of release x"  # type: ignore[union-attr]
+
+
+def gate_on_register(rig: Rig) -> None:
+    """The old release's retirement waits until Register has run: it cannot finish first unless they overlap."""
+    gate = rig.host.retire_gate = asyncio.Event()
+    register = rig.registry.register
+
+    async def registering(*a: Any, **kw: Any) -> Any:
+        rig.host.calls.append(("register", a[0]))
+        gate.set()
+        return await register(*a, **kw)
+
+    rig.registry.register = registering  # type: ignore[method-assign]
+
+
+async def test_behind_an_ingress_the_old_release_retires_while_the_new_one_registers(rig: Rig) -> None:
+    old, new = context(version="1", host=INGRESS_HOST), context(version="2", host=INGRESS_HOST)
+    await rig.deploy(old)
+    gate_on_register(rig)
+    rig.host.calls.clear()
+    job = await rig.deploy(new, previous=old.release.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    order = [c for c in rig.host.calls if c[0] in ("switch", "retire", "register", "retired")]
+    assert order == [("switch", new.release.id), ("retire", old.release.id), ("register", "web"),
+                     ("retired", old.release.id)]
+    switched = job.phase("Verify Health").details["switch"]
+    assert switched["upstream_before"] == old.release.id and switched["stopped"] == [old.release.id]
+    assert switched["drain_seconds"] == 0.02  # recorded with the switch once the drain ended
+    assert [(e.release, e.drain_s) for e in rig.kinds(Switched)][-1] == (new.release.id, 0.02)
+
+
+@pytest.mark.parametrize("error, status", [(HostUnreachable("fake-1", "connection lost"), JobStatus.FAILED),
+                                           (CommandError("fake-1", "docker", 1, "no"), JobStatus.ROLLED_BACK)])
+async def test_a_failed_retirement_fails_verify_health_as_before(rig: Rig, error: Exception,
+                                                                 status: JobStatus) -> None:
+    """The drain and stop run beside Register, but their failure is still Verify Health's: transient, the job
+    fails and is retried; terminal, the release is quarantined and the old one restored."""
+    old, new = context(version="1", host=INGRESS_HOST), context(version="2", host=INGRESS_HOST)
+    await rig.deploy(old)
+    gate_on_register(rig)
+    rig.host.retire_fail = error
+    job = await rig.deploy(new, previous=old.release.id)
+    assert job.status is status, (job.status, job.error)
+    assert job.error and job.error.startswith("Verify Health:"), job.error
+    assert job.phase("Verify Health").status is PhaseStatus.FAILED
+    assert job.transient is (status is JobStatus.FAILED)
+    if status is JobStatus.ROLLED_BACK:
+        assert rig.host.serves == {"web": old.release.id} and job.rollback["release"] == old.release.id
+        assert rig.registry.entries["web"].metadata["release"] == old.release.id
