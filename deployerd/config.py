@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/var/lib/deployerd")
     poll_interval_s: float = Field(default=60.0, gt=0)
     resync_interval_s: float = Field(default=60.0, gt=0, description="periodic full reconcile (heals drift)")
+    heal_on_events: bool = Field(
+        default=True, description="watch each host's Docker and systemd events and heal a service stopped or "
+                                  "removed by hand at once (false: only the resync heals drift)",
+    )
     max_parallel: int = Field(default=4, ge=1, le=64)
     keep_releases: int = Field(default=3, ge=1, le=20)
     listen_host: str = "127.0.0.1"

@@ -24,6 +24,8 @@ from deployerd.config import Settings
 from deployerd.connection import Connection
 from deployerd.desired import DesiredState, HostSpec, ServiceSpec, endpoint_url
 from deployerd.events import EventBus, ReconcileDone
+from deployerd.heal import Healer
+from deployerd.hostwatch import HostWatchers
 from deployerd.jobqueue import BACKOFF_MAX_S, BACKOFF_MIN_S, JobQueue
 from deployerd.liveness import Liveness
 from deployerd.locks import HostLocks
@@ -35,7 +37,7 @@ from deployerd.phases import Deployer, is_transient
 from deployerd.plan import Action, ActionKind
 from deployerd.registry_client import RegistryClient
 from deployerd.restore import Restorer
-from deployerd.runtimes import ReleaseContext
+from deployerd.runtimes import RUNTIMES, ReleaseContext
 from deployerd.runtimes.base import qualified_name
 from deployerd.secrets import Secrets
 from deployerd.snapshot import Planner, Snapshot
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _NO_ENTRY = RegistryEntry(id=0, name="", endpoint="", status="")
 _LAUNCHED = (ActionKind.DEPLOY, ActionKind.RESTORE, ActionKind.REGISTER, ActionKind.PRUNE)
+_HEALS = (ActionKind.DEPLOY, ActionKind.RESTORE)  # what a host's event may start: an instance serving again
 
 
 class Engine:
@@ -76,6 +79,10 @@ class Engine:
         self.out_of_band = OutOfBand(self.secrets, store, self.hosts, self.deployer, settings.instance,
                                      busy=self.queue.busy, launch=self._launch, source_root=settings.api_source_root)
         self.board = Board()
+        # manual drift healed from the hosts' own events (see heal, hostwatch); watched while ``run`` runs
+        self.healer = Healer(self.heal_check, busy=self.queue.busy, on_note=self.board.note)
+        self.watchers = HostWatchers(self.hosts, self.healer.drift, self.events)
+        self._watching = False
         # "Healthy" is the manifest's probe passing: checked at start and at every resync, off the reconcile
         self.liveness = Liveness(self.deployer.http, self._connection)
         self._probing: asyncio.Task[None] | None = None
@@ -126,6 +133,7 @@ class Engine:
         scheduler.add_job(self._resync_tick, "interval", seconds=self.settings.resync_interval_s,
                           id="deployerd-resync", coalesce=True, max_instances=1)
         scheduler.start()
+        self._watching = self.settings.heal_on_events
         watcher = None
         if self.source.is_local:
             watcher = asyncio.create_task(self.source.watch(lambda: self.kick.set("git watch"), stop))
@@ -145,6 +153,7 @@ class Engine:
             scheduler.shutdown(wait=False)
             if watcher is not None:
                 watcher.cancel()
+            await self._stop_watching()
             await self.drain()
 
     async def recall_interrupted(self) -> None:
@@ -160,7 +169,14 @@ class Engine:
         if self._probing is not None:
             await asyncio.gather(self._probing, return_exceptions=True)
 
+    async def _stop_watching(self) -> None:
+        """No heal from an event after this (a stop, or a test removing what it deployed)."""
+        self._watching = False
+        await self.watchers.close()
+        await self.healer.close()
+
     async def close(self) -> None:
+        await self._stop_watching()
         await self.drain()
         await self.planner.close()
         await self.hosts.close()
@@ -220,21 +236,63 @@ class Engine:
         for action in snap.actions:
             if action.release:
                 self.queue.want(action.service, action.release)
-            if action.kind not in _LAUNCHED:
-                continue
-            if self.queue.busy(action.service):
-                continue  # the running job sees the newer wanted release at its next phase boundary
-            if self.queue.ended_after(action.service, looked_at):
-                continue  # its job ended after we looked (e.g. a rollback): the job's kick reconciles on fresh facts
             if action.kind is ActionKind.PRUNE and action.service in deploying:
                 continue
-            if self.queue.backing_off(action.service, now) and not revision_changed and force is None:
+            if not self._launchable(action, looked_at, now, retry_now=revision_changed or force is not None):
                 continue
             job = self._job_for(action, snap, kind)
             self._launch(job, self._run_action(job, action, snap))
         self.board.update(snap, self.queue.in_flight, self.liveness.probes)
+        if self._watching:
+            self.watchers.sync(_watchable(snap))
         if any(r in ("start", "resync") for r in reasons) and (self._probing is None or self._probing.done()):
             self._probing = asyncio.create_task(self._check_health(snap), name="health probes")
+
+    def _launchable(self, action: Action, looked_at: float, now: float, retry_now: bool) -> bool:
+        """May a job start now for ``action``, planned on facts read at ``looked_at``? ``retry_now``: git changed
+        or a sync asked, so a failing service's backoff (and a flapping one's) is not waited for."""
+        if action.kind not in _LAUNCHED:
+            return False
+        if self.queue.busy(action.service):
+            return False  # the running job sees the newer wanted release at its next phase boundary
+        if self.queue.ended_after(action.service, looked_at):
+            return False  # its job ended after we looked (e.g. a rollback): the job's kick reconciles on fresh facts
+        if retry_now:
+            return True
+        return not (self.queue.backing_off(action.service, now)
+                    or (action.kind in _HEALS and self.healer.holding(action.service, now)))
+
+    async def heal_check(self, host: str, services: set[str] | None, reasons: list[str]) -> set[str]:
+        """After ``host``'s own event: look at ``services`` there again (None: every one) and launch the jobs the
+        planner finds for them (trigger ``heal``), with a reconcile's plan, guards and job code; returns the
+        services a job started for. A service with a job in flight is not even looked at: the event is that
+        job's own doing, or the reconcile its end starts sees it."""
+        snap = self.seen
+        if snap is None or not self._watching or host not in snap.desired.hosts:
+            return set()
+        ours = set(snap.desired.services) | set(snap.out_of_band)
+        wanted = {s for s in (ours if services is None else services & ours) if not self.queue.busy(s)}
+        if not wanted:
+            return set()
+        looked_at = time.monotonic()
+        fresh = await self.planner.look_again(snap, host, self._interrupted)
+        now = time.monotonic()
+        launched: set[str] = set()
+        for action in fresh.actions:
+            if action.host != host or action.service not in wanted or action.kind not in _HEALS:
+                continue
+            if not self._watching or not self._launchable(action, looked_at, now, retry_now=False):
+                continue
+            if action.release:  # what the reconcile of ``snap`` wants too (a newer one supersedes this job)
+                self.queue.want(action.service, action.release)
+            job = self._job_for(action, fresh, "heal")
+            job.reasons = [*reasons, *action.reasons]
+            log.info("healing %s on %s: %s", action.service, host, "; ".join(job.reasons))
+            self._launch(job, self._run_action(job, action, fresh))
+            launched.add(action.service)
+        if launched and self.seen is not None:
+            self.board.update(self.seen, self.queue.in_flight, self.liveness.probes)
+        return launched
 
     async def _connection(self, host: HostSpec) -> Connection:
         return (await self.hosts.handle(host)).conn
@@ -332,6 +390,18 @@ def _observed_method(observed: ObservedState, action: Action) -> str:
         if inst.service == action.service:
             return inst.method
     return "docker"
+
+
+def _watchable(snap: Snapshot) -> dict[str, tuple[HostSpec, list[str]]]:
+    """host -> its spec and the runtimes that answered there: what the host watchers follow."""
+    out = {}
+    for name, spec in snap.desired.hosts.items():
+        facts = snap.observed.hosts.get(name)
+        if facts is not None and facts.reachable:
+            methods = [m for m in RUNTIMES if facts.unknown(m) is None]
+            if methods:
+                out[name] = (spec, methods)
+    return out
 
 
 def _owned(observed: ObservedState, service: str, instance: str) -> bool:

@@ -9,13 +9,14 @@ that pays: the pinned commit's tree and its validated manifests, reused while th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from deployerd.desired import DesiredState, load_desired
-from deployerd.observe import Hosts, methods_by_host, observe
+from deployerd.observe import Hosts, methods_by_host, observe, same_machine
 from deployerd.observed import ObservedState
 from deployerd.plan import Action, ActionKind, plan, plan_out_of_band, sort_key
 from deployerd.registry_client import RegistryClient
@@ -108,24 +109,43 @@ class Planner:
         desired, secret_env = await self.secrets.apply(loaded, tree)
         clock.lap("load")  # desired state and secrets
         oob = await self._out_of_band(desired) if self._out_of_band else {}
-        placed = [(s.host, s.method) for s in desired.services.values()] + \
-            [(c.spec.host, c.spec.method) for c in oob.values()]
-        observed = await observe(self.hosts, desired.hosts, self.registry, methods_by_host(placed))
+        observed = await observe(self.hosts, desired.hosts, self.registry, _methods(desired, oob))
         clock.lap("observe")
-        quarantined = {
-            s: q.release for s, q in (await self.store.quarantined()).items()
-            if force is None or (force and s not in force)
-        }
+        quarantined = await self._quarantined(force)
         clock.lap("store")
+        actions = self._plan(desired, observed, oob, quarantined, interrupted, prune_all)
+        clock.lap("plan")
+        return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
+                        fetch_error=fetch_error, stages=clock.stages, out_of_band=oob)
+
+    async def look_again(self, snap: Snapshot, host: str, interrupted: Mapping[str, str] | None = None) -> Snapshot:
+        """``snap`` with one host observed again and everything planned again on those facts (a heal after that
+        host's own event): no fetch, no load, no other host, the Registry as ``snap`` read it. The desired state
+        is the one the last reconcile acts on, so this plans nothing that reconcile would not."""
+        clock = _Stopwatch()
+        spec = snap.desired.hosts[host]
+        facts = await self.hosts.facts(spec, _methods(snap.desired, snap.out_of_band).get(host, ()))
+        hosts = same_machine({**snap.observed.hosts, host: facts})
+        observed = snap.observed.model_copy(update={"hosts": hosts})
+        clock.lap("observe")
+        quarantined = await self._quarantined(None)
+        actions = self._plan(snap.desired, observed, snap.out_of_band, quarantined, interrupted, False)
+        clock.lap("plan")
+        return dataclasses.replace(snap, observed=observed, actions=actions, stages=clock.stages)
+
+    async def _quarantined(self, force: set[str] | None) -> dict[str, str]:
+        return {s: q.release for s, q in (await self.store.quarantined()).items()
+                if force is None or (force and s not in force)}
+
+    def _plan(self, desired: DesiredState, observed: ObservedState, oob: Mapping[str, ReleaseContext],
+              quarantined: Mapping[str, str], interrupted: Mapping[str, str] | None, prune_all: bool) -> list[Action]:
         actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted,
                        prune_all=prune_all)
         if oob:  # healed and registered again like git's, never pruned by a commit
             wanted = {n: (c.spec, c.release) for n, c in oob.items()}
             actions = sorted(actions + plan_out_of_band(wanted, desired, observed, quarantined, self.instance),
                              key=sort_key)
-        clock.lap("plan")
-        return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
-                        fetch_error=fetch_error, stages=clock.stages, out_of_band=oob)
+        return actions
 
     def _log_invalid(self, loaded: DesiredState) -> None:
         """A WARNING per validation error when it appears, once (not at every reconcile of the same files)."""
@@ -163,6 +183,13 @@ class Planner:
             self._tree = None
         self.close_retired()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _methods(desired: DesiredState, oob: Mapping[str, ReleaseContext]) -> dict[str, set[str]]:
+    """host -> the runtimes of the services (git's and out-of-band) placed on it: what observation asks for."""
+    placed = [(s.host, s.method) for s in desired.services.values()] + [(c.spec.host, c.spec.method)
+                                                                         for c in oob.values()]
+    return methods_by_host(placed)
 
 
 def _close_all(trees: list[GitTree]) -> None:

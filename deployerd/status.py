@@ -55,6 +55,7 @@ class ServiceStatus:
     health_checked_at: str | None = None  # when its health probe last ran against the running release
     health_detail: str | None = None  # what the probe answered then
     health_checked_ts: float | None = None  # the same, seconds since the epoch
+    healing: str | None = None  # the flap guard holds its heals back (heal.Healer): why, and until when
 
     def metric_row(self) -> dict[str, str]:
         """Its ``deployerd_service_info`` labels (and ``health_checked_at``: seconds since the epoch, or "")."""
@@ -82,6 +83,20 @@ class Board:
         self.services: dict[str, ServiceStatus] = {}
         self.last_reconcile: ReconcileRecord | None = None
         self._rows: list[dict[str, str]] = []
+        self._notes: dict[str, str] = {}  # service -> what the flap guard says of it
+
+    def note(self, service: str, text: str | None) -> None:
+        """The flap guard's word on ``service`` (None: nothing to say), shown now and by every later update."""
+        if text is None:
+            self._notes.pop(service, None)
+        else:
+            self._notes[service] = text
+        status = self.services.get(service)
+        if status is not None:
+            status.reasons = [r for r in status.reasons if r != status.healing]
+            status.healing = text
+            if text is not None:
+                status.reasons.append(text)
 
     def update(self, snap: Snapshot, busy: Collection[str], probes: Mapping[str, Probe] | None = None) -> None:
         """The statuses of what ``snap`` saw and planned; ``busy`` names the services with a job in flight;
@@ -137,6 +152,9 @@ class Board:
         if probe is not None and (inst is None or probe.release != inst.release):
             probe = None  # it checked another release
         reasons = list(a.reasons)
+        healing = self._notes.get(a.service)
+        if healing is not None:
+            reasons.append(healing)
         if probe is not None and not probe.passed and health is HealthState.HEALTHY:
             health = HealthState.DEGRADED
             reasons.append(f"health probe failed at {probe.checked_at}: {probe.detail}")
@@ -149,7 +167,7 @@ class Board:
             reasons=reasons, url=endpoint_url(host, spec.port) if spec and host else None,
             last_job=prev.last_job if prev else None,
             health_checked_at=probe.checked_at if probe else None, health_detail=probe.detail if probe else None,
-            health_checked_ts=probe.checked_ts if probe else None,
+            health_checked_ts=probe.checked_ts if probe else None, healing=healing,
         )
 
 

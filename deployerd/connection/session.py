@@ -246,6 +246,34 @@ class Connection(RemoteFiles):
             await asyncio.sleep(delay)
         return await self._conn.run(command, input=input, check=False, timeout=timeout, encoding=None)
 
+    @contextlib.asynccontextmanager
+    async def stream(self, argv: Sequence[str]) -> AsyncIterator[AsyncIterator[str]]:
+        """Run a long-lived ``argv`` on the host (a watcher) and yield its stdout lines as they come.
+
+        Outside the command limit: it holds one session channel for as long as the block runs (sshd allows 10,
+        commands take at most ``max_sessions``). Its stdin stays open: leaving the block closes the channel, and
+        a helper reading stdin sees EOF and exits, so no watcher outlives its connection on the host. Lines stop
+        (the iterator ends) when the command exits or the connection is lost."""
+        if isinstance(argv, (str, bytes)) or not argv:
+            raise TypeError("argv must be a non-empty sequence of strings, not a shell string")
+        self.stats.commands += 1
+        try:
+            process = await self._conn.create_process(shlex.join(argv), encoding="utf-8", errors="replace")
+        except _CONNECTION_ERRORS as exc:
+            raise self._lost(exc) from None
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                async for line in process.stdout:
+                    yield line
+            except _CONNECTION_ERRORS as exc:
+                raise self._lost(exc) from None
+
+        try:
+            yield lines()
+        finally:
+            process.close()
+
     # -- SFTP
 
     async def sftp(self) -> asyncssh.SFTPClient:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +141,16 @@ class Removed:
 def env_file_text(env: dict[str, str]) -> bytes:
     """systemd EnvironmentFile / docker --env-file syntax; values were validated to hold no newline."""
     return "".join(f"{k}={v}\n" for k, v in sorted(env.items())).encode()
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A host's runtime reported something happening to one of this daemon's instances (its own event)."""
+
+    service: str | None  # None: the watch (re)started listening; anything may have changed before it did
+    what: str  # for humans: "docker: container deployerd-web-3f2a died (exit code 137)"
+    release: str = ""  # the instance's release, where the event names it
+    ref: str = ""  # the runtime's reference of the instance (a container id)
 
 
 class StartError(Exception):
@@ -291,6 +302,11 @@ class Runtime(ABC):
         """Behind an ingress, before the proxy binds the public port: stop the service's instances that bind it
         themselves (deployed stop-first, before the host had the proxy). Returns what it stopped."""
         return []
+
+    def watch(self) -> AsyncIterator[Drift]:
+        """This daemon's instances' state changes on the host, as the runtime reports them, until the stream
+        breaks: a ``Drift`` with no service first, once it listens (``hostwatch`` runs it)."""
+        raise NotImplementedError(f"{self.method} reports no events")
 
     @abstractmethod
     async def discard(self, ctx: ReleaseContext) -> None:

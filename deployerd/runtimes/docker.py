@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import posixpath
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from deployerd.runtimes.base import (
     LABEL_PREFIX,
     PRIVATE_PORT_LABEL,
     BuildResult,
+    Drift,
     Output,
     ReleaseContext,
     Removed,
@@ -34,8 +36,8 @@ from deployerd.runtimes.base import (
     StartResult,
     env_file_text,
 )
+from deployerd.runtimes.docker_watch import SERVICE_LABEL, container_events
 
-SERVICE_LABEL = f"{LABEL_PREFIX}service"
 INSTANCE_LABEL = f"{LABEL_PREFIX}instance"
 
 
@@ -188,6 +190,11 @@ class DockerRuntime(Runtime):
             if release and release not in kept[service]:
                 kept[service].append(release)
         return instances, kept
+
+    async def watch(self) -> AsyncIterator[Drift]:
+        """The engine's own events of this instance's containers (see ``docker_watch``)."""
+        async for drift in container_events(self.conn, self.host.name, f"{INSTANCE_LABEL}={self.instance}"):
+            yield drift
 
     async def has_artifact(self, ctx: ReleaseContext) -> bool:
         d = await self._docker()

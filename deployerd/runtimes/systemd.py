@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import AsyncIterator
 from typing import Any
 
 from deployerd.connection import CommandError
@@ -41,7 +42,16 @@ from deployerd.failpoints import failpoint
 from deployerd.ingress import IngressProxy, allocate_port
 from deployerd.layout import release_id
 from deployerd.observed import Instance, RunState
-from deployerd.runtimes.base import BuildResult, Output, ReleaseContext, Removed, Runtime, StartError, StartResult
+from deployerd.runtimes.base import (
+    BuildResult,
+    Drift,
+    Output,
+    ReleaseContext,
+    Removed,
+    Runtime,
+    StartError,
+    StartResult,
+)
 from deployerd.runtimes.steps import Run, execute
 from deployerd.runtimes.systemd_probe import PROBE, parse_probe, run_state, unit_state
 from deployerd.runtimes.systemd_steps import (
@@ -66,6 +76,7 @@ from deployerd.runtimes.systemd_unit import (
     unit_quote,
     venv_dir,
 )
+from deployerd.runtimes.systemd_watch import unit_changes
 
 
 def _tail(text: str, lines: int = 40) -> list[str]:
@@ -200,6 +211,18 @@ class SystemdRuntime(Runtime):
                                   Run("systemctl", "daemon-reload"),
                                   Run("systemctl", "reset-failed", "--", legacy, ok=None)])
         return [legacy]
+
+    async def watch(self) -> AsyncIterator[Drift]:
+        """Unit state changes of this instance's units (``deployerd-<name>.service`` and, behind an ingress,
+        ``deployerd-<name>@<release>.service``), from systemd's own signals (see ``systemd_watch``)."""
+        prefix = unit_name(self.qualified(""))[: -len(".service")]  # "deployerd-" or "deployerd-<instance>-"
+        async for unit in unit_changes(self.conn, prefix):
+            if unit is None:
+                yield Drift(None, f"systemd on {self.host.name}: watching unit state changes")
+                continue
+            service, _, release = unit[len(prefix):-len(".service")].partition("@")
+            if service:
+                yield Drift(service, f"systemd: unit {unit} changed state", release=release)
 
     async def discard(self, ctx: ReleaseContext) -> None:
         if await self._unit_of(ctx) is None:
