@@ -51,7 +51,7 @@ def write(repo: DesiredRepo, method: str, host: str, name: str, port: int, versi
     repo.service(name, port, host=host, version=version, health_timeout_s=6, drain_timeout_s=5,
                  dockerfile=EXITS if mode == "exit" else DOCKERFILE.format(port=port))
     if mode == "broken":
-        repo.remove(f"services/{name}/www/health")
+        (repo.path / "services" / name / "www" / "health").unlink()  # committed by the next `git add -A`
 
 
 async def main() -> None:
