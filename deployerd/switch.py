@@ -42,7 +42,11 @@ async def switch_to(conn: Connection, runtime: Runtime, ctx: ReleaseContext, htt
     proxy = IngressProxy(conn, ctx.host.name, ctx.spec.drain_timeout_s)
     name = ctx.qualified_name
     unproxied = await runtime.stop_unproxied(ctx)  # a host from before the proxy: its instance held the port
-    route = await proxy.ensure_route(name, ctx.spec.port, ctx.release.id, private_port)
+    try:
+        route = await proxy.ensure_route(name, ctx.spec.port, ctx.release.id, private_port)
+    except IngressError:
+        await runtime.start_unproxied(ctx, unproxied)  # the proxy did not take the port: what served serves again
+        raise
     await failpoint("Before Switch")  # test-only: the new instance runs beside the old one, which still serves
     switched = await proxy.switch(name, ctx.release.id, private_port)
     if route.get("serving_from_start") == ctx.release.id:  # a new frontend, bound serving this release

@@ -308,6 +308,9 @@ class Runtime(ABC):
         breaks: a ``Drift`` with no service first, once it listens (``hostwatch`` runs it)."""
         raise NotImplementedError(f"{self.method} reports no events")
 
+    async def start_unproxied(self, ctx: ReleaseContext, stopped: list[str]) -> None:  # noqa: B027 - optional
+        """The proxy could not take the public port after all: what ``stop_unproxied`` stopped serves again."""
+
     @abstractmethod
     async def discard(self, ctx: ReleaseContext) -> None:
         """Stop and remove a failed release's running instance (its files stay until retention)."""

@@ -267,6 +267,11 @@ class DockerRuntime(Runtime):
                 stopped.append(c["Names"][0].lstrip("/"))
         return stopped
 
+    async def start_unproxied(self, ctx: ReleaseContext, stopped: list[str]) -> None:
+        d = await self._docker()
+        for name in stopped:
+            await d.containers.container(name).start()
+
     async def _private_port(self, ctx: ReleaseContext, kept: dict[str, Any] | None) -> int | None:
         """Behind an ingress: the kept container's port, else a free one (not in any container's label)."""
         if not ctx.behind_ingress:

@@ -189,27 +189,26 @@ class SystemdRuntime(Runtime):
 
     async def stop_others(self, ctx: ReleaseContext) -> list[str]:
         """After the switch: the new release's unit starts at boot and ``current`` names it; the service's other
-        running units stop (kept for rollback). Returns the units stopped."""
-        mine = ctx_unit(ctx)
+        running units stop (kept for rollback), and the per-service unit from before the proxy goes (its
+        release comes back in a unit of its own when rolled back to). Returns the units stopped."""
+        mine, legacy = ctx_unit(ctx), unit_name(ctx.qualified_name)
         units = await self._probe(ctx.qualified_name)
         running = [u["unit"] for u in units if u["unit"] != mine and unit_state(u) is RunState.RUNNING]
         enabled = [u["unit"] for u in units if u["unit"] != mine
                    and (u.get("props") or {}).get("UnitFileState") == "enabled"]
-        await execute(self.conn, switched_steps(ctx, sorted(set(running) | set(enabled))))
+        await execute(self.conn, switched_steps(ctx, sorted(set(running) | set(enabled)),
+                                                remove=any(u["unit"] == legacy for u in units)))
         return running
 
     async def stop_unproxied(self, ctx: ReleaseContext) -> list[str]:
         """Before the proxy first binds the public port: the service's one unit from before the proxy (or from
-        ``ingress: none``) holds it; it stops, and its file goes (its release stays on the host, and comes back
-        behind the proxy, in a unit of its own, when rolled back to)."""
+        ``ingress: none``) holds it, and stops (its file stays until the switch is done)."""
         legacy = unit_name(ctx.qualified_name)
-        units = [u for u in await self._probe(ctx.qualified_name) if u.get("unit") == legacy]
+        units = [u for u in await self._probe(ctx.qualified_name)
+                 if u.get("unit") == legacy and unit_state(u) is RunState.RUNNING]
         if not units:
             return []
-        await execute(self.conn, [Run("systemctl", "disable", "--now", "--quiet", "--", legacy, timeout=60),
-                                  Run("rm", "-f", "--", posixpath.join(UNIT_DIR, legacy)),
-                                  Run("systemctl", "daemon-reload"),
-                                  Run("systemctl", "reset-failed", "--", legacy, ok=None)])
+        await execute(self.conn, [Run("systemctl", "disable", "--now", "--quiet", "--", legacy, timeout=60)])
         return [legacy]
 
     async def watch(self) -> AsyncIterator[Drift]:
@@ -223,6 +222,10 @@ class SystemdRuntime(Runtime):
             service, _, release = unit[len(prefix):-len(".service")].partition("@")
             if service:
                 yield Drift(service, f"systemd: unit {unit} changed state", release=release)
+
+    async def start_unproxied(self, ctx: ReleaseContext, stopped: list[str]) -> None:
+        if stopped:
+            await execute(self.conn, [Run("systemctl", "enable", "--now", "--quiet", "--", *stopped, timeout=120)])
 
     async def discard(self, ctx: ReleaseContext) -> None:
         if await self._unit_of(ctx) is None:

@@ -159,14 +159,20 @@ def start_steps(ctx: ReleaseContext, user: str, unit_text: str, private_port: in
     return name + _link(posixpath.join("releases", ctx.release.id), layout.current), run
 
 
-def switched_steps(ctx: ReleaseContext, others: list[str]) -> list[Step]:
+def switched_steps(ctx: ReleaseContext, others: list[str], remove: bool = False) -> list[Step]:
     """Behind the proxy, once it serves ``ctx``'s release and the old one drained: the release's unit is the
     one that starts at boot and ``current`` names it; every other unit of the service (``others``: the
-    previous releases' and the per-service unit of a host from before the proxy) stops, kept for rollback."""
+    previous releases' and the per-service unit of a host from before the proxy) stops, kept for rollback;
+    ``remove``: that per-service unit's file goes."""
     steps: list[Step] = [Run("systemctl", "enable", "--quiet", "--", unit_name(ctx.qualified_name, ctx.release.id)),
                          *_link(posixpath.join("releases", ctx.release.id), ctx.layout.current)]
     if others:
         steps.append(Run("systemctl", "disable", "--now", "--quiet", "--", *others, timeout=60))
+    if remove:
+        legacy = unit_name(ctx.qualified_name)
+        steps += [Run("systemctl", "disable", "--quiet", "--", legacy, ok=None),
+                  Run("rm", "-f", "--", posixpath.join(UNIT_DIR, legacy)), Run("systemctl", "daemon-reload"),
+                  Run("systemctl", "reset-failed", "--", legacy, ok=None)]
     return steps
 
 

@@ -185,3 +185,24 @@ async def test_a_taken_public_port_fails_naming_host_and_port(sandbox: SandboxIn
             assert "zd-taken" not in await d.engine.store.quarantined()  # an outage of the host: retried
     finally:
         await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
+
+
+async def test_a_container_from_before_the_proxy_moves_behind_it(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A host that gets ``ingress: haproxy``: its container, which published the public port itself, keeps
+    serving until the new release is proven beside it, then stops (kept) so the proxy can take the port."""
+    port = PORT + 3
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    repo.service("zd-moved", port)
+    repo.commit("v1, stop-first")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        r1 = (await d.last_job("zd-moved")).release
+        with_ingress(repo, sandbox)
+        repo.commit("the host gets its proxy")
+        await d.reconcile()
+        job = await d.last_job("zd-moved")
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        switch = job.phase("Verify Health").details["switch"]
+        assert switch["stopped_unproxied"] == [f"deployerd-{d.engine.settings.instance}-zd-moved-{r1}"]
+        assert await running_containers(d, "zd-moved") == [job.release]
+        assert (await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)).upstreams() == [job.release]

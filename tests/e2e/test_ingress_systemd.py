@@ -8,6 +8,7 @@ keeps serving until its next change moves it behind the proxy.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,8 @@ async def test_a_host_from_the_single_unit_layout_keeps_serving_then_moves_behin
     """Before this release of deployerd, a systemd service on an ``ingress: haproxy`` host ran stop-first in
     its one unit on the public port. Upgraded, deployerd leaves it serving as it is (same release, nothing to
     do); its next change starts the release's own unit beside it, then stops the old unit (the proxy needs its
-    port), binds the port and switches. Prune then removes every unit of the service and nothing else."""
+    port), binds the port and switches; when the proxy cannot take the port, the old unit serves again. Prune
+    then removes every unit of the service and nothing else."""
     name, port = "zs-old", PORT + 5
     repo = DesiredRepo(tmp_path / "repo", sandbox)
     with_ingress(repo, sandbox)
@@ -172,7 +174,30 @@ async def test_a_host_from_the_single_unit_layout_keeps_serving_then_moves_behin
 
         service(repo, name, port, "2")
         repo.commit("v2")
-        moved = await under_load(sandbox, d.reconcile(), port)
+        # the proxy cannot take the port (its binary refuses to run): the old unit is started again
+        await sh(d, "chmod", "0644", "/usr/sbin/haproxy")
+        try:
+            await d.reconcile()
+        finally:
+            await sh(d, "chmod", "0755", "/usr/sbin/haproxy")
+        refused = await d.last_job(name)
+        assert refused.status is JobStatus.FAILED and refused.transient, (refused.status, refused.error)
+        assert "host sbx-1: ingress proxy" in (refused.error or ""), refused.error
+        assert (await units(d, name))[legacy] == "active"
+        for _ in range(20):  # bounded: the old unit's process binds the port again
+            if (await run_load(address, port, seconds=0.1)).failed == 0:
+                break
+            await asyncio.sleep(0.25)
+        assert (await run_load(address, port, seconds=0.3)).failed == 0
+
+        async def until_moved() -> None:  # the failed attempt backs off (transient): bounded retries
+            for _ in range(40):
+                await d.reconcile()
+                if (await d.last_job(name)).status is JobStatus.SUCCEEDED:
+                    return
+                await asyncio.sleep(0.5)
+
+        moved = await under_load(sandbox, until_moved(), port)
         job = await d.last_job(name)
         assert job.status is JobStatus.SUCCEEDED, (job.error, job.logs)
         switch: dict[str, Any] = job.phase("Verify Health").details["switch"]

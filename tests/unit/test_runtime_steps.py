@@ -126,3 +126,6 @@ def test_after_the_switch_the_new_unit_is_enabled_current_and_the_others_stop() 
         ("systemctl", "disable", "--now", "--quiet", "--", "deployerd-web@old.service", "deployerd-web.service"),
     ]
     assert len(switched_steps(ctx, [])) == 3  # nothing else to stop
+    moved = [s.argv for s in switched_steps(ctx, [], remove=True) if isinstance(s, Run)]  # from before the proxy
+    assert ("rm", "-f", "--", "/etc/systemd/system/deployerd-web.service") in moved
+    assert moved[-2:] == [("systemctl", "daemon-reload"), ("systemctl", "reset-failed", "--", "deployerd-web.service")]
