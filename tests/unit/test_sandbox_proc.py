@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,11 @@ def test_a_stale_engine_pid_file_is_removed_a_live_one_kept(tmp_path: Path, monk
     # A live containerd of ours: a process whose command line names containerd.
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "containerd"])
     try:
+        # a fresh exec may read back an empty cmdline for a moment (the race this module guards against)
+        for _ in range(500):
+            if b"containerd" in Path(f"/proc/{live.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.01)
         containerd_pidfile.write_text(f"{live.pid}\n")
         sandbox_engine._remove_stale_pidfiles()
         assert not pidfile.exists()
