@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 DIGEST_SIZE = 16  # blake2b-128 per block: a collision only costs a fallback (the whole file is verified)
@@ -68,20 +68,33 @@ def plan(new: bytes, bs: int, old: Sequence[bytes]) -> list[Op]:
     old block that continues the current copy run (so unchanged stretches become one instruction); the rest
     is sent literally, adjacent literal blocks merged.
     """
+    ops = plan_blocks((new[i:i + bs] for i in range(0, len(new), bs)), old)
+    assert ops is not None
+    return ops
+
+
+def plan_blocks(blocks: Iterable[bytes], old: Sequence[bytes], literal_max: int | None = None) -> list[Op] | None:
+    """``plan`` over the new file's blocks as they come (a stream: the file is never held whole); None as soon
+    as the literal bytes would exceed ``literal_max``."""
     where: dict[bytes, int] = {}
     for k, d in enumerate(old):
         where.setdefault(d, k)
     ops: list[Op] = []
     literal = bytearray()
+    sent = 0
     run: Copy | None = None
-    for j, d in enumerate(digests(new, bs)):
+    for block in blocks:
+        d = hashlib.blake2b(block, digest_size=DIGEST_SIZE).digest()
         nxt = run.index + run.count if run else -1
         i = nxt if run and nxt < len(old) and old[nxt] == d else where.get(d)
         if i is None:
             if run:
                 ops.append(run)
                 run = None
-            literal += new[j * bs:(j + 1) * bs]
+            literal += block
+            sent += len(block)
+            if literal_max is not None and sent > literal_max:
+                return None
             continue
         if literal:
             ops.append(Literal(bytes(literal)))
@@ -105,11 +118,16 @@ def literal_bytes(ops: Sequence[Op]) -> int:
 
 def encode(new: bytes, bs: int, mode: int, ops: Sequence[Op]) -> bytes:
     """One file's frame: header (hash, size, block size, mode) and its instructions."""
+    return encode_ops(hashlib.sha256(new).digest(), len(new), bs, mode, ops)
+
+
+def encode_ops(sha256: bytes, size: int, bs: int, mode: int, ops: Sequence[Op]) -> bytes:
+    """``encode`` from the new file's sha256 and size (computed while it was streamed)."""
     body = b"".join(
         COPY.pack(b"C", op.index, op.count) if isinstance(op, Copy) else LITERAL.pack(b"L", len(op.data)) + op.data
         for op in ops
     )
-    return HEADER.pack(hashlib.sha256(new).digest(), len(new), bs, mode, len(body)) + body
+    return HEADER.pack(sha256, size, bs, mode, len(body)) + body
 
 
 def apply(old: bytes, frame: bytes) -> bytes:

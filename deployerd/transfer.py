@@ -38,14 +38,15 @@ from typing import Any
 from deployerd import delta
 from deployerd.connection import CommandTimeout, Completed, Connection
 from deployerd.runtimes.base import ReleaseContext
-from deployerd.tree import Entry, Tree
+from deployerd.tree import Entry, Tree, TreeError
 
 log = logging.getLogger(__name__)
 
 _PARALLEL_WRITES = 16
 DELTA_MIN_SIZE = 8 * 1024  # below this a whole write costs less than the hash round trip and the scripts
 _ARGV_BUDGET = 64 * 1024  # characters of paths per remote delta step (Linux caps one argument at 128 KiB)
-_BATCH_BYTES = 64 * 1024 * 1024  # file bytes held in memory per delta batch
+_BATCH_BYTES = 64 * 1024 * 1024  # file bytes per delta batch (hashed by the host in one step; streamed here)
+_STREAM_MIN = 1024 * 1024  # a file this large is streamed from git to the host, never held whole in memory
 
 
 # One remote step instead of four or more (rm, mkdir, cp, rm of the files that went, then one SFTP mkdir per
@@ -120,8 +121,8 @@ def _batches(entries: list[Entry], source: str) -> Iterator[list[Entry]]:
         yield batch
 
 
-def _frame(data: bytes, bs: int, mode: int, line: str) -> bytes | None:
-    """The delta frame for one file from the host's hash line, or None when a whole write is as good."""
+def _old_hashes(line: str) -> list[bytes] | None:
+    """The host's block hashes of its copy of one file (its line of the hash step), or None."""
     if not line.startswith("+"):
         return None  # the host could not read its copy
     try:
@@ -130,14 +131,29 @@ def _frame(data: bytes, bs: int, mode: int, line: str) -> bytes | None:
         return None
     if len(raw) % delta.DIGEST_SIZE:
         return None
-    old = [raw[i:i + delta.DIGEST_SIZE] for i in range(0, len(raw), delta.DIGEST_SIZE)]
-    frame = delta.encode(data, bs, mode, delta.plan(data, bs, old))
-    return frame if len(frame) < len(data) else None
+    return [raw[i:i + delta.DIGEST_SIZE] for i in range(0, len(raw), delta.DIGEST_SIZE)]
 
 
-def _frames(datas: Sequence[bytes], sizes: Sequence[int], batch: Sequence[Entry],
-            lines: Sequence[str]) -> list[bytes | None]:
-    return [_frame(d, bs, _file_mode(e), ln) for d, bs, e, ln in zip(datas, sizes, batch, lines, strict=True)]
+def _frame(tree: Tree, e: Entry, line: str) -> bytes | None:
+    """The delta frame for one file from the host's hash line, or None when a whole write is as good. The file
+    is streamed from the tree block by block (blocking: run it in a thread), never held whole."""
+    old = _old_hashes(line)
+    if old is None:
+        return None
+    bs, sha, size = delta.block_size(e.size), hashlib.sha256(), 0
+    with tree.open(e.path) as fh:
+        def blocks() -> Iterator[bytes]:
+            nonlocal size
+            while block := fh.read(bs):
+                sha.update(block)
+                size += len(block)
+                yield block
+
+        ops = delta.plan_blocks(blocks(), old, literal_max=e.size)
+    if ops is None:
+        return None
+    frame = delta.encode_ops(sha.digest(), size, bs, _file_mode(e), ops)
+    return frame if len(frame) < size else None
 
 
 async def _hashes(wire: _Wire, prev_dir: str, batch: list[Entry], source: str) -> list[str] | None:
@@ -173,14 +189,13 @@ async def _send_deltas(wire: _Wire, tree: Tree, partial: str, source: str, batch
     failed: list[str] = []
     for batch, hashes in zip(batches, hashing, strict=True):
         rels = [_rel(e, source) for e in batch]
-        datas = await asyncio.gather(*(asyncio.to_thread(tree.read, e.path) for e in batch))
         lines = await hashes
         if lines is None:
             whole += batch
             failed += rels
             continue
-        sizes = [delta.block_size(e.size) for e in batch]
-        frames = await asyncio.to_thread(_frames, datas, sizes, batch, lines)
+        frames = await asyncio.gather(*(asyncio.to_thread(_frame, tree, e, ln)
+                                        for e, ln in zip(batch, lines, strict=True)))
         todo = [(e, rel, f) for e, rel, f in zip(batch, rels, frames, strict=True) if f is not None]
         whole += [e for e, f in zip(batch, frames, strict=True) if f is None]
         if not todo:
@@ -218,6 +233,19 @@ async def _write_manifest(wire: _Wire, path: str, wanted: dict[str, list[Any]],
                         done.exit_status)
     await wire.conn.put_bytes(path, text, mode=0o644)
     wire.sent["manifest"] += len(text)
+
+
+async def _stream(conn: Connection, tree: Tree, e: Entry, dest: str) -> int:
+    """Write one large file from the tree's stream (git's own ``cat-file``), chunk by chunk; the bytes sent."""
+    opened = tree.open(e.path)
+    src = await asyncio.to_thread(opened.__enter__)
+    try:
+        sent = await conn.replace_file_from(dest, src, _file_mode(e))
+    finally:
+        await asyncio.to_thread(opened.__exit__, None, None, None)
+    if sent != e.size:
+        raise TreeError(f"{e.path}: read {sent} bytes of {e.size} from the tree")
+    return sent
 
 
 def _diff(entries: list[Entry], wanted: dict[str, list[Any]], base: dict[str, list[Any]],
@@ -287,6 +315,10 @@ async def _fill(wire: _Wire, tree: Tree, ctx: ReleaseContext, source: str, entri
     async def put(e: Entry) -> None:
         dest = posixpath.join(partial, _rel(e, source))
         async with limit:
+            if e.kind == "file" and e.size >= _STREAM_MIN:
+                sent = await _stream(conn, tree, e, dest)  # not `+= await`: others add to it meanwhile
+                wire.sent["files"] += sent
+                return
             data = await asyncio.to_thread(tree.read, e.path)
             # a copy of the previous release's file is replaced, never edited
             if e.kind == "symlink":

@@ -8,14 +8,18 @@ Both implementations are synchronous; async callers wrap them in ``asyncio.to_th
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import os
 import posixpath
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal, Protocol, cast
 
 import git
 
@@ -50,6 +54,10 @@ class Tree(Protocol):
 
     def read(self, path: str) -> bytes: ...
 
+    def open(self, path: str) -> AbstractContextManager[BinaryIO]:
+        """A regular file's content as a stream (blocking reads): a large file is never held whole in memory."""
+        ...
+
     def exists(self, path: str) -> bool: ...
 
     def is_dir(self, path: str) -> bool: ...
@@ -81,6 +89,7 @@ class GitTree:
         # gitpython talks to one long-lived `git cat-file` process, which is not safe across threads (jobs
         # transfer files concurrently): the lock serializes object access. close() ends that process.
         self._repo = git.Repo(repo_path)
+        self._repo_path = Path(repo_path)
         self._lock = threading.Lock()
         try:
             self._commit = self._repo.commit(commit)
@@ -152,6 +161,24 @@ class GitTree:
         with self._lock:
             data: bytes = self._repo.odb.stream(found[1]).read()
             return data
+
+    @contextlib.contextmanager
+    def open(self, path: str) -> Iterator[BinaryIO]:
+        """A file's content streamed by its own ``git cat-file blob`` (not through the shared helper process,
+        so large files neither wait for the lock nor sit whole in memory)."""
+        found = self._load().get(clean_path(path))
+        if found is None or found[0].kind != "file":
+            raise TreeError(f"{path}: not a file in commit {self.revision[:12]}")
+        proc = subprocess.Popen(["git", "-C", str(self._repo_path), "cat-file", "blob", found[0].sha],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        try:
+            yield cast(BinaryIO, proc.stdout)
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
     def exists(self, path: str) -> bool:
         path = clean_path(path)
@@ -237,9 +264,18 @@ class DirTree:
             return os.readlink(os.fsencode(full))
         if st is None or not stat.S_ISREG(st.st_mode):
             raise TreeError(f"{path}: not a file in {self.root}")
-        fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as fh:
+        with self.open(path) as fh:
             return fh.read()
+
+    @contextlib.contextmanager
+    def open(self, path: str) -> Iterator[BinaryIO]:
+        """A regular file, opened without following a symlink."""
+        st = self._lstat(path)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise TreeError(f"{path}: not a file in {self.root}")
+        fd = os.open(self.root / clean_path(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            yield fh
 
     def exists(self, path: str) -> bool:
         return self._lstat(path) is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import asyncssh
 
@@ -19,7 +19,16 @@ from deployerd.connection.names import _temp_name
 if TYPE_CHECKING:
     from deployerd.connection.session import HostStats
 
-_CHUNK = 256 * 1024  # local file read size for put_file (read off the event loop)
+_CHUNK = 1024 * 1024  # local read size of put_file and replace_file_from (read off the event loop)
+
+
+async def _copy(src: BinaryIO, f: Any) -> int:
+    """Copy ``src`` into the remote file ``f`` chunk by chunk; the bytes copied."""
+    n = 0
+    while chunk := await asyncio.to_thread(src.read, _CHUNK):
+        await f.write(chunk)
+        n += len(chunk)
+    return n
 
 
 class RemoteFiles:
@@ -55,13 +64,8 @@ class RemoteFiles:
     async def put_file(self, local: str | os.PathLike[str], remote: str, mode: int = 0o644) -> None:
         """Upload a local file atomically (like put_bytes), reading it in chunks off the event loop."""
         src = await asyncio.to_thread(open, local, "rb")
-
-        async def copy(f: Any) -> None:
-            while chunk := await asyncio.to_thread(src.read, _CHUNK):
-                await f.write(chunk)
-
         try:
-            await self._put_atomic(remote, mode, copy)
+            await self._put_atomic(remote, mode, lambda f: _copy(src, f))
         finally:
             await asyncio.to_thread(src.close)
 
@@ -97,6 +101,22 @@ class RemoteFiles:
             await sftp.chmod(path, mode)
 
         await self._sftp_call("write", path, write)
+
+    async def replace_file_from(self, path: str, src: BinaryIO, mode: int = 0o644) -> int:
+        """``replace_file`` with the content read from ``src`` in chunks (off the event loop), so a large file is
+        never held whole in memory; returns the bytes written."""
+        written = 0
+
+        async def write(sftp: asyncssh.SFTPClient) -> None:
+            nonlocal written
+            if await sftp.lexists(path):
+                await sftp.remove(path)
+            async with sftp.open(path, "wb", encoding=None) as f:
+                written = await _copy(src, f)
+            await sftp.chmod(path, mode)
+
+        await self._sftp_call("write", path, write)
+        return written
 
     async def replace_symlink(self, target: str, path: str) -> None:
         """Make ``path`` a symlink to ``target``, first removing what is there."""

@@ -187,3 +187,20 @@ def test_manifest_script_patches_to_the_exact_bytes(tmp_path: Path) -> None:
     out = run(delta.MANIFEST_SCRIPT, str(tmp_path / "old.json"), str(tmp_path / "bad.json"),
               input=json.dumps(patch).encode())
     assert out.returncode == 3 and not (tmp_path / "bad.json").exists()
+
+
+@given(st.binary(max_size=6000), st.binary(max_size=6000), st.integers(min_value=1, max_value=700))
+@settings(max_examples=examples(200), deadline=None)
+def test_plan_over_a_stream_of_blocks_is_plan(old: bytes, new: bytes, bs: int) -> None:
+    """plan_blocks (the new file read block by block, never whole) plans what plan plans; literal_max stops it
+    once the literal bytes pass the bound."""
+    hashes = delta.digests(old, bs)
+    ops = delta.plan(new, bs, hashes)
+    assert delta.plan_blocks((new[i:i + bs] for i in range(0, len(new), bs)), hashes) == ops
+    literal = delta.literal_bytes(ops)
+    blocks = [new[i:i + bs] for i in range(0, len(new), bs)]
+    assert delta.plan_blocks(iter(blocks), hashes, literal_max=literal) == ops
+    if literal:
+        assert delta.plan_blocks(iter(blocks), hashes, literal_max=literal - 1) is None
+    sha = hashlib.sha256(new).digest()
+    assert delta.encode_ops(sha, len(new), bs, 0o644, ops) == delta.encode(new, bs, 0o644, ops)

@@ -199,3 +199,24 @@ def test_git_tree_entries_match_a_full_scan(tmp_path_factory: pytest.TempPathFac
             assert _entries_or_error(dtree, prefix) == want, prefix
     finally:
         gtree.close()
+
+
+def test_open_streams_what_read_returns_and_refuses_what_is_not_a_file(tmp_path: Path) -> None:
+    """``open`` (a stream: git's own ``cat-file`` for a commit) gives the bytes ``read`` gives, in chunks."""
+    big = bytes(range(256)) * 5000  # 1.28 MB, more than one pipe buffer
+    root = write_tree(tmp_path / "w", {**FILES, "services/web/big.bin": big})
+    sha = commit_all(root)
+    trees = [DirTree(root), GitTree(root, sha)]
+    try:
+        for tree in trees:
+            for path in ("services/web/big.bin", "services/web/run.sh", "services/web/empty"):
+                with tree.open(path) as fh:
+                    chunks = list(iter(lambda fh=fh: fh.read(64 * 1024), b""))  # type: ignore[misc]
+                assert b"".join(chunks) == tree.read(path), (type(tree).__name__, path)
+            assert len(chunks) == 0  # the empty file
+            for bad in ("services/web/www/link", "services/web", "nope", "../x"):
+                with pytest.raises(TreeError):
+                    with tree.open(bad):
+                        pass
+    finally:
+        trees[1].close()
