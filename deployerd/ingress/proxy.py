@@ -127,6 +127,10 @@ class IngressProxy:
     async def apply(self, routes: list[Route]) -> dict[str, object]:
         """Make the proxy run with ``routes``: unit installed, config checked then written, proxy (re)started or
         reloaded, every route's frontend bound. Call with ``self.lock`` held."""
+        return await self._apply(routes, await self._read(CONFIG_PATH))
+
+    async def _apply(self, routes: list[Route], config: str | None) -> dict[str, object]:
+        """``apply`` with the config file as the caller read it under the lock (None: absent): read once."""
         done: dict[str, object] = {}
         if await self._read(UNIT_PATH) != UNIT:
             await self.conn.put_bytes(UNIT_PATH, UNIT.encode())
@@ -134,7 +138,9 @@ class IngressProxy:
             await self.conn.run(["systemctl", "enable", UNIT_NAME], check=False)
             done["unit_written"] = True
         text = render_config(routes, self.drain_timeout_s)
-        changed = await self._read(CONFIG_PATH) != text
+        changed = config != text
+        if not changed and not done and await self._bound(routes):
+            return done  # the runtime API answers with every frontend bound: it runs (no systemctl needed)
         if changed:
             await self._check_ports(routes)
             await self.conn.makedirs(CONFIG_PATH.rsplit("/", 1)[0])
@@ -165,6 +171,13 @@ class IngressProxy:
                     holder = f[5] if len(f) > 5 else "another process"
                     raise IngressError(self.host, f"public port {r.port} of {r.service} is taken by {holder}")
 
+    async def _bound(self, routes: list[Route]) -> bool:
+        """Does the running proxy have every route's frontend bound (False too when it does not answer)?"""
+        try:
+            return not {r.service for r in routes} - frontends_open(await self.command("show stat"))
+        except IngressError:
+            return False
+
     async def _wait_bound(self, routes: list[Route], limit_s: float = 10.0) -> None:
         deadline = time.monotonic() + limit_s
         want = {r.service for r in routes}
@@ -186,13 +199,14 @@ class IngressProxy:
         """The service's frontend exists on ``port``: its backend keeps what it serves, or, new, binds the port
         already serving ``release`` on ``upstream_port`` (no moment of a frontend without a server)."""
         async with self.lock:
-            routes = {r.service: r for r in await self.routes()}
+            have = await self._read(CONFIG_PATH)
+            routes = {r.service: r for r in parse_config(have or "")}
             old = routes.get(service)
             fresh = release is not None and (old is None or old.release is None)
             if not fresh and old is not None:
                 release, upstream_port = old.release, old.upstream_port
             routes[service] = Route(service, port, release, upstream_port)
-            done = await self.apply(list(routes.values()))
+            done = await self._apply(list(routes.values()), have)
             return {**done, "serving_from_start": release} if fresh and done else done
 
     async def remove_route(self, service: str) -> dict[str, object]:
