@@ -11,17 +11,18 @@ The schema's and the releases' public names are re-exported here: ``from deploye
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from deployerd import clusters
 from deployerd.releases import compute_release, endpoint_url, expected_registry_entry
 from deployerd.schema import (
     HOSTS_FILE,
     SERVICES_DIR,
+    ClusterSpec,
     DesiredState,
     DockerSpec,
     HealthSpec,
@@ -32,6 +33,9 @@ from deployerd.schema import (
     SystemdSpec,
 )
 from deployerd.tree import Entry, Tree, TreeError
+from deployerd.validation import Invalid as _Invalid
+from deployerd.validation import key_name as _key_name
+from deployerd.validation import translate as _translate
 
 __all__ = [
     "HOSTS_FILE", "MAX_MANIFEST_BYTES", "MAX_SOURCE_BYTES", "MAX_SOURCE_FILE_BYTES", "SERVICES_DIR", "DesiredState",
@@ -45,12 +49,6 @@ MAX_SOURCE_BYTES = 1024 * 1024 * 1024  # a whole source folder
 
 
 # --------------------------------------------------------------------------- YAML
-
-
-class _Invalid(Exception):
-    def __init__(self, errors: list[ManifestError]) -> None:
-        super().__init__("; ".join(map(str, errors)))
-        self.errors = errors
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -99,52 +97,17 @@ def _parse_yaml(file: str, data: bytes) -> dict[str, Any]:
     return doc
 
 
-_REASONS = {
-    "extra_forbidden": "unknown field",
-    "missing": "required field missing",
-    "string_type": "must be a string (quote numbers and booleans in YAML)",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "bool_type": "must be true or false",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-}
-
-
-def _key_name(key: Any) -> str:
-    """A key as a field name: an empty or unprintable key (newline, control, bidi) is shown quoted and
-    escaped, so the field is never blank and never forges a line in a log or the CLI."""
-    text = str(key)
-    return text if text and text.isprintable() else json.dumps(text)
-
-
-def _translate(file: str, exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[ManifestError]:
-    """Pydantic errors -> ManifestErrors with dotted field paths and plain reasons."""
-    out = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = [_key_name(p) for p in (*prefix, *err["loc"]) if p != "[key]"]
-        is_key = "[key]" in err["loc"]
-        kind = err["type"]
-        if kind == "value_error":
-            reason = str(err.get("ctx", {}).get("error", err["msg"]))
-        elif is_key and kind == "string_type":
-            reason = "keys must be strings"
-        else:
-            reason = _REASONS.get(kind) or err["msg"].replace("Input should be", "must be")
-        out.append(ManifestError(file=file, field=".".join(loc)[:200], reason=reason))
-    return out
-
-
 # --------------------------------------------------------------------------- hosts.yaml
 
 
 def load_hosts(tree: Tree) -> dict[str, HostSpec]:
-    """Parse hosts.yaml: ``hosts: {<name>: {address, ssh_port, user, base_dir, public_address}}``."""
+    """Parse hosts.yaml: ``hosts: {<name>: {address, ssh_port, user, base_dir, public_address}}`` and
+    ``clusters: {<name>: {manager, registry}}`` (each manager's HostSpec carries its cluster)."""
     file = HOSTS_FILE
     _check_regular_file(tree, file)
     doc = _parse_yaml(file, tree.read(file))
     errors: list[ManifestError] = [ManifestError(file=file, field=_key_name(k)[:64], reason="unknown field")
-                                   for k in doc if k != "hosts"]
+                                   for k in doc if k not in ("hosts", "clusters")]
     raw = doc.get("hosts")
     if not isinstance(raw, dict) or not raw:
         errors.append(ManifestError(file=file, field="hosts",
@@ -162,11 +125,15 @@ def load_hosts(tree: Tree) -> dict[str, HostSpec]:
         if "name" in body and body["name"] != name:
             errors.append(ManifestError(file=file, field=f"{field}.name", reason="must equal the key it is under"))
             continue
+        if wrong := clusters.host_field_errors(file, field, body):
+            errors.extend(wrong)
+            continue
         try:
             hosts[name] = HostSpec.model_validate({**body, "name": name})
         except ValidationError as exc:
             errors.extend(_translate(file, exc, ("hosts", name)))
     errors.extend(_same_machine(hosts))
+    errors.extend(clusters.load_clusters(doc.get("clusters", {}), hosts))
     if errors:
         raise _Invalid(errors)
     return hosts
@@ -210,14 +177,18 @@ def _check_manifest_size(entry: Entry) -> None:
 # --------------------------------------------------------------------------- services
 
 
-def _load_service(tree: Tree, file: str, stem: str) -> ServiceSpec:
+def _load_service(tree: Tree, file: str, stem: str, on: dict[str, ClusterSpec] | None = None) -> ServiceSpec:
+    """One manifest; ``on``: the clusters of a valid hosts.yaml (None: it is broken)."""
     doc = _parse_yaml(file, tree.read(file))
+    clusters.place_on_cluster(file, doc, on)
     try:
         spec = ServiceSpec.model_validate(doc)
     except ValidationError as exc:
         raise _Invalid(_translate(file, exc)) from None
     if spec.name != stem:
         raise _Invalid([ManifestError(file=file, field="name", reason=f"must equal the file name {stem!r}")])
+    if wrong := clusters.service_errors(file, spec):
+        raise _Invalid(wrong)
     return spec
 
 
@@ -280,7 +251,7 @@ def _check_source(tree: Tree, file: str, spec: ServiceSpec) -> list[Entry]:
             elif _resolve_link(links, path.split("/")[:-1], target) is None:
                 errors.append(ManifestError(file=file, field="source",
                                             reason=f"symlink {entry.path!r} points outside the source folder"))
-    if spec.method == "docker":
+    if spec.builds_image:
         df = rel.get(spec.docker.dockerfile)
         if df is None or df.kind != "file":
             errors.append(ManifestError(file=file, field="docker.dockerfile",
@@ -350,7 +321,7 @@ def load_desired(tree: Tree, revision: str, incumbents: Mapping[str, ServiceSpec
                 raise _Invalid([ManifestError(file=file,
                                               reason="must be a regular file (not a symlink or special file)")])
             _check_manifest_size(files[0])
-            spec = _load_service(tree, file, stem)
+            spec = _load_service(tree, file, stem, clusters.clusters_of(hosts) if hosts_ok else None)
             if hosts_ok and spec.host not in hosts:
                 raise _Invalid([ManifestError(file=file, field="host",
                                               reason=f"unknown host {spec.host!r} (not in hosts.yaml)")])

@@ -361,7 +361,7 @@ class Engine:
         ctx = ReleaseContext(spec=spec, host=host, release=desired.releases[spec.name], commit=desired.revision,
                              instance=self.settings.instance, env={**spec.env, **snap.secrets.get(spec.name, {})})
         if action.kind is ActionKind.REGISTER:
-            return await self.deployer.register_only(job, ctx)
+            return await self.deployer.register_only(job, ctx, registry_node(observed, action))
         handle = await self.hosts.handle(host)
         return await self.deployer.deploy(job, ctx, handle, snap.tree, previous=action.current_release,
                                           superseded=self.queue.superseded(spec.name, ctx.release.id))
@@ -402,6 +402,13 @@ def _watchable(snap: Snapshot) -> dict[str, tuple[HostSpec, list[str]]]:
             if methods:
                 out[name] = (spec, methods)
     return out
+
+
+def registry_node(observed: ObservedState, action: Action) -> str | None:
+    """The node a Swarm service was observed answering on (its Registry endpoint in host mode), else None."""
+    facts = observed.hosts.get(action.host)
+    inst = facts.current(action.service) if facts else None
+    return inst.nodes[0] if inst and inst.nodes else None
 
 
 def _owned(observed: ObservedState, service: str, instance: str) -> bool:

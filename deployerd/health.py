@@ -20,6 +20,8 @@ from deployerd.desired import ServiceSpec
 from deployerd.observed import RunState
 from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 
+MAX_TARGET_ROUNDS = 4  # reads of where a release answers, in one Verify Health
+
 
 class HealthInterrupted(Exception):
     """The caller asked to stop waiting (a newer commit superseded the release)."""
@@ -58,15 +60,43 @@ async def wait_healthy(
     (it is proven there, before the proxy sends it anything; a manifest's ``health.url`` is not used then).
     """
     spec = ctx.spec
-    async with contextlib.AsyncExitStack() as scope:
-        if spec.health.url and port is None:
-            base_url, shown = spec.health.url, spec.health.url
-        else:
-            port = spec.port if port is None else port
-            local = await scope.enter_async_context(conn.forwarded_port(port))
-            base_url = f"http://127.0.0.1:{local}{spec.health.path}"
-            shown = f"http://{runtime.host.name}:{port}{spec.health.path} (via SSH)"
-        return await _poll(client, runtime, ctx, base_url, shown, stop)
+    if spec.health.url and port is None:
+        return await _poll(client, runtime, ctx, spec.health.url, spec.health.url, stop)
+    if port is not None:  # behind an ingress: the one new instance, on its private port of the host
+        async with conn.forwarded_port(port) as local:
+            return await _poll(client, runtime, ctx, f"http://127.0.0.1:{local}{spec.health.path}",
+                               f"http://{runtime.host.name}:{port}{spec.health.path} (via SSH)", stop)
+    return await _each_target(client, conn, runtime, ctx, stop)
+
+
+async def _each_target(client: httpx.AsyncClient, conn: Connection, runtime: Runtime, ctx: ReleaseContext,
+                       stop: Callable[[], bool]) -> HealthResult:
+    """Every place the release answers on its port must answer (a cluster's every task's node); a task
+    rescheduled meanwhile (a node lost) is probed too. Bounded: one more round per place found."""
+    spec, start = ctx.spec, time.monotonic()
+    probed: set[tuple[str, str]] = set()
+    result: HealthResult | None = None
+    attempts = 0
+    for _ in range(MAX_TARGET_ROUNDS):
+        targets = set(await runtime.health_targets(ctx))
+        if not targets:
+            raise StartError(f"{spec.name} release {ctx.release.id} has no task running to probe",
+                             (await runtime.logs(ctx)).lines)
+        if targets <= probed:
+            break
+        for address, name in sorted(targets - probed):
+            via = "via SSH" if address == "127.0.0.1" else f"via {runtime.host.name} over SSH"
+            async with conn.forwarded_port(spec.port, address) as local:
+                result = await _poll(client, runtime, ctx, f"http://127.0.0.1:{local}{spec.health.path}",
+                                     f"http://{name}:{spec.port}{spec.health.path} ({via})", stop)
+            attempts += result.attempts
+            probed.add((address, name))
+    assert result is not None
+    if len(probed) == 1:
+        return result
+    names = ",".join(sorted(n for _, n in probed))
+    return HealthResult(f"http://{{{names}}}:{spec.port}{spec.health.path}", result.status_code, attempts,
+                        round(time.monotonic() - start, 3))
 
 
 async def _poll(
@@ -89,6 +119,8 @@ async def _poll(
             what = "is gone" if state is None else f"is {state.value}"
             if out.exit_code is not None:
                 what += f" (exit code {out.exit_code})"
+            if out.reason:
+                what += f" ({out.reason})"
             raise StartError(f"{spec.name} release {release} {what} while waiting for health", out.lines)
         try:
             resp = await client.get(base_url, timeout=timeout)
@@ -106,8 +138,10 @@ async def _poll(
         await asyncio.sleep(spec.health.interval_s)
 
 
-async def probe_once(client: httpx.AsyncClient, conn: Connection, spec: ServiceSpec) -> tuple[bool, str]:
+async def probe_once(client: httpx.AsyncClient, conn: Connection, spec: ServiceSpec,
+                     address: str = "127.0.0.1") -> tuple[bool, str]:
     """One probe of a running service's health path (as Verify Health does it): (passed, what it answered).
+    ``address``: where it answers as seen from the host (a Swarm task's node).
 
     For the status model between deploys: "Healthy" means this answered 2xx at the last check."""
     try:
@@ -115,7 +149,7 @@ async def probe_once(client: httpx.AsyncClient, conn: Connection, spec: ServiceS
             if spec.health.url:
                 url = spec.health.url
             else:
-                local = await scope.enter_async_context(conn.forwarded_port(spec.port))
+                local = await scope.enter_async_context(conn.forwarded_port(spec.port, address))
                 url = f"http://127.0.0.1:{local}{spec.health.path}"
             resp = await client.get(url, timeout=min(5.0, spec.health.timeout_s))
     except httpx.HTTPError as e:

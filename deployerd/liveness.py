@@ -47,18 +47,24 @@ class Liveness:
 
     async def check(self, snap: Snapshot) -> None:
         slots = asyncio.Semaphore(PARALLEL)
-        targets: list[tuple[ServiceSpec, HostSpec, str]] = []
+        targets: list[tuple[ServiceSpec, HostSpec, str, list[str]]] = []
         for a in snap.actions:
             spec, host, facts = snap.desired.services.get(a.service), snap.desired.hosts.get(a.host), \
                 snap.observed.hosts.get(a.host)
             inst = facts.current(a.service) if facts is not None and facts.reachable else None
             if a.kind is ActionKind.NOOP and spec and host and inst and inst.state is RunState.RUNNING:
-                targets.append((spec, host, inst.release))
+                targets.append((spec, host, inst.release, inst.nodes))
 
-        async def one(spec: ServiceSpec, host: HostSpec, release: str) -> None:
+        async def one(spec: ServiceSpec, host: HostSpec, release: str, nodes: list[str]) -> None:
             async with slots:
                 try:
-                    passed, detail = await probe_once(self.client, await self.connection(host), spec)
+                    conn = await self.connection(host)
+                    passed, detail = True, ""
+                    for node in nodes or ["127.0.0.1"]:  # a Swarm service: each node its tasks run on
+                        passed, detail = await probe_once(self.client, conn, spec, node)
+                        if not passed:
+                            detail = f"{detail} (node {node})" if nodes else detail
+                            break
                 except Exception as e:  # the host went away meanwhile: no verdict
                     log.debug("probing %s on %s: %s", spec.name, host.name, e)
                     return

@@ -26,7 +26,7 @@ class Instance(BaseModel):
 
     service: str
     host: str
-    method: str  # "docker" | "systemd"
+    method: str  # "docker" | "systemd" | "swarm"
     release: str  # release id (hash of everything that defines it)
     commit: str = ""  # git commit it was deployed from ("" for out-of-band)
     state: RunState
@@ -37,6 +37,11 @@ class Instance(BaseModel):
     current: bool = True  # the instance that should serve (False: kept stopped for rollback)
     inputs: dict[str, str] = Field(default_factory=dict)  # per-input digests (desired.Release.inputs) it was built from
     healthy: bool | None = None  # last health probe: None when not probed
+    # a Swarm service: what was done to it by hand (scaled, updated), Swarm's own rollback of a release, and the
+    # addresses of the nodes its tasks run on (sorted; probed between deploys, one is its Registry endpoint)
+    drift: str | None = None
+    note: str | None = None
+    nodes: list[str] = Field(default_factory=list)
 
 
 class HostFacts(BaseModel):

@@ -138,7 +138,7 @@ class Deployer(JobRecorder):
             await self.store.save_release(release_record(ctx, "good"))
             async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
                 if ctx.spec.register:
-                    job.registration = await self._register(ctx)
+                    job.registration = await self._register(ctx, await runtime.registry_node(ctx))
                     rec.details.update(job.registration)
                 else:
                     self._skip(rec, "register: false in the manifest")
@@ -310,8 +310,8 @@ class Deployer(JobRecorder):
         except Exception as e:  # housekeeping: never turns the job's outcome into a crash
             log.warning("clearing %s from %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
-    async def _register(self, ctx: ReleaseContext) -> dict[str, Any]:
-        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance, ctx.managed_by)
+    async def _register(self, ctx: ReleaseContext, node: str | None = None) -> dict[str, Any]:
+        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance, ctx.managed_by, node)
         entry = await self.registry.register(ctx.spec.name, want["endpoint"], want["metadata"], ctx.spec.droplet_id)
         return {
             "droplet_id": entry.id,
@@ -337,12 +337,13 @@ class Deployer(JobRecorder):
             log.warning("retention for %s on %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
     # ------------------------------------------------------------------ register, prune
-    async def register_only(self, job: Job, ctx: ReleaseContext) -> Job:
-        """Register the running release again. No host lock: it touches only the Registry, never the host."""
+    async def register_only(self, job: Job, ctx: ReleaseContext, node: str | None = None) -> Job:
+        """Register the running release again (``node``: where it was observed answering, for a Swarm service).
+        No host lock: it touches only the Registry, never the host."""
         await self.begin(job, (REGISTER,))
         try:
             async with self._phase(job, REGISTER) as rec:
-                job.registration = await self._register(ctx)
+                job.registration = await self._register(ctx, node)
                 rec.details.update(job.registration)
             job.status = JobStatus.SUCCEEDED
         except PhaseFailed as failure:

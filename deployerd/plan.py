@@ -41,6 +41,7 @@ INPUT_LABELS = {  # Release.inputs key -> how a reason names it
     "port": "port",
     "health": "health check",
     "host": "host settings",
+    "swarm": "swarm settings",
 }
 
 
@@ -154,7 +155,10 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
     entry = observed.registry.get(spec.name)
     if entry is None:
         return "registry entry missing"
-    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance, managed_by)
+    facts = observed.hosts.get(spec.host)
+    inst = facts.current(spec.name) if facts else None
+    node = inst.nodes[0] if inst and inst.nodes else None  # a Swarm service in host mode: a node it answers on
+    expected = expected_registry_entry(spec, desired.hosts[spec.host], release, instance, managed_by, node)
     wrong = [f for f in ("endpoint", "status", "metadata") if getattr(entry, f) != expected[f]]
     if spec.droplet_id is not None and entry.id != spec.droplet_id:
         wrong.append("id")
@@ -184,14 +188,19 @@ def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, ob
             other = "an out-of-band" if managed_by == "git" else "a git-managed"
             return [Action(kind=ActionKind.BLOCKED, current_release=None, reasons=[
                 f"{other} instance of {spec.name} runs on {host}; left untouched"], **base)]
-        reasons.append(f"not deployed on {host}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
+        where = f"cluster {spec.cluster} (removed by hand, or never deployed)" if spec.method == "swarm" else host
+        reasons.append(f"not deployed on {where}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
     else:
         if inst.release != release.id:
             reasons.append("changed: " + ", ".join(_changed(inst, release)))
+            if inst.note:  # Swarm rolled back by itself, after the deploy's own verdict
+                reasons.append(inst.note)
         if inst.state is not RunState.RUNNING:
             reasons.append(f"not running ({inst.state.value})")
         elif inst.healthy is False:
             reasons.append("unhealthy")
+        if inst.drift:  # a Swarm service scaled or updated by hand
+            reasons.append(inst.drift)
         others = [i for i in facts.of_service(spec.name) if i.state is RunState.RUNNING and i is not inst
                   and i.managed_by == "git"]
         if others:  # an interrupted switch behind an ingress: finish it, so one instance serves

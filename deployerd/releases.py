@@ -31,7 +31,7 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
     """
     prefix = len(spec.source) + 1
     image: dict[str, Any] = {"method": spec.method}
-    if spec.method == "docker":
+    if spec.builds_image:
         image["docker"] = spec.docker.model_dump(exclude={"container_port"})  # ports count under "port"
     else:
         image["systemd"] = spec.systemd.model_dump()
@@ -41,29 +41,37 @@ def compute_release(spec: ServiceSpec, host: HostSpec, source: list[Entry]) -> R
         "source": _digest([[e.path[prefix:], e.mode, e.sha] for e in source]),
         "image": _digest(image),
         "env": _digest(spec.env),
-        "port": _digest([spec.port, spec.container_port if spec.method == "docker" else None]),
+        "port": _digest([spec.port, spec.container_port if spec.builds_image else None]),
         "health": _digest(spec.health.model_dump()),
         "host": _digest({"name": host.name, "base_dir": host.base_dir}),
     }
     if host.ingress != "none":  # behind a proxy an instance listens elsewhere: a new release (none: ids unchanged)
         inputs["ingress"] = _digest(host.ingress)
+    if spec.method == "swarm":  # how the cluster runs it: a change updates the service, with no rebuild
+        inputs["swarm"] = _digest({"cluster": host.manages.model_dump() if host.manages else None,
+                                   "mode": spec.mode, "replicas": spec.swarm_replicas,
+                                   "placement": spec.placement.model_dump(), "rollout": spec.rollout.model_dump(),
+                                   "publish_mode": spec.publish_mode})
     return Release(id=release_id(inputs), inputs=inputs)
 
 
 def expected_registry_entry(
-    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default", managed_by: str = "git"
+    spec: ServiceSpec, host: HostSpec, release: Release, instance: str = "default", managed_by: str = "git",
+    node: str | None = None,
 ) -> dict[str, Any]:
     """The Registry record a healthy deployment should have; used by plan (compare) and Register (write).
 
     ``instance`` names the daemon that owns the entry, so daemons sharing a Registry never prune each other's;
     an out-of-band service's (``managed_by`` ``api``) says ``deployerd-api``, so a commit never prunes it.
+    The endpoint is the manifest's ``public_url``, else where the service answers: its host, or for a Swarm
+    service published in host mode ``node``, the address of a node that runs one of its tasks.
     """
-    return {
-        "endpoint": endpoint_url(host, spec.port),
-        "status": "active",
-        "metadata": {"managed_by": "deployerd" if managed_by == "git" else f"deployerd-{managed_by}",
-                     "instance": instance, "release": release.id, "host": host.name, "method": spec.method},
-    }
+    metadata: dict[str, Any] = {"managed_by": "deployerd" if managed_by == "git" else f"deployerd-{managed_by}",
+                                "instance": instance, "release": release.id, "host": host.name, "method": spec.method}
+    if spec.method == "swarm":
+        metadata.update(cluster=spec.cluster, replicas="global" if spec.swarm_replicas is None else spec.swarm_replicas)
+    where = host if node is None or spec.publish_mode != "host" else host.model_copy(update={"public_address": node})
+    return {"endpoint": spec.public_url or endpoint_url(where, spec.port), "status": "active", "metadata": metadata}
 
 
 def endpoint_url(host: HostSpec, port: int) -> str:

@@ -192,6 +192,25 @@ class _Model(BaseModel):
 # --------------------------------------------------------------------------- schema
 
 
+def _registry_address(v: str) -> str:
+    """``host:port`` (or ``[v6]:port``) of an image registry, as an image reference's first component."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("must be host:port, e.g. 'host-a:5000'")
+    _port(int(port))
+    _address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    return v
+
+
+class ClusterSpec(_Model):
+    """A Docker Swarm (hosts.yaml ``clusters``), driven through its manager's engine: the manager builds each
+    image once and pushes it to the cluster's image registry, from which every node pulls."""
+
+    name: DnsLabel
+    manager: DnsLabel  # a host from ``hosts``
+    registry: Annotated[str, AfterValidator(_registry_address)]
+
+
 class HostSpec(_Model):
     """A server deployerd reaches over SSH."""
 
@@ -204,6 +223,9 @@ class HostSpec(_Model):
     # haproxy: a proxy deployerd runs on the host binds the public ports; a new release starts beside the old
     # one on a private port and takes traffic once healthy (zero downtime). none: the old stops first.
     ingress: Literal["haproxy", "none"] = "none"
+    # Set from hosts.yaml ``clusters`` (never a host field there): the Swarm this host manages, so its swarm
+    # runtime reads the cluster's services and a past release's record still knows the cluster's registry.
+    manages: ClusterSpec | None = None
 
 
 class HealthSpec(_Model):
@@ -237,6 +259,34 @@ class SystemdSpec(_Model):
     user: Annotated[str, AfterValidator(_posix_user)] | None = None
 
 
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.-]+ ?(==|!=) ?[A-Za-z0-9_.:-]+")
+
+
+def _constraints(v: list[str]) -> list[str]:
+    for i, c in enumerate(v):
+        if not _CONSTRAINT.fullmatch(c):
+            raise ValueError(f"item {i} must be '<attribute>==<value>' or '<attribute>!=<value>', "
+                             "e.g. 'node.role==worker'")
+    return v
+
+
+class PlacementSpec(_Model):
+    """Where Swarm may place a ``method: swarm`` service's tasks."""
+
+    constraints: Annotated[list[str], AfterValidator(_constraints), Field(max_length=20)] = Field(default_factory=list)
+
+
+class RolloutSpec(_Model):
+    """How a ``method: swarm`` update rolls out: Swarm's update_config (its rollback_config pauses on failure)."""
+
+    parallelism: Annotated[int, Field(ge=0, le=1000)] = 1  # tasks updated at once (0: all)
+    delay_s: float = Field(default=0.0, ge=0, le=3600)  # between two batches
+    order: Literal["start-first", "stop-first"] = "start-first"
+    failure_action: Literal["rollback", "pause"] = "rollback"
+    monitor_s: float = Field(default=5.0, gt=0, le=3600)  # how long a new task is watched for failure
+    max_failure_ratio: float = Field(default=0.0, ge=0, le=1)
+
+
 # "register" (a manifest field) shadows ABCMeta.register on the class; harmless, so the warning is muted
 warnings.filterwarnings("ignore", message='Field name "register" in "ServiceSpec" shadows', category=UserWarning)
 
@@ -246,10 +296,18 @@ class ServiceSpec(_Model):
 
     name: DnsLabel
     droplet_id: Annotated[int, Field(ge=1)] | None = None
-    host: DnsLabel
-    method: Literal["docker", "systemd"] = "docker"
+    host: DnsLabel  # method swarm: the cluster's manager (filled in from hosts.yaml)
+    method: Literal["docker", "systemd", "swarm"] = "docker"
     port: Port
     source: RelPath
+    cluster: DnsLabel | None = None  # method swarm: a cluster of hosts.yaml
+    mode: Literal["replicated", "global"] = "replicated"  # method swarm
+    replicas: Annotated[int, Field(ge=0, le=1000)] | None = None  # method swarm, mode replicated (default 1)
+    placement: PlacementSpec = PlacementSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    # ingress: Swarm's routing mesh answers on every node; host: each task answers on its own node's port
+    publish_mode: Literal["ingress", "host"] = "ingress"
+    public_url: Annotated[str, AfterValidator(_http_url)] | None = None  # the Registry endpoint, when given
     health: HealthSpec = HealthSpec()
     env: EnvMap = Field(default_factory=dict)
     # names only: the daemon resolves the values at deploy time (deployerd.secrets), never from git in clear
@@ -276,9 +334,26 @@ class ServiceSpec(_Model):
             raise ValueError(f"{', '.join(both)} also in env: a name is either a plain env value or a secret")
         return v
 
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_need_replicated(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("mode") == "global":
+            raise ValueError("replicas is for mode: replicated (mode: global runs one task per node)")
+        return v
+
     @property
     def container_port(self) -> int:
         return self.docker.container_port or self.port
+
+    @property
+    def builds_image(self) -> bool:
+        """Built from a Dockerfile (``method: docker`` and ``method: swarm``)."""
+        return self.method != "systemd"
+
+    @property
+    def swarm_replicas(self) -> int | None:
+        """Tasks wanted (None: one per node, mode global)."""
+        return None if self.mode == "global" else (1 if self.replicas is None else self.replicas)
 
 
 class ManifestError(BaseModel):

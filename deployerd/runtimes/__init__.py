@@ -8,9 +8,11 @@ from deployerd.connection import Connection
 from deployerd.desired import HostSpec
 from deployerd.runtimes.base import ReleaseContext, Runtime, StartError
 from deployerd.runtimes.docker import DockerRuntime
+from deployerd.runtimes.swarm import SwarmRuntime
 from deployerd.runtimes.systemd import SystemdRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime, SystemdRuntime.method: SystemdRuntime}
+RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime, SystemdRuntime.method: SystemdRuntime,
+                                      SwarmRuntime.method: SwarmRuntime}
 
 __all__ = ["HostHandle", "ReleaseContext", "Runtime", "RUNTIMES", "StartError"]
 

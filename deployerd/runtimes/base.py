@@ -73,8 +73,9 @@ class ReleaseContext:
 
     @property
     def behind_ingress(self) -> bool:
-        """The host's proxy binds the public port: the instance listens on a private port beside the old one."""
-        return self.host.ingress != "none"
+        """The host's proxy binds the public port: the instance listens on a private port beside the old one
+        (never for a Swarm service: Swarm publishes its ports itself)."""
+        return self.host.ingress != "none" and self.spec.method != "swarm"
 
     @property
     def endpoint(self) -> str:
@@ -125,6 +126,7 @@ class Output:
 
     lines: list[str]
     exit_code: int | None = None
+    reason: str | None = None  # why it stopped, in the runtime's words (a Swarm rollback), for the job's error
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,16 @@ class Runtime(ABC):
             return
         await self.conn.run(["rm", "-rf", "--", *(p for r in releases for p in layout.release_paths(r))])
 
+    async def finish_retention(self, service: str, keep: list[str], removed: set[str], owned: bool) -> Removed:
+        """The end of every method's retention: in a service dir of ours, the files of releases removed or not
+        kept go too."""
+        if owned:
+            removed |= {r for r in await self.host_releases(service) if r not in keep}
+        stale = sorted(r for r in removed if r)
+        if owned:
+            await self.remove_release_files(service, stale)
+        return Removed(stale)
+
     async def remove_stale_temps(self, folders: list[str], name: str = "*") -> None:
         """Delete the temp files of atomic writes to files named ``name`` (``temp_name_pattern``) directly in
         ``folders``.
@@ -264,6 +276,15 @@ class Runtime(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook: most runtimes hold nothing more
         """Release what the runtime holds beyond the connection (API clients)."""
+
+    async def health_targets(self, ctx: ReleaseContext) -> list[tuple[str, str]]:
+        """(address as seen from the host, name) of each place the release answers on its port, for Verify
+        Health: the host's own loopback; every node running one of its tasks for a cluster."""
+        return [("127.0.0.1", self.host.name)]
+
+    async def registry_node(self, ctx: ReleaseContext) -> str | None:
+        """The address the Registry endpoint names instead of the host's (a Swarm node running a task)."""
+        return None
 
     @abstractmethod
     async def observe(self) -> tuple[list[Instance], dict[str, list[str]]]:
