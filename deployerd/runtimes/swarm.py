@@ -39,6 +39,7 @@ from deployerd.runtimes.swarm_spec import (
     image_ref,
     instance_of,
     kept_releases,
+    release_state,
     rolled_back,
     running_nodes,
     service_spec,
@@ -124,14 +125,7 @@ class SwarmRuntime(EngineAPI, Runtime):
             raise
 
     async def state(self, ctx: ReleaseContext) -> RunState | None:
-        found = await self._inspect(ctx.spec.name)
-        if found is None:
-            return None
-        update = (found.get("UpdateStatus") or {}).get("State")
-        if ((found.get("Spec") or {}).get("Labels") or {}).get(RELEASE_LABEL) != ctx.release.id:
-            # Swarm rolled back away from it (during Verify Health: its monitor saw a task fail)
-            return RunState.FAILED if update in ROLLED_BACK else None
-        return RunState.FAILED if update in PAUSED or update in ROLLED_BACK else RunState.RUNNING
+        return release_state(await self._inspect(ctx.spec.name), ctx.release.id)
 
     async def health_targets(self, ctx: ReleaseContext) -> list[tuple[str, str]]:
         """(address, node name) of every node running a task of the service's spec: its published port there."""

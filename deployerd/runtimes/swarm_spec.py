@@ -198,6 +198,18 @@ def kept_releases(service: Mapping[str, Any]) -> list[str]:
     return [r for i, r in enumerate(out) if r and r not in out[:i]]
 
 
+def release_state(service: Mapping[str, Any] | None, release: str) -> RunState | None:
+    """The run state of ``release`` of a service as read now (None: neither it nor the service is there)."""
+    if service is None:
+        return None
+    update = _g(service, "UpdateStatus", "State")
+    if _g(service, "Spec", "Labels", RELEASE_LABEL) != release:
+        # Swarm rolled back away from it (during Verify Health: its monitor saw a task fail)
+        return RunState.FAILED if update in ROLLED_BACK else None
+    # a rollback state here is Swarm's rollback *to* this release: it runs (unless that rollback paused)
+    return RunState.FAILED if update in PAUSED else RunState.RUNNING
+
+
 def update_started(service: Mapping[str, Any] | None) -> str | None:
     """When the service's last rolling update (or rollback) started: what tells a new one from an old one."""
     return _g(service, "UpdateStatus", "StartedAt") if service else None

@@ -202,7 +202,7 @@ async def test_swarm_rollback_is_a_failure_and_quarantined(swarm_sandbox: sbx.Sa
         repo.commit("broken")
         await d.reconcile()
         bad = await d.last_job("sw-rb")
-        assert bad.status is JobStatus.ROLLED_BACK, (bad.status, bad.error)
+        assert bad.status is JobStatus.ROLLED_BACK, (bad.status, bad.error, bad.rollback)
         assert "Swarm rolled back the update to release" in (bad.error or ""), bad.error
         quarantine = (await d.engine.store.quarantined())["sw-rb"]
         assert quarantine.release == bad.release and "Swarm rolled back" in quarantine.reason, quarantine

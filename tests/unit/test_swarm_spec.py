@@ -18,6 +18,7 @@ from deployerd.runtimes.swarm_spec import (
     image_ref,
     instance_of,
     kept_releases,
+    release_state,
     rolled_back,
     running_nodes,
     service_spec,
@@ -148,3 +149,20 @@ def test_node_addresses_of_a_manager_listening_on_every_address() -> None:
     nodes = [{"ID": "m", "Status": {"Addr": "0.0.0.0"}, "ManagerStatus": {"Addr": "10.0.0.1:2377"}},
              {"ID": "w", "Status": {"Addr": "10.0.0.2"}}, {"ID": "gone", "Status": {}}]
     assert _node_addresses(nodes) == {"m": "10.0.0.1", "w": "10.0.0.2"}
+
+
+@pytest.mark.parametrize("spec_release, update, want", [
+    ("r1", None, RunState.RUNNING),
+    ("r1", "completed", RunState.RUNNING),
+    ("r1", "paused", RunState.FAILED),
+    ("r1", "rollback_started", RunState.RUNNING),  # Swarm rolls back *to* r1: deployerd's rollback target runs
+    ("r1", "rollback_completed", RunState.RUNNING),
+    ("r1", "rollback_paused", RunState.FAILED),
+    ("r0", "rollback_started", RunState.FAILED),  # Swarm rolled back *from* r1 during Verify Health
+    ("r0", "completed", None),  # another release runs: r1 is gone
+])
+def test_release_state(spec_release: str, update: str | None, want: RunState | None) -> None:
+    svc = observed({**SENT, "Labels": {**SENT["Labels"], "deployerd.release": spec_release}},
+                   **({"UpdateStatus": {"State": update}} if update else {}))
+    assert release_state(svc, "r1") is want
+    assert release_state(None, "r1") is None
