@@ -37,7 +37,7 @@ from deployerd.phases import Deployer, is_transient
 from deployerd.plan import Action, ActionKind
 from deployerd.registry_client import RegistryClient
 from deployerd.restore import Restorer
-from deployerd.runtimes import RUNTIMES, ReleaseContext
+from deployerd.runtimes import RUNTIMES, ReleaseContext, reports_events
 from deployerd.runtimes.base import qualified_name
 from deployerd.secrets import Secrets
 from deployerd.snapshot import Planner, Snapshot
@@ -398,7 +398,7 @@ def _watchable(snap: Snapshot) -> dict[str, tuple[HostSpec, list[str]]]:
     for name, spec in snap.desired.hosts.items():
         facts = snap.observed.hosts.get(name)
         if facts is not None and facts.reachable:
-            methods = [m for m in RUNTIMES if facts.unknown(m) is None]
+            methods = [m for m in RUNTIMES if facts.unknown(m) is None and reports_events(m)]
             if methods:
                 out[name] = (spec, methods)
     return out

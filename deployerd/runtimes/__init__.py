@@ -14,7 +14,13 @@ from deployerd.runtimes.systemd import SystemdRuntime
 RUNTIMES: dict[str, type[Runtime]] = {DockerRuntime.method: DockerRuntime, SystemdRuntime.method: SystemdRuntime,
                                       SwarmRuntime.method: SwarmRuntime}
 
-__all__ = ["HostHandle", "ReleaseContext", "Runtime", "RUNTIMES", "StartError"]
+__all__ = ["HostHandle", "ReleaseContext", "Runtime", "RUNTIMES", "StartError", "reports_events"]
+
+
+def reports_events(method: str) -> bool:
+    """Does the runtime stream its instances' events (``Runtime.watch``)? Swarm's are not followed yet: its
+    services are healed by the reconcile."""
+    return RUNTIMES[method].watch is not Runtime.watch
 
 
 @dataclass
