@@ -54,10 +54,10 @@ def image_labels(ctx: ReleaseContext) -> dict[str, str]:
             IMAGE_RELEASE_LABEL: ctx.release.id}
 
 
-def _update_config(spec: ServiceSpec, failure_action: str) -> dict[str, Any]:
+def _update_config(spec: ServiceSpec, failure_action: str, order: str | None = None) -> dict[str, Any]:
     r = spec.rollout
     return {"Parallelism": r.parallelism, "Delay": int(r.delay_s * NS), "FailureAction": failure_action,
-            "Monitor": int(r.monitor_s * NS), "MaxFailureRatio": r.max_failure_ratio, "Order": r.order}
+            "Monitor": int(r.monitor_s * NS), "MaxFailureRatio": r.max_failure_ratio, "Order": order or r.order}
 
 
 def _digest(value: Any) -> str:
@@ -91,7 +91,9 @@ def service_spec(ctx: ReleaseContext, image: str) -> dict[str, Any]:
         "TaskTemplate": template,
         "Mode": {"Global": {}} if replicas is None else {"Replicated": {"Replicas": replicas}},
         "UpdateConfig": _update_config(spec, spec.rollout.failure_action),
-        "RollbackConfig": _update_config(spec, "pause"),
+        # Swarm's rollback replaces failing tasks: in host mode stop-first, since a good task started beside
+        # a failing one (that keeps restarting on its node's port) may find no node with the port free
+        "RollbackConfig": _update_config(spec, "pause", "stop-first" if spec.publish_mode == "host" else None),
         "EndpointSpec": {"Mode": "vip", "Ports": [{"Protocol": "tcp", "TargetPort": spec.container_port,
                                                    "PublishedPort": spec.port, "PublishMode": spec.publish_mode}]},
     }

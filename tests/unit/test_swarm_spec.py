@@ -50,7 +50,10 @@ def test_spec_is_what_the_manifest_says() -> None:
     assert "deployerd.service" not in cs["Labels"]  # task containers must not look like Docker instances
     assert SENT["UpdateConfig"]["Order"] == "start-first" and SENT["UpdateConfig"]["FailureAction"] == "rollback"
     assert SENT["UpdateConfig"]["Monitor"] == 5_000_000_000
-    assert SENT["RollbackConfig"]["FailureAction"] == "pause"
+    assert (SENT["RollbackConfig"]["FailureAction"], SENT["RollbackConfig"]["Order"]) == ("pause", "stop-first")
+    ingress = service_spec(ReleaseContext(spec=SPEC.model_copy(update={"publish_mode": "ingress"}), host=MANAGER,
+                                          release=RELEASE, commit="c1"), IMAGE)
+    assert ingress["RollbackConfig"]["Order"] == "start-first"  # as the rollout says
     assert SENT["EndpointSpec"]["Ports"] == [{"Protocol": "tcp", "TargetPort": 8080, "PublishedPort": 8080,
                                               "PublishMode": "host"}]
     labels = SENT["Labels"]
