@@ -23,14 +23,19 @@ from deployerd.sandbox import HostInfo  # noqa: E402
 PEERS_VENV = Path(os.environ.get("BENCH_PEERS_VENV", ROOT / ".bench-venv"))
 
 
-async def bench_host(connect_timeout: float = 30.0) -> tuple[HostInfo, Connection]:
-    """The first host of the sandbox that DEPLOYERD_BENCH_SANDBOX names, and one SSH connection to it (its host
-    key verified against the sandbox's known_hosts)."""
+def bench_sandbox() -> sbx.SandboxInfo:
+    """The running sandbox DEPLOYERD_BENCH_SANDBOX names (its state dir)."""
     state = os.environ.get("DEPLOYERD_BENCH_SANDBOX")
     info = sbx.load_info(Path(state)) if state else None
     if info is None:
         raise SystemExit("set DEPLOYERD_BENCH_SANDBOX to a running sandbox's state dir")
-    h = info.hosts[0]
+    return info
+
+
+async def bench_host(connect_timeout: float = 30.0) -> tuple[HostInfo, Connection]:
+    """The first host of the sandbox that DEPLOYERD_BENCH_SANDBOX names, and one SSH connection to it (its host
+    key verified against the sandbox's known_hosts)."""
+    h = bench_sandbox().hosts[0]
     conn = await Connection.open(HostAddress(name=h.name, address=h.address, port=h.ssh_port, user=h.user,
                                              key_path=h.key_path, known_hosts=h.known_hosts),
                                  connect_timeout=connect_timeout)

@@ -91,6 +91,7 @@ class Engine:
         self.hosts.on_back = lambda name: self.kick.set(f"host {name} back")
         self.started_at = time.time()
         self.seen: Snapshot | None = None  # the latest snapshot taken, by a reconcile or a preview
+        self._acted: Snapshot | None = None  # the latest snapshot a reconcile launched from (heals plan on it)
         self._interrupted: dict[str, str] = {}  # service -> release whose deploy the last stop cut short
         self._reconcile_lock = asyncio.Lock()
         self._last_revision: str | None = None
@@ -115,10 +116,14 @@ class Engine:
 
     def health(self) -> dict[str, Any]:
         """What /health says: computed from what the loop last saw, never from a remote call."""
-        return health(board=self.board, desired=self.desired, observed=self.observed, source=self.source,
+        out = health(board=self.board, desired=self.desired, observed=self.observed, source=self.source,
                       branch=self.settings.branch,
                       registry_url=self.registry.base_url, hosts_down=self.hosts.down, failing=self.queue.failing,
                       in_flight=self.queue.in_flight, started_at=self.started_at)
+        for host, method in sorted(self.watchers.listening):  # whose own events heal drift at once
+            if host in out["hosts"]:
+                out["hosts"][host].setdefault("events", []).append(method)
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -226,6 +231,7 @@ class Engine:
 
     def _launch_all(self, snap: Snapshot, force: set[str] | None, looked_at: float, reasons: list[str]) -> None:
         """A job for every action of ``snap`` that needs one and may start now; then the statuses."""
+        self._acted = snap
         revision_changed = snap.desired.revision != self._last_revision
         self._last_revision = snap.desired.revision
         kind = job_trigger(reasons, revision_changed)
@@ -267,7 +273,7 @@ class Engine:
         planner finds for them (trigger ``heal``), with a reconcile's plan, guards and job code; returns the
         services a job started for. A service with a job in flight is not even looked at: the event is that
         job's own doing, or the reconcile its end starts sees it."""
-        snap = self.seen
+        snap = self._acted  # never a preview's (``deployerd plan``): a heal acts on what the reconciles act on
         if snap is None or not self._watching or host not in snap.desired.hosts:
             return set()
         ours = set(snap.desired.services) | set(snap.out_of_band)

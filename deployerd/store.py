@@ -74,7 +74,7 @@ class Job(BaseModel):
     host: str
     method: str = "docker"
     kind: str = "deploy"  # deploy | register | prune
-    trigger: str = "poll"  # watch | poll | webhook (a new commit) | api | sync | resync (source.job_trigger)
+    trigger: str = "poll"  # watch | poll | webhook (a new commit) | api | sync | resync (source.job_trigger) | heal
     managed_by: str = "git"
     commit: str = ""
     release: str = ""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from daemon_harness import Daemon, DesiredRepo, containers_of, http_get, running_daemon, settings_for
 from test_systemd import systemd_service, unit
 
@@ -77,6 +78,7 @@ async def test_container_removed_or_stopped_by_hand_is_healed_from_its_event(
     async with running_daemon(settings, loop=True) as d:
         await settled(d, "ev-web", {"docker"})
         host = d.engine.desired.hosts["sbx-1"]
+        assert "docker" in (await d.http.get("/health")).json()["hosts"]["sbx-1"]["events"]
 
         # removed by hand
         [c] = await containers_of(d, host, "ev-web")
@@ -104,35 +106,51 @@ async def _succeeded(d: Daemon, service: str, n: int) -> bool:
         and not d.engine.queue.busy(service)
 
 
-async def test_a_deploys_own_stop_and_a_prune_start_no_heal(sandbox: SandboxInfo, tmp_path: Path) -> None:
+async def test_a_deploys_own_stop_a_switch_and_a_prune_start_no_heal(sandbox: SandboxInfo, tmp_path: Path) -> None:
     repo = DesiredRepo(tmp_path / "repo", sandbox)
-    repo.service("own-web", 8172)
-    repo.service("own-gone", 8173)
+    hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
+                      "public_address": h.internal_address, **({"ingress": "haproxy"} if h.name == "sbx-2" else {})}
+             for h in sandbox.hosts}
+    repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
+    repo.service("own-web", 8172)  # sbx-1: stop-first
+    repo.service("own-gone", 8173)  # sbx-1: pruned below
+    repo.service("own-sw", 8175, host="sbx-2")  # behind sbx-2's proxy: start beside, switch, drain, stop the old
     repo.commit("v1")
     settings = settings_for(tmp_path, sandbox, repo)  # resync and poll: an hour apart
     async with running_daemon(settings, loop=True) as d:
         await settled(d, "own-web", {"docker"})
-        await until("both deployed", lambda: "own-gone" in d.engine.services and not d.engine.queue.in_flight)
+        await until("all deployed", lambda: {"own-gone", "own-sw"} <= set(d.engine.services)
+                    and not d.engine.queue.in_flight, 180)
+        await until("sbx-2 watched", lambda: ("sbx-2", "docker") in d.engine.watchers.listening)
         healer = d.engine.healer
         before = len(healer.recent)
 
-        # a new release: its deploy stops the old container (stop-first, no ingress) while its job runs
         repo.service("own-web", 8172, version="2")
+        repo.service("own-sw", 8175, host="sbx-2", version="2")
         repo.remove("services/own-gone.yaml")
         repo.remove("services/own-gone")
         repo.commit("v2, and own-gone removed")
         d.engine.kick.set("test commit")
-        await until("v2 serves", lambda: serves(url(sandbox, 8172), "own-web v2"), 120)
-        await until("own-gone pruned", lambda: "own-gone" not in d.engine.services and not d.engine.queue.in_flight)
-        # the engine reported the old container's stop and own-gone's removal: those events did arrive ...
-        await until("the deploy's and the prune's events seen", lambda: {"own-web", "own-gone"} <= {
-            e[1] for e in list(healer.recent)[before:]})
-        await until("their looks done", lambda: not healer._looking)
+        sbx2 = f"http://{sandbox.hosts[1].internal_address}:8175/"
+        await until("v2 serves", lambda: _all(serves(url(sandbox, 8172), "own-web v2"), serves(sbx2, "own-sw v2")),
+                    180)
+        await until("own-gone pruned", lambda: "own-gone" not in d.engine.services and not d.engine.queue.in_flight,
+                    120)
+        # the engines reported the old containers' stops and own-gone's removal: those events did arrive ...
+        ours = {"own-web", "own-gone", "own-sw"}
+        await until("the deploys', the switch's and the prune's events seen",
+                    lambda: ours <= {e[1] for e in list(healer.recent)[before:]})
+        await until("their looks done", lambda: not healer._looking and not d.engine.queue.in_flight)
         # ... and started no heal: ignored while the job ran, or nothing to heal when looked at after it
-        assert await heal_jobs(d, "own-web") == [] and await heal_jobs(d, "own-gone") == []
+        for service in ours:
+            assert await heal_jobs(d, service) == [], service
         assert healer.heals == 0, list(healer.recent)
-        outcomes = {e[3] for e in list(healer.recent)[before:] if e[1] in ("own-web", "own-gone")}
+        outcomes = {e[3] for e in list(healer.recent)[before:] if e[1] in ours}
         assert outcomes <= {"ignored: a job of ours is in flight", "looked again: nothing to heal"}, outcomes
+
+
+async def _all(*checks: Awaitable[bool]) -> bool:
+    return all(await asyncio.gather(*checks))
 
 
 async def test_unit_stopped_by_hand_is_healed_from_systemds_signal(sandbox: SandboxInfo, tmp_path: Path) -> None:
