@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 from _common import med, rsync, ssh
-
 from daemon_harness import running_daemon, settings_for  # noqa: E402
+from test_swarm import DOCKERFILE, swarm_repo, swarm_service  # noqa: E402
+
 from deployerd import sandbox as sbx  # noqa: E402
 from deployerd.store import JobStatus  # noqa: E402
-from test_swarm import DOCKERFILE, swarm_repo, swarm_service  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 MANY = int(os.environ.get("BENCH_SWARM_SERVICES", "50"))
