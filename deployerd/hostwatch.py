@@ -42,6 +42,7 @@ class HostWatchers:
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._specs: dict[Key, HostSpec] = {}
         self.listening: set[Key] = set()  # watchers whose stream is open now (read by /health and tests)
+        self.opened: dict[Key, int] = {}  # how many times each watcher's stream began listening
         self._closed = False
         self._unsubscribe = bus.subscribe(self._on_event)
 
@@ -98,6 +99,7 @@ class HostWatchers:
                 async for drift in handle.runtimes[method].watch():
                     if drift.service is None:
                         self.listening.add(key)
+                        self.opened[key] = self.opened.get(key, 0) + 1
                         log.info("%s", drift.what)
                     self.on_drift(host, drift)
                 why = "its stream ended"

@@ -166,6 +166,19 @@ async def test_unit_stopped_by_hand_is_healed_from_systemds_signal(sandbox: Sand
         assert "not running (stopped)" in " ".join(healed.reasons), healed.reasons
         assert any("changed state" in r for r in healed.reasons), healed.reasons
         assert await sh(d, "systemctl", "is-active", unit(d, "ev-unit")) == "active"
+        # a host with systemd services only: its Docker is not even asked, nor watched
+        assert ("sbx-1", "docker") not in d.engine.watchers.listening
+
+        # the connection lost (its helper on the host exits with it): the watcher opens its stream again
+        await until("the last heal's reconcile", lambda: not d.engine.queue.in_flight)
+        key = ("sbx-1", "systemd")
+        opened = d.engine.watchers.opened[key]
+        await d.engine.hosts.pool.drop("sbx-1")
+        await until("the watch open again", lambda: d.engine.watchers.opened[key] > opened
+                    and key in d.engine.watchers.listening)
+        await sh(d, "systemctl", "stop", unit(d, "ev-unit"))
+        await until("a heal after the reconnect", lambda: _succeeded(d, "ev-unit", 2))
+        assert await sh(d, "systemctl", "is-active", unit(d, "ev-unit")) == "active"
 
 
 FLAPPY = """FROM busybox:latest
