@@ -255,11 +255,13 @@ class Runtime(ABC):
             return
         await self.conn.run(["rm", "-rf", "--", *(p for r in releases for p in layout.release_paths(r))])
 
-    async def finish_retention(self, service: str, keep: list[str], removed: set[str], owned: bool) -> Removed:
+    async def finish_retention(self, service: str, keep: list[str], removed: set[str], owned: bool,
+                               on_host: set[str] | None = None) -> Removed:
         """The end of every method's retention: in a service dir of ours, the files of releases removed or not
-        kept go too."""
+        kept go too (``on_host``: ``host_releases`` as the caller already listed it)."""
         if owned:
-            removed |= {r for r in await self.host_releases(service) if r not in keep}
+            listed = await self.host_releases(service) if on_host is None else on_host
+            removed |= {r for r in listed if r not in keep}
         stale = sorted(r for r in removed if r)
         if owned:
             await self.remove_release_files(service, stale)
