@@ -11,9 +11,9 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import property_profiles
 import pytest
 import pytest_asyncio
-import property_profiles
 
 from deployerd import sandbox as sbx
 from deployerd.connection import Connection, HostAddress

@@ -239,7 +239,7 @@ async def test_module_entrypoint_serves_with_token(tmp_path: Path, via: str) -> 
         cmd += ["--token-file", str(tmp_path / "token")]
     else:
         env["DEPLOYERD_REGISTRY_TOKEN"] = TOKEN
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = await asyncio.to_thread(subprocess.Popen, cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         await _wait_up(url, proc)

@@ -99,7 +99,7 @@ class DesiredRepo:
         return git(self.path, "rev-parse", "HEAD")
 
 
-async def containers_of(daemon: "Daemon", host: HostSpec, service: str) -> list[dict[str, Any]]:
+async def containers_of(daemon: Daemon, host: HostSpec, service: str) -> list[dict[str, Any]]:
     """The daemon's containers of ``service`` on ``host``, read straight from its engine (not through deployerd)."""
     import aiodocker
 

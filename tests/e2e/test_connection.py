@@ -230,7 +230,8 @@ async def test_forward_port_reaches_host_loopback(conn: Connection, scratch: str
     remote_port = int(
         (
             await conn.run(
-                ["python3", "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"]
+                ["python3", "-c",
+                 "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"]
             )
         ).stdout
     )

@@ -34,10 +34,12 @@ import pytest
 import pytest_asyncio
 import uvicorn
 import yaml
+from daemon_harness import DaemonProcess, DesiredRepo, free_port, registry_client, running_daemon, settings_for
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from test_systemd import make_wheel
 
 import deployerd
 from deployerd.desired import DesiredState, expected_registry_entry, load_desired
@@ -47,9 +49,6 @@ from deployerd.runtimes.systemd import UNIT_DIR, unit_name
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import PHASES
 from deployerd.tree import GitTree
-
-from daemon_harness import DaemonProcess, DesiredRepo, free_port, registry_client, running_daemon, settings_for
-from test_systemd import make_wheel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import DesiredRepo, containers_of, http_get, running_daemon, settings_for
 
 from deployerd.plan import ActionKind
 from deployerd.sandbox import SandboxInfo
-
-from daemon_harness import DesiredRepo, containers_of, http_get, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from daemon_harness import DesiredRepo, running_daemon, settings_for
 
 from deployerd.sandbox import SandboxInfo
-
-from daemon_harness import DesiredRepo, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import shlex
-from urllib.parse import unquote
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import yaml
+from daemon_harness import DesiredRepo, git, http_get, running_daemon, settings_for
 
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
-
-from daemon_harness import DesiredRepo, git, http_get, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 

@@ -36,7 +36,6 @@ from daemon_harness import (
     running_daemon,
     settings_for,
 )
-
 from test_systemd import systemd_service
 
 from deployerd import sandbox as sbx
@@ -594,7 +593,8 @@ async def test_git_remote_unreachable(sandbox: SandboxInfo, tmp_path: Path) -> N
         t_up = time.monotonic()
         await until("git fetched again", lambda: _git_back(d), step=0.2)
         noticed_s = time.monotonic() - t_up
-        job = await until("g-web v2 deployed", lambda: _deployed_commit(d, "g-web", git(repo.path, "rev-parse", "HEAD")),
+        head = git(repo.path, "rev-parse", "HEAD")
+        job = await until("g-web v2 deployed", lambda: _deployed_commit(d, "g-web", head),
                           step=0.2)
         converged_s = time.monotonic() - t_up
         assert job.status is JobStatus.SUCCEEDED

@@ -63,7 +63,7 @@ async def test_deploy_change_and_leave_others_alone(sandbox: SandboxInfo, tmp_pa
         row = next(s for s in services if s["name"] == "web-a")
         assert (row["sync_status"], row["health_status"], row["running_release"]) == ("Synced", "Healthy", job.release)
         metrics = (await d.http.get("/metrics")).text
-        assert 'deployerd_service_info{commit="%s"' % first[:12] in metrics
+        assert f'deployerd_service_info{{commit="{first[:12]}"' in metrics
         assert 'service="web-a"' in metrics and 'sync_status="Synced"' in metrics
 
         # change web-a's source: a new release replaces it; web-b is left alone
@@ -87,7 +87,8 @@ async def test_deploy_change_and_leave_others_alone(sandbox: SandboxInfo, tmp_pa
     "breakage",
     ["build", "exits", "unhealthy"],
 )
-async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo, tmp_path: Path, breakage: str) -> None:
+async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo, tmp_path: Path,
+                                                             breakage: str) -> None:
     port = {"build": 8111, "exits": 8112, "unhealthy": 8113}[breakage]
     name = f"fail-{breakage}"
     repo = DesiredRepo(tmp_path / "repo", sandbox)
@@ -200,7 +201,8 @@ async def test_revert_restores_kept_release_without_rebuild(sandbox: SandboxInfo
         base = f"/opt/fpai/services/{d.engine.settings.instance}-revert-me"
         dirs = (await conn.run(["ls", "-1", f"{base}/releases"])).stdout.split()
         assert v2.release not in " ".join(dirs) and releases["4"] in dirs
-        images = (await conn.run(["docker", "images", "-q", f"deployerd/{d.engine.settings.instance}-revert-me"])).stdout.split()
+        image = f"deployerd/{d.engine.settings.instance}-revert-me"
+        images = (await conn.run(["docker", "images", "-q", image])).stdout.split()
         assert len(images) == 3
 
 

@@ -206,7 +206,8 @@ async def test_secrets_reach_services_and_nowhere_else(
         for name in (WEB, PY):
             assert second[name].id != first[name].id and second[name].status is JobStatus.SUCCEEDED
             assert second[name].release != first[name].release
-            assert second[name].phases[0].details["inputs"]["secrets"] != first[name].phases[0].details["inputs"]["secrets"]
+            inputs = (second[name].phases[0].details["inputs"], first[name].phases[0].details["inputs"])
+            assert inputs[0]["secrets"] != inputs[1]["secrets"]
         assert await proof_of(sandbox, WEB) == proof(v["db2"], v["web_api"])
         assert await proof_of(sandbox, PY) == proof(v["db2"], v["py_api"])
         assert [j.id for j in (await d.jobs(LEAK))] == [first[LEAK].id]  # unchanged secrets: still quarantined
@@ -266,7 +267,8 @@ async def test_secrets_reach_services_and_nowhere_else(
         for name in (PY, PYLEAK):
             host_files.append(await sh(d, "systemctl", "cat", unit_name(f"{inst}-{name}"), check=name != PY))
             host_files.append(await sh(d, "systemctl", "show", unit_name(f"{inst}-{name}")))
-        host_files.append(json.dumps({n: e.model_dump(mode="json") for n, e in (await d.engine.registry.list()).items()}))
+        entries = (await d.engine.registry.list()).items()
+        host_files.append(json.dumps({n: e.model_dump(mode="json") for n, e in entries}))
         assert v["db3"] not in "".join(host_files)
 
     # ----- nothing anywhere holds a value (after the daemon stopped: its state is flushed)
@@ -280,7 +282,8 @@ async def test_secrets_reach_services_and_nowhere_else(
         "host files, images, units, Registry": host_files,
         "state dir files": [p.read_bytes().decode("latin-1") for p in settings.state_dir.rglob("*") if p.is_file()],
     }
-    for name, gitdir in (("the repository", repo.path / ".git"), ("the daemon's mirror", settings.repo_cache / "mirror.git")):
+    for name, gitdir in (("the repository", repo.path / ".git"),
+                         ("the daemon's mirror", settings.repo_cache / "mirror.git")):
         def run(*args: str, gitdir: Path = gitdir) -> str:
             return subprocess.run(["git", "--git-dir", str(gitdir), *args], capture_output=True,
                                   check=True).stdout.decode("latin-1")

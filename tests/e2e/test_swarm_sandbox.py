@@ -25,7 +25,8 @@ async def test_three_nodes_ready_and_registry_trusted(swarm_sandbox: sbx.Sandbox
     assert (swarm.manager, swarm.workers) == (manager.name, [w.name for w in workers])
     assert swarm.registry == f"{manager.internal_address}:5000"
 
-    listed = [json.loads(line) for line in (await _run(manager, "docker", "node", "ls", "--format", "{{json .}}")).splitlines()]
+    nodes = await _run(manager, "docker", "node", "ls", "--format", "{{json .}}")
+    listed = [json.loads(line) for line in nodes.splitlines()]
     assert sorted(n["Hostname"] for n in listed) == ["sbx-1", "sbx-2", "sbx-3"]
     assert all(n["Status"] == "Ready" for n in listed)
     assert {n["Hostname"]: n["ManagerStatus"] for n in listed}["sbx-1"] == "Leader"

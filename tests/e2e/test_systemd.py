@@ -7,6 +7,7 @@ the hardening, the env file, offline wheels, and a Docker service next to a syst
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -14,19 +15,19 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import yaml
+from daemon_harness import Daemon, DesiredRepo, git, http_get, registry_client, running_daemon, settings_for
 
 from deployerd.plan import ActionKind
 from deployerd.runtimes.systemd import SystemdRuntime, default_user, unit_name
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus, PhaseStatus
-
-from daemon_harness import DesiredRepo, Daemon, git, http_get, registry_client, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -115,7 +116,8 @@ def make_wheel(out: Path, name: str, version: str, files: dict[str, str]) -> Pat
     dist = f"{name}-{version}.dist-info"
     contents = {**files,
                 f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-                f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: deployerd-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+                f"{dist}/WHEEL": ("Wheel-Version: 1.0\nGenerator: deployerd-tests\nRoot-Is-Purelib: true\n"
+                                  "Tag: py3-none-any\n")}
     record = []
     for path, text in contents.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
@@ -261,7 +263,8 @@ async def test_deploy_change_revert_as_a_hardened_unit(sandbox: SandboxInfo, tmp
 
 
 @pytest.mark.parametrize("breakage", ["crash", "unhealthy"])
-async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo, tmp_path: Path, breakage: str) -> None:
+async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo, tmp_path: Path,
+                                                             breakage: str) -> None:
     port = {"crash": 8311, "unhealthy": 8312}[breakage]
     name = f"sd-{breakage}"
     repo = DesiredRepo(tmp_path / "repo", sandbox)
@@ -284,7 +287,7 @@ async def test_failed_release_rolls_back_and_is_quarantined(sandbox: SandboxInfo
             assert "fatal: config missing" in job.logs
         else:
             assert "not healthy within 6 s" in (job.error or "")
-            assert "starting v2 on %d" % port in job.logs
+            assert f"starting v2 on {port}" in job.logs
         f = await facts(sandbox, port)
         assert f["version"] == "1"
         assert await sh(d, "readlink", f"{service_dir(d, name)}/current") == f"releases/{good.release}"
@@ -341,8 +344,8 @@ async def test_offline_wheels_install_into_the_release_venv(sandbox: SandboxInfo
     wheel = make_wheel(tmp_path / "wheels", "tinyver", "7.1", {"tinyver/__init__.py": 'VERSION = "7.1"\n'})
     # the wheel is valid: pip installs it offline here too
     target = tmp_path / "check"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
+    await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q",
+                                             "--target", str(target), str(wheel)], check=True, capture_output=True)
     assert (target / "tinyver" / "__init__.py").exists()
 
     repo = DesiredRepo(tmp_path / "repo", sandbox)

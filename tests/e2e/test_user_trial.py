@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import DesiredRepo, containers_of, http_get, running_daemon, settings_for
 
 from deployerd.plan import ActionKind
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
-
-from daemon_harness import DesiredRepo, containers_of, http_get, running_daemon, settings_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -133,7 +132,8 @@ async def test_unknown_names_missing_files_and_the_api_surfaces(sandbox: Sandbox
         secret = settings.secret("webhook_secret") or ""
         body = json.dumps({"zen": "Keep it logically awesome.", "hook_id": 1}).encode()
         sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        ping = await d.http.post("/webhook", content=body, headers={"X-GitHub-Event": "ping", "X-Hub-Signature-256": sig,
+        ping = await d.http.post("/webhook", content=body, headers={"X-GitHub-Event": "ping",
+                                                                    "X-Hub-Signature-256": sig,
                                                                     "Content-Type": "application/json"})
         assert ping.status_code == 200 and ping.json()["accepted"] is False, ping.text
         unsigned = await d.http.post("/webhook", content=body, headers={"X-GitHub-Event": "ping"})

@@ -144,7 +144,8 @@ def test_apply_script_builds_new_inodes_and_verifies(tmp_path: Path) -> None:
     for name, data in olds.items():
         (prev / name).write_bytes(data)
         os.link(prev / name, part / name)  # the partial release shares the previous release's inodes
-    news = {"a": olds["a"][:100] + b"new" + olds["a"][103:], "b": olds["b"] + b"more", "c": olds["b"][:100] + b"x" + olds["b"][101:]}
+    news = {"a": olds["a"][:100] + b"new" + olds["a"][103:], "b": olds["b"] + b"more",
+            "c": olds["b"][:100] + b"x" + olds["b"][101:]}
     frames = {}
     for name, new in news.items():
         basis = olds[name] if name != "c" else olds["b"]  # c's frame is built against the wrong file

@@ -402,7 +402,8 @@ def test_base_dir_refuses_system_directories(tmp_path: Path, base_dir: str) -> N
 
 
 @pytest.mark.parametrize(("base_dir", "normal"), [("/opt/deployerd/services", "/opt/deployerd/services"),
-                                                  ("/srv/apps/", "/srv/apps"), ("/usr/local/deployerd", "/usr/local/deployerd"),
+                                                  ("/srv/apps/", "/srv/apps"),
+                                                  ("/usr/local/deployerd", "/usr/local/deployerd"),
                                                   ("/home/deploy/services", "/home/deploy/services"),
                                                   ("/var/lib/deployerd", "/var/lib/deployerd")])
 def test_base_dir_accepts_own_folders_normalised(tmp_path: Path, base_dir: str, normal: str) -> None:
@@ -411,7 +412,8 @@ def test_base_dir_accepts_own_folders_normalised(tmp_path: Path, base_dir: str, 
 
 
 @pytest.mark.parametrize(("second", "shown"), [({"address": "10.0.0.1"}, "10.0.0.1 port 22"),
-                                               ({"address": "10.0.0.1", "ssh_port": 22, "user": "deploy"}, "10.0.0.1 port 22"),
+                                               ({"address": "10.0.0.1", "ssh_port": 22, "user": "deploy"},
+                                                "10.0.0.1 port 22"),
                                                ({"address": "fd00:0::1", "ssh_port": 2222}, "fd00::1 port 2222")])
 def test_two_entries_for_one_machine_are_refused(tmp_path: Path, second: dict[str, Any], shown: str) -> None:
     first = {"address": second["address"].replace("fd00:0::1", "fd00::1"), "ssh_port": second.get("ssh_port", 22)}

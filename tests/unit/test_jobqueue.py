@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 from deployerd.backoff import Backoff
 from deployerd.jobqueue import BACKOFF_MAX_S, BACKOFF_MIN_S, JobQueue
 from deployerd.store import Job, JobStatus

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
+from fakes import context
+
 from deployerd.runtimes.docker import build_argv, container_config
 from deployerd.runtimes.steps import Run, Write, payload
 from deployerd.runtimes.systemd import ReleaseFacts, build_steps, start_steps
 from deployerd.runtimes.systemd_steps import switched_steps
-
-from fakes import context
 
 SDIR = "/opt/fpai/services/web"
 

@@ -26,7 +26,8 @@ def _inst(service: str, state: RunState = RunState.RUNNING, healthy: bool | None
 def _snapshot(actions: list[Action]) -> Snapshot:
     observed = ObservedState(hosts={
         "h1": HostFacts(host="h1", reachable=True, instances=[
-            _inst("ok"), _inst("drift"), _inst("busy"), _inst("sick", RunState.FAILED), _inst("legacy", managed_by="api"),
+            _inst("ok"), _inst("drift"), _inst("busy"), _inst("sick", RunState.FAILED),
+            _inst("legacy", managed_by="api"),
         ]),
         "h2": HostFacts(host="h2", reachable=False, error="host h2 unreachable: refused"),
     })

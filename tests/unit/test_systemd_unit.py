@@ -56,7 +56,8 @@ def test_registered_under_its_method() -> None:
 # --------------------------------------------------------------------------- systemd-analyze verify
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (e2e verifies on a host)")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (e2e verifies on a host)")
 @pytest.mark.parametrize("command", [
     "python3 app.py --port {port}",
     "python3 app.py --name 'a b' '%h' '$HOME' ';' 'q\"x' 'back\\slash' --port={port}",
@@ -140,9 +141,9 @@ def test_newlines_never_reach_the_unit() -> None:
 
 def test_env_file_quotes_values_for_systemd() -> None:
     text = systemd_env_file_text({"B": "plain", "A": 'q"x\\y$HOME%h#z \'s `id`', "C": " padded "})
-    assert text == ('A="q\\"x\\\\y\\$HOME%h#z \'s \\`id\\`"\n'
-                    'B="plain"\n'
-                    'C=" padded "\n').encode()
+    assert text == (b'A="q\\"x\\\\y\\$HOME%h#z \'s \\`id\\`"\n'
+                    b'B="plain"\n'
+                    b'C=" padded "\n')
 
 
 def test_unbalanced_quotes_in_the_command_fail_start() -> None:

@@ -100,7 +100,8 @@ def test_git_tree_is_pinned_and_works_on_bare_repo(tmp_path: Path) -> None:
     assert old.read("services/web/Dockerfile") == b"FROM busybox:latest\n"
     assert new.read("services/web/Dockerfile") == b"FROM busybox:1\n"
     assert old.revision == first
-    assert load_desired(old, first).releases["web"].inputs["source"] != load_desired(new, second).releases["web"].inputs["source"]
+    before, after = load_desired(old, first).releases["web"], load_desired(new, second).releases["web"]
+    assert before.inputs["source"] != after.inputs["source"]
 
 
 def test_git_tree_unknown_commit(tmp_path: Path) -> None:
