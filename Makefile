@@ -42,9 +42,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Checked types (mypy --strict on deployerd/) and lint (ruff); configured in pyproject.toml.
+# Checked types (mypy --strict on deployerd/) and lint (ruff on deployerd/ and tests/); configured in pyproject.toml.
 lint: venv
-	$(VENV)/bin/ruff check deployerd
+	$(VENV)/bin/ruff check deployerd tests
 	$(VENV)/bin/mypy
 
 # The test-host image, built (minutes, the first time on a machine) or loaded before pytest starts, so that no
