@@ -29,10 +29,9 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import rss_kib  # noqa: E402
-from daemon_harness import DaemonProcess, DesiredRepo, _remove_instance, settings_for  # noqa: E402
+from daemon_harness import DaemonProcess, DesiredRepo, remove_deployment, settings_for  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
-from deployerd.daemon import close_engine, open_engine  # noqa: E402
 
 MB = 1_000_000
 BIG = 90 * MB
@@ -123,12 +122,7 @@ async def main() -> None:
             cli.append(cli_fetch(repo.path, work / "cli.git"))
         finally:
             await d.close()
-            engine = await open_engine(settings)
-            try:
-                await engine.preview()
-                await _remove_instance(engine)
-            finally:
-                await close_engine(engine)
+            await remove_deployment(settings)
     print(f"plain git fetch: first {cli[0]:.2f} s, later {cli[1]:.2f} s")
     for r in rows:
         print(r)

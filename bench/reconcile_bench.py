@@ -39,11 +39,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import SCRATCH_DOCKERFILE, cpu_s, med, peer_tool, rss_kib, scale_service, wait_job  # noqa: E402
 from _trace import Trace  # noqa: E402
-from daemon_harness import DaemonProcess, DesiredRepo, _remove_instance, running_daemon, settings_for  # noqa: E402
+from daemon_harness import DaemonProcess, DesiredRepo, remove_deployment, running_daemon, settings_for  # noqa: E402
 from peers import plain_deploy, write_source  # noqa: E402
 
 from deployerd import sandbox as sbx  # noqa: E402
-from deployerd.daemon import close_engine, open_engine  # noqa: E402
 from deployerd.sandbox import SandboxInfo  # noqa: E402
 from deployerd.store import JobStatus  # noqa: E402
 
@@ -261,12 +260,7 @@ async def scale(info: SandboxInfo, tmp: Path) -> None:
         if KEEP:
             print(f"scale: kept the deployment (BENCH_KEEP): config {d.config}", flush=True)
         else:  # leave the hosts and the Registry as found: the same clean-up as the e2e tests
-            engine = await open_engine(settings)
-            try:
-                await engine.preview()
-                await _remove_instance(engine)
-            finally:
-                await close_engine(engine)
+            await remove_deployment(settings)
 
 
 async def main() -> None:

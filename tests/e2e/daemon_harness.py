@@ -219,6 +219,17 @@ async def _remove_instance(engine: Engine) -> None:
             await engine.registry.deregister(name)
 
 
+async def remove_deployment(settings: Settings) -> None:
+    """What a daemon process with ``settings`` deployed, removed by an engine of its own that looks once at git
+    and the hosts (benchmarks that ran the daemon as a separate process)."""
+    engine = await open_engine(settings)
+    try:
+        await engine.preview()
+        await _remove_instance(engine)
+    finally:
+        await close_engine(engine)
+
+
 def registry_client(sandbox: SandboxInfo) -> RegistryClient:
     assert sandbox.registry is not None
     return RegistryClient(sandbox.registry.url, token=Path(sandbox.registry.token_path).read_text().strip())
