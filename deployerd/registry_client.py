@@ -8,6 +8,7 @@ the operation, never the token.
 
 from __future__ import annotations
 
+import asyncio
 import builtins  # the class's own list() method shadows the name in its annotations
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,9 @@ import httpx
 from pydantic import ValidationError
 
 from deployerd.observed import RegistryEntry
+
+READ_ATTEMPTS = 2
+READ_RETRY_S = 0.2
 
 
 class RegistryError(Exception):
@@ -108,13 +112,26 @@ class RegistryClient:
     ) -> Any:
         """The JSON body; None for a 404 (``absent_ok``) or a 409 (``conflict_ok``); RegistryError otherwise."""
         where = f"Registry {self.base_url}: {op}"
-        try:
-            resp = await self._http.request(method, path, json=json)
-        except httpx.TimeoutException as exc:
-            raise RegistryError(f"{where}: timed out ({type(exc).__name__})", transient=True) from None
-        except httpx.TransportError as exc:
-            raise RegistryError(self._redact(f"{where}: unreachable ({type(exc).__name__}: {exc})"),
-                                transient=True) from None
+        # A read is asked twice before it counts as failed: a kept-alive connection that the server closed as it
+        # was reused ("Server disconnected without sending a response") or one 5xx must not make the Registry
+        # look down until the next reconcile. Writes are retried by the phase runner, which knows their effect.
+        attempts = READ_ATTEMPTS if method == "GET" else 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                resp = await self._http.request(method, path, json=json)
+            except httpx.TimeoutException as exc:
+                raise RegistryError(f"{where}: timed out ({type(exc).__name__})", transient=True) from None
+            except httpx.TransportError as exc:
+                if not last:
+                    await asyncio.sleep(READ_RETRY_S)
+                    continue
+                raise RegistryError(self._redact(f"{where}: unreachable ({type(exc).__name__}: {exc})"),
+                                    transient=True) from None
+            if resp.status_code >= 500 and not last:
+                await asyncio.sleep(READ_RETRY_S)
+                continue
+            break
         code = resp.status_code
         if (code == 404 and absent_ok) or (code == 409 and conflict_ok):
             return None

@@ -110,6 +110,32 @@ async def test_server_error_is_transient() -> None:
     assert "database locked" in str(info.value) and url in str(info.value)
 
 
+async def test_a_read_is_asked_again_once_a_write_is_not() -> None:
+    """One 5xx (or a kept-alive connection closed as it was reused) must not make the Registry look down until
+    the next reconcile: a read is asked twice. A write is not repeated here: the phase runner retries it."""
+    app = FastAPI()
+    calls = {"GET": 0, "POST": 0}
+
+    @app.get("/droplets")
+    async def flaky() -> dict:
+        calls["GET"] += 1
+        if calls["GET"] == 1:
+            raise HTTPException(500, "once")
+        return {"droplets": [], "timestamp": "t"}
+
+    @app.post("/droplets")
+    async def failing(body: dict) -> None:
+        calls["POST"] += 1
+        raise HTTPException(500, "always")
+
+    async with serving_app(app) as url, RegistryClient(url) as c:
+        assert await c.list() == {}
+        assert calls["GET"] == 2
+        with pytest.raises(RegistryError) as info:
+            await c.register("web", "http://h:1", {}, None)
+    assert info.value.transient is True and calls["POST"] == 1
+
+
 async def test_register_fails_when_confirmation_disagrees() -> None:
     """A Registry that acknowledges a write it did not store must not pass as registered."""
     app = FastAPI()

@@ -99,7 +99,10 @@ class SlowRegistry:
         self.delay = 0.0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._client = httpx.AsyncClient(base_url=upstream, timeout=30)
+        # no kept-alive connections upstream: one the Registry closed as it was reused failed a forwarded
+        # request with a 500 once (RemoteProtocolError), which a test then waited 240 s on
+        self._client = httpx.AsyncClient(base_url=upstream, timeout=30,
+                                         limits=httpx.Limits(max_keepalive_connections=0))
         app = Starlette(routes=[Route("/{path:path}", self._forward,
                                       methods=["GET", "POST", "PUT", "PATCH", "DELETE"])])
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
