@@ -161,7 +161,8 @@ def validate(path: Path = typer.Argument(..., help="a desired-state folder (host
         typer.echo(f"error: {e}", err=True)
     for name, release in sorted(desired.releases.items()):
         spec = desired.services[name]
-        typer.echo(f"ok: {name} ({spec.method} on {spec.host}:{spec.port}) release {release.id}")
+        where = ", ".join(f"{h}:{spec.port}" for h in spec.placed_on)
+        typer.echo(f"ok: {name} ({spec.method} on {where}) release {release.id}")
     raise typer.Exit(1 if desired.errors else 0)
 
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from deployerd.schema import HOSTS_FILE, ClusterSpec, HostSpec, ManifestError, ServiceSpec
 from deployerd.validation import Invalid, key_name, translate
 
-SWARM_ONLY = ("cluster", "mode", "replicas", "placement", "rollout", "publish_mode")
+SWARM_ONLY = ("cluster", "mode", "replicas", "placement", "publish_mode")  # rollout: placement.py
 
 
 def host_field_errors(file: str, field: str, body: dict[str, Any]) -> list[ManifestError]:

@@ -17,12 +17,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from deployerd import clusters
-from deployerd.releases import compute_release, endpoint_url, expected_registry_entry
+from deployerd import clusters, placement
+from deployerd.releases import compute_release, endpoint_url, expected_registry_entry, fleet_releases
 from deployerd.schema import (
     HOSTS_FILE,
     SERVICES_DIR,
-    ClusterSpec,
     DesiredState,
     DockerSpec,
     HealthSpec,
@@ -101,7 +100,7 @@ def _parse_yaml(file: str, data: bytes) -> dict[str, Any]:
 
 
 def load_hosts(tree: Tree) -> dict[str, HostSpec]:
-    """Parse hosts.yaml: ``hosts: {<name>: {address, ssh_port, user, base_dir, public_address}}`` and
+    """Parse hosts.yaml: ``hosts: {<name>: {address, ssh_port, user, base_dir, public_address, ingress, tags}}`` and
     ``clusters: {<name>: {manager, registry}}`` (each manager's HostSpec carries its cluster)."""
     file = HOSTS_FILE
     _check_regular_file(tree, file)
@@ -177,17 +176,18 @@ def _check_manifest_size(entry: Entry) -> None:
 # --------------------------------------------------------------------------- services
 
 
-def _load_service(tree: Tree, file: str, stem: str, on: dict[str, ClusterSpec] | None = None) -> ServiceSpec:
-    """One manifest; ``on``: the clusters of a valid hosts.yaml (None: it is broken)."""
+def _load_service(tree: Tree, file: str, stem: str, hosts: dict[str, HostSpec] | None) -> ServiceSpec:
+    """One manifest; ``hosts``: those of a valid hosts.yaml (None: it is broken)."""
     doc = _parse_yaml(file, tree.read(file))
-    clusters.place_on_cluster(file, doc, on)
+    clusters.place_on_cluster(file, doc, clusters.clusters_of(hosts) if hosts is not None else None)
+    placement.place_on_hosts(file, doc, hosts)
     try:
         spec = ServiceSpec.model_validate(doc)
     except ValidationError as exc:
         raise _Invalid(_translate(file, exc)) from None
     if spec.name != stem:
         raise _Invalid([ManifestError(file=file, field="name", reason=f"must equal the file name {stem!r}")])
-    if wrong := clusters.service_errors(file, spec):
+    if wrong := clusters.service_errors(file, spec) + placement.rollout_errors(file, spec):
         raise _Invalid(wrong)
     return spec
 
@@ -321,7 +321,7 @@ def load_desired(tree: Tree, revision: str, incumbents: Mapping[str, ServiceSpec
                 raise _Invalid([ManifestError(file=file,
                                               reason="must be a regular file (not a symlink or special file)")])
             _check_manifest_size(files[0])
-            spec = _load_service(tree, file, stem, clusters.clusters_of(hosts) if hosts_ok else None)
+            spec = _load_service(tree, file, stem, hosts if hosts_ok else None)
             if hosts_ok and spec.host not in hosts:
                 raise _Invalid([ManifestError(file=file, field="host",
                                               reason=f"unknown host {spec.host!r} (not in hosts.yaml)")])
@@ -337,6 +337,7 @@ def load_desired(tree: Tree, revision: str, incumbents: Mapping[str, ServiceSpec
 
     services: dict[str, ServiceSpec] = {}
     releases: dict[str, Release] = {}
+    host_releases: dict[str, dict[str, Release]] = {}
     for stem, (file, spec) in specs.items():
         if stem in broken:
             continue
@@ -352,24 +353,27 @@ def load_desired(tree: Tree, revision: str, incumbents: Mapping[str, ServiceSpec
             continue
         if hosts_ok:
             services[stem] = spec
-            releases[stem] = compute_release(spec, hosts[spec.host], source)
+            host_releases[stem] = fleet_releases(spec, [hosts[h] for h in spec.placed_on], source)
+            releases[stem] = host_releases[stem][spec.host]
         else:
             broken.add(stem)
     if not hosts_ok:
         broken.update(specs)
     return DesiredState(revision=revision, hosts=hosts, services=services, releases=releases,
-                        errors=errors, broken=broken, complete=hosts_ok)
+                        host_releases=host_releases, errors=errors, broken=broken, complete=hosts_ok)
 
 
 def _check_unique(specs: dict[str, tuple[str, ServiceSpec]], broken: set[str],
                   incumbents: Mapping[str, ServiceSpec]) -> list[ManifestError]:
-    """Ports per host and droplet ids must be unique. In a clash, a service unchanged since the last applied
-    commit keeps its place and the others are broken; with no such service every one of them is (neither wins)."""
+    """Ports on each host a service is placed on, and droplet ids, must be unique. In a clash, a service unchanged
+    since the last applied commit keeps its place and the others are broken; with no such service every one of
+    them is (neither wins)."""
     errors: list[ManifestError] = []
     ports: dict[tuple[str, int], list[str]] = {}
     ids: dict[int, list[str]] = {}
     for stem, (_, spec) in specs.items():
-        ports.setdefault((spec.host, spec.port), []).append(stem)
+        for host in spec.placed_on:
+            ports.setdefault((host, spec.port), []).append(stem)
         if spec.droplet_id is not None:
             ids.setdefault(spec.droplet_id, []).append(stem)
     clashes = [("port", f"port {port} on host {host}", names) for (host, port), names in ports.items()]

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationInfo,
     field_validator,
 )
@@ -223,6 +224,7 @@ class HostSpec(_Model):
     # haproxy: a proxy deployerd runs on the host binds the public ports; a new release starts beside the old
     # one on a private port and takes traffic once healthy (zero downtime). none: the old stops first.
     ingress: Literal["haproxy", "none"] = "none"
+    tags: Annotated[list[DnsLabel], Field(max_length=50)] = Field(default_factory=list)  # manifests' hosts: {tag: x}
     # Set from hosts.yaml ``clusters`` (never a host field there): the Swarm this host manages, so its swarm
     # runtime reads the cluster's services and a past release's record still knows the cluster's registry.
     manages: ClusterSpec | None = None
@@ -276,8 +278,24 @@ class PlacementSpec(_Model):
     constraints: Annotated[list[str], AfterValidator(_constraints), Field(max_length=20)] = Field(default_factory=list)
 
 
+def _batch(v: Any) -> int | str:
+    """Hosts per wave: a whole number from 1, or "N%" (1 to 100) of the hosts placed."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 1 <= v <= 1000:
+            raise ValueError("must be greater than or equal to 1 (and at most 1000)")
+        return v
+    if isinstance(v, str) and v.endswith("%") and v[:-1].isdigit() and 1 <= int(v[:-1]) <= 100:
+        return v
+    raise ValueError("must be a number of hosts (1 or more) or a percentage of them, '1%' to '100%'")
+
+
+SWARM_ROLLOUT = ("parallelism", "delay_s", "order", "failure_action", "monitor_s", "max_failure_ratio")
+FLEET_ROLLOUT = ("canary", "batch", "pause_s", "max_failed_hosts")
+
+
 class RolloutSpec(_Model):
-    """How a ``method: swarm`` update rolls out: Swarm's update_config (its rollback_config pauses on failure)."""
+    """How an update rolls out. ``method: swarm``: Swarm's update_config (its rollback_config pauses on failure),
+    the fields of SWARM_ROLLOUT. A docker/systemd service on several hosts: waves of hosts, FLEET_ROLLOUT."""
 
     parallelism: Annotated[int, Field(ge=0, le=1000)] = 1  # tasks updated at once (0: all)
     delay_s: float = Field(default=0.0, ge=0, le=3600)  # between two batches
@@ -285,10 +303,21 @@ class RolloutSpec(_Model):
     failure_action: Literal["rollback", "pause"] = "rollback"
     monitor_s: float = Field(default=5.0, gt=0, le=3600)  # how long a new task is watched for failure
     max_failure_ratio: float = Field(default=0.0, ge=0, le=1)
+    canary: Annotated[int, Field(ge=0, le=1000)] = 1  # hosts deployed first, alone (0: no canary wave)
+    # hosts per wave after the canary: a number, or "N%" of the hosts placed (rounded up, at least 1)
+    batch: Annotated[int | str, PlainValidator(_batch)] = 1
+    pause_s: float = Field(default=0.0, ge=0, le=3600)  # between two waves
+    max_failed_hosts: Annotated[int, Field(ge=0, le=1000)] = 0  # more hosts failing end (and roll back) the rollout
 
 
 # "register" (a manifest field) shadows ABCMeta.register on the class; harmless, so the warning is muted
 warnings.filterwarnings("ignore", message='Field name "register" in "ServiceSpec" shadows', category=UserWarning)
+
+
+class HostTag(_Model):
+    """``hosts: {tag: web}``: every host of hosts.yaml with that tag, in its order."""
+
+    tag: DnsLabel
 
 
 class ServiceSpec(_Model):
@@ -296,7 +325,12 @@ class ServiceSpec(_Model):
 
     name: DnsLabel
     droplet_id: Annotated[int, Field(ge=1)] | None = None
-    host: DnsLabel  # method swarm: the cluster's manager (filled in from hosts.yaml)
+    # method swarm: the cluster's manager (filled in from hosts.yaml); a fleet (``hosts``): its first host
+    host: DnsLabel
+    # several hosts (docker, systemd): names of hosts.yaml, or a tag; resolved into ``fleet`` when loaded
+    hosts: Annotated[list[DnsLabel], Field(min_length=1, max_length=500)] | HostTag | None = None
+    # Set from ``hosts`` by the loader (never a manifest field): the hosts, in manifest (a tag: hosts.yaml) order
+    fleet: list[DnsLabel] = Field(default_factory=list)
     method: Literal["docker", "systemd", "swarm"] = "docker"
     port: Port
     source: RelPath
@@ -342,6 +376,11 @@ class ServiceSpec(_Model):
         return v
 
     @property
+    def placed_on(self) -> list[str]:
+        """Every host an instance of the service runs on: its fleet, or its one host."""
+        return list(self.fleet) or [self.host]
+
+    @property
     def container_port(self) -> int:
         return self.docker.container_port or self.port
 
@@ -376,16 +415,18 @@ class Release(BaseModel):
 
     id: str
     inputs: dict[str, str]
+    # inputs kept out of the id: a fleet's per-host settings, so its release id is the same on every host
+    per_host: tuple[str, ...] = ()
 
     def with_input(self, name: str, digest: str) -> Release:
         """This release with one more input (the daemon adds ``secrets``, whose values git never holds)."""
         inputs = {**self.inputs, name: digest}
-        return Release(id=release_id(inputs), inputs=inputs)
+        return Release(id=release_id(inputs, self.per_host), inputs=inputs, per_host=self.per_host)
 
 
-def release_id(inputs: dict[str, str]) -> str:
-    """The id over all of a release's input digests."""
-    combined = "".join(f"{k}={v}\n" for k, v in sorted(inputs.items()))
+def release_id(inputs: dict[str, str], per_host: tuple[str, ...] = ()) -> str:
+    """The id over a release's input digests (all but those named ``per_host``)."""
+    combined = "".join(f"{k}={v}\n" for k, v in sorted(inputs.items()) if k not in per_host)
     return hashlib.sha256(combined.encode()).hexdigest()[:12]
 
 
@@ -399,10 +440,16 @@ class DesiredState(BaseModel):
     revision: str
     hosts: dict[str, HostSpec] = Field(default_factory=dict)
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
-    releases: dict[str, Release] = Field(default_factory=dict)
+    releases: dict[str, Release] = Field(default_factory=dict)  # a fleet: its first host's
+    # service -> host -> the release it runs there: every host it is placed on (a fleet: one id, own host inputs)
+    host_releases: dict[str, dict[str, Release]] = Field(default_factory=dict)
     errors: list[ManifestError] = Field(default_factory=list)
     broken: set[str] = Field(default_factory=set)
     complete: bool = True
+
+    def release_on(self, service: str, host: str) -> Release:
+        """The release ``service`` should run on ``host`` (its own host inputs when it is one of a fleet)."""
+        return self.host_releases.get(service, {}).get(host) or self.releases[service]
 
     def errors_for(self, service: str) -> list[ManifestError]:
         """Errors of one service's manifest (or, when hosts.yaml is broken, those of hosts.yaml)."""

@@ -343,6 +343,7 @@ class Secrets:
         results = await asyncio.gather(*(self.resolve(spec, tree, listing) for spec in wanting),
                                        return_exceptions=True)
         services, releases = dict(desired.services), dict(desired.releases)
+        host_releases = dict(desired.host_releases)
         errors, broken = list(desired.errors), set(desired.broken)
         values: dict[str, _EnvValues] = {}
         for spec, result in zip(wanting, results, strict=True):
@@ -353,13 +354,17 @@ class Secrets:
                 broken.add(spec.name)
                 services.pop(spec.name)
                 releases.pop(spec.name)
+                host_releases.pop(spec.name, None)
             elif isinstance(result, BaseException):
                 raise result
             else:
                 values[spec.name] = result
-                releases[spec.name] = releases[spec.name].with_input("secrets", digest(key, result))
-        adjusted = desired.model_copy(update={"services": services, "releases": releases, "errors": errors,
-                                              "broken": broken})
+                keyed = digest(key, result)
+                releases[spec.name] = releases[spec.name].with_input("secrets", keyed)
+                host_releases[spec.name] = {h: r.with_input("secrets", keyed)
+                                            for h, r in host_releases.get(spec.name, {}).items()}
+        adjusted = desired.model_copy(update={"services": services, "releases": releases,
+                                              "host_releases": host_releases, "errors": errors, "broken": broken})
         return adjusted, values
 
 

@@ -186,9 +186,10 @@ class Planner:
 
 
 def _methods(desired: DesiredState, oob: Mapping[str, ReleaseContext]) -> dict[str, set[str]]:
-    """host -> the runtimes of the services (git's and out-of-band) placed on it: what observation asks for."""
-    placed = [(s.host, s.method) for s in desired.services.values()] + [(c.spec.host, c.spec.method)
-                                                                         for c in oob.values()]
+    """host -> the runtimes of the services (git's, on each host of a fleet, and out-of-band) placed on it: what
+    observation asks for."""
+    placed = [(h, s.method) for s in desired.services.values() for h in s.placed_on]
+    placed += [(c.spec.host, c.spec.method) for c in oob.values()]
     return methods_by_host(placed)
 
 
