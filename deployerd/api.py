@@ -142,9 +142,9 @@ def create_app(engine: Engine) -> FastAPI:
         """deployerd's own record of a job: rich statuses, structured phase details, rollback, logs."""
         return (await _job(job_id)).model_dump(mode="json")
 
-    @app.get("/deploy/{job_id}", response_model=legacy.LegacyJob, tags=["older API"])
+    @app.get("/deploy/{job_id}", response_model=legacy.LegacyRollout | legacy.LegacyJob, tags=["older API"])
     async def get_job(job_id: str) -> legacy.LegacyJob:
-        """The older Deployer's shape, exactly (`deployerd.legacy`)."""
+        """The older Deployer's shape, exactly (`deployerd.legacy`); a fleet's rollout adds children and waves."""
         return legacy.legacy_job(await _job(job_id))
 
     async def _job(job_id: str) -> Job:

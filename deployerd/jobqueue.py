@@ -47,6 +47,7 @@ class JobQueue:
         self._ended: dict[WorkKey, float] = {}  # key -> monotonic time its last job ended
         self.failing: dict[WorkKey, Failing] = {}
         self._slots = asyncio.Semaphore(max_parallel)
+        self._changes: dict[WorkKey, asyncio.Event] = {}  # key -> set when the release it wants changes
 
     @property
     def in_flight(self) -> Collection[WorkKey]:
@@ -57,7 +58,21 @@ class JobQueue:
 
     def want(self, key: WorkKey, release: str) -> None:
         """The latest reconcile wants ``release`` for ``key``."""
+        if self._wanted.get(key) != release and (changed := self._changes.pop(key, None)) is not None:
+            changed.set()
         self._wanted[key] = release
+
+    async def wait_superseded(self, key: WorkKey, release: str, timeout_s: float) -> bool:
+        """Wait ``timeout_s`` (a rollout's pause between waves); True, at once, if another release is wanted
+        for ``key`` meanwhile (a newer commit does not wait for the pause)."""
+        if self._wanted.get(key, release) != release:
+            return True
+        changed = self._changes.setdefault(key, asyncio.Event())
+        try:
+            await asyncio.wait_for(changed.wait(), timeout_s)
+        except TimeoutError:
+            return self._wanted.get(key, release) != release
+        return True
 
     def superseded(self, key: WorkKey, release: str) -> Callable[[], bool]:
         """A job's check, at each phase boundary, that its release is still the one wanted."""

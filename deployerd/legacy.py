@@ -140,6 +140,14 @@ class LegacyJob(BaseModel):
     error: str | None
 
 
+class LegacyRollout(LegacyJob):
+    """``GET /deploy/{job_id}`` of a fleet's rollout: the older shape plus its per-host jobs and waves (a
+    one-host service's job never has these keys)."""
+
+    children: list[str]
+    waves: list[list[str]]
+
+
 # --------------------------------------------------------------------------- the mapping
 
 
@@ -248,7 +256,11 @@ def legacy_job(job: Job) -> LegacyJob:
                                        "registered_at": seconds(job.registration.get("registered_at"))})
     request = job.request or {}
     status = job_status(job)
-    return LegacyJob(
+    shape: type[LegacyJob] = LegacyJob
+    extra: dict[str, Any] = {}
+    if job.kind == "rollout":
+        shape, extra = LegacyRollout, {"children": job.children, "waves": job.waves}
+    return shape(
         deploy_job_id=job.id,
         service_name=job.service,
         service_path=request.get("service_path", job.service_path),
@@ -263,6 +275,7 @@ def legacy_job(job: Job) -> LegacyJob:
         duration_seconds=_whole(job.duration_seconds),
         success=status == "completed",
         error=job_error(job),
+        **extra,
     )
 
 

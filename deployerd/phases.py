@@ -23,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deployerd.desired import ServiceSpec, expected_registry_entry
+from deployerd.desired import HostSpec, ServiceSpec, expected_registry_entry
 from deployerd.events import EventBus, Quarantined, RolledBack, Switched
 from deployerd.failpoints import failpoint
 from deployerd.health import HealthResult, probe_client
@@ -50,6 +50,8 @@ __all__ = ["Deployer", "PhaseFailed", "Superseded", "context_from_record", "is_t
 
 
 Source = Tree | Callable[[], Awaitable[GitTree]]  # a release's files: a tree, or a way to open its commit's
+# Register for a fleet host: writes the fleet's one entry with every host's release (rollout.FleetEntry)
+Registrar = Callable[[ReleaseContext, str | None], Awaitable[dict[str, Any]]]
 
 
 @dataclass
@@ -84,13 +86,15 @@ class Deployer(JobRecorder):
         self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
         self.secret_env = secret_env  # a service's secret values from the current sources
         self.http = probe_client()  # every health wait's client: built once (it costs ~90 ms of CPU)
+        self._registrars: dict[str, Registrar] = {}  # job id -> its fleet's Register, while the job runs
 
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def context_for(self, rec: ReleaseRecord) -> ReleaseContext:
-        """A past release's context with its secrets resolved again (from the current sources)."""
-        ctx = context_from_record(rec)
+    async def context_for(self, rec: ReleaseRecord, host: str | None = None) -> ReleaseContext:
+        """A past release's context (on ``host``, for a fleet's) with its secrets resolved again (from the
+        current sources)."""
+        ctx = context_from_record(rec, host)
         if not ctx.spec.secrets:
             return ctx
         if self.secret_env is None:
@@ -138,7 +142,7 @@ class Deployer(JobRecorder):
             await self.store.save_release(release_record(ctx, "good"))
             async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
                 if ctx.spec.register:
-                    job.registration = await self._register(ctx, await runtime.registry_node(ctx))
+                    job.registration = await self._register(job, ctx, await runtime.registry_node(ctx))
                     rec.details.update(job.registration)
                 else:
                     self._skip(rec, "register: false in the manifest")
@@ -195,8 +199,12 @@ class Deployer(JobRecorder):
         tree: Tree,
         previous: str | None,
         superseded: Callable[[], bool] = lambda: False,
+        register: Registrar | None = None,
     ) -> Job:
-        """Run the six phases for ``ctx``; roll back on a terminal failure after the build started."""
+        """Run the six phases for ``ctx``; roll back on a terminal failure after the build started.
+        ``register``: a fleet host's Register (its rollback's too), instead of the one-host entry."""
+        if register is not None:
+            self._registrars[job.id] = register
         port = port_of(handle)
         runtime = port.runtime(ctx.spec.method)
         self._hide(job, ctx)
@@ -230,6 +238,7 @@ class Deployer(JobRecorder):
                     and job.status in (JobStatus.SUPERSEDED, JobStatus.FAILED):
                 await self._clear_unserved(runtime, ctx)  # under the lock: it removes the service's files
             await lock.release()
+            self._registrars.pop(job.id, None)
         return await self.end(job)
 
     async def _failed(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
@@ -263,13 +272,13 @@ class Deployer(JobRecorder):
         if not ctx.behind_ingress:  # behind an ingress the failed one goes once the proxy serves the good one
             await runtime.discard(ctx)
         prev = await self.store.last_good(ctx.spec.name, exclude=ctx.release.id)
-        if prev is None or prev.host != ctx.host.name:
+        if prev is None or ctx.host.name not in prev.ran_on:
             if ctx.behind_ingress:
                 await self._discard_unserving(port, runtime, ctx)
             job.rollback = {"release": None, "reason": "no earlier good release of this service on this host"}
             return False
         try:
-            prev_ctx = await self.context_for(prev)
+            prev_ctx = await self.context_for(prev, ctx.host.name)
         except Exception as e:  # its secrets cannot be resolved: it cannot be restored
             job.rollback = {"release": prev.release, "error": str(e)}
             return False
@@ -310,8 +319,17 @@ class Deployer(JobRecorder):
         except Exception as e:  # housekeeping: never turns the job's outcome into a crash
             log.warning("clearing %s from %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
-    async def _register(self, ctx: ReleaseContext, node: str | None = None) -> dict[str, Any]:
-        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance, ctx.managed_by, node)
+    async def _register(self, job: Job, ctx: ReleaseContext, node: str | None = None) -> dict[str, Any]:
+        if (fleet := self._registrars.get(job.id)) is not None:
+            return await fleet(ctx, node)
+        return await self.registration(ctx, node)
+
+    async def registration(self, ctx: ReleaseContext, node: str | None = None,
+                           fleet: Mapping[str, tuple[HostSpec, str]] | None = None) -> dict[str, Any]:
+        """Write ``ctx``'s Registry entry (``fleet``: every host of a fleet and the release it serves)."""
+        extra: dict[str, Any] = {"fleet": fleet} if fleet is not None else {}
+        want = expected_registry_entry(ctx.spec, ctx.host, ctx.release, ctx.instance, ctx.managed_by, node,
+                                       **extra)
         entry = await self.registry.register(ctx.spec.name, want["endpoint"], want["metadata"], ctx.spec.droplet_id)
         return {
             "droplet_id": entry.id,
@@ -337,13 +355,14 @@ class Deployer(JobRecorder):
             log.warning("retention for %s on %s failed: %s", ctx.spec.name, ctx.host.name, e)
 
     # ------------------------------------------------------------------ register, prune
-    async def register_only(self, job: Job, ctx: ReleaseContext, node: str | None = None) -> Job:
-        """Register the running release again (``node``: where it was observed answering, for a Swarm service).
-        No host lock: it touches only the Registry, never the host."""
+    async def register_only(self, job: Job, ctx: ReleaseContext, node: str | None = None,
+                            register: Registrar | None = None) -> Job:
+        """Register the running release again (``node``: where it was observed answering, for a Swarm service;
+        ``register``: a fleet's). No host lock: it touches only the Registry, never the host."""
         await self.begin(job, (REGISTER,))
         try:
             async with self._phase(job, REGISTER) as rec:
-                job.registration = await self._register(ctx, node)
+                job.registration = await (register or self.registration)(ctx, node)
                 rec.details.update(job.registration)
             job.status = JobStatus.SUCCEEDED
         except PhaseFailed as failure:

@@ -73,7 +73,7 @@ class Job(BaseModel):
     service: str
     host: str
     method: str = "docker"
-    kind: str = "deploy"  # deploy | register | prune
+    kind: str = "deploy"  # deploy | register | prune | restore | rollout (a fleet's waves: see rollout.py)
     trigger: str = "poll"  # watch | poll | webhook (a new commit) | api | sync | resync (source.job_trigger) | heal
     managed_by: str = "git"
     commit: str = ""
@@ -93,6 +93,9 @@ class Job(BaseModel):
     registration: dict[str, Any] | None = None
     phases: list[PhaseRecord] = Field(default_factory=list)
     rollback_phases: list[PhaseRecord] = Field(default_factory=list)  # the restored release's pass, if any
+    parent: str | None = None  # a fleet host's job: the id of the rollout it is part of
+    children: list[str] = Field(default_factory=list)  # a rollout: its per-host jobs, in the order they started
+    waves: list[list[str]] = Field(default_factory=list)  # a rollout: the hosts of each wave, canary first
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     completed_at: str | None = None
@@ -108,15 +111,23 @@ class Job(BaseModel):
 
 
 class ReleaseRecord(BaseModel):
+    """A release of a service. A fleet's release has one id on every host: one record, ``hosts`` naming each
+    host it was deployed on (``spec["hosts"]`` keeps each one's HostSpec and inputs, to restore it there)."""
+
     service: str
     release: str
-    host: str
+    host: str  # the host that saved it last
     method: str
     commit: str
     status: str  # good | failed
     created_at: str
     last_good_at: str | None = None
     spec: dict[str, Any] = Field(default_factory=dict)  # the ServiceSpec it was built from (out-of-band deploys)
+    hosts: list[str] = Field(default_factory=list)  # every host it was deployed on (older records: empty)
+
+    @property
+    def ran_on(self) -> list[str]:
+        return self.hosts or [self.host]
 
 
 class OutOfBandService(BaseModel):
@@ -229,23 +240,54 @@ class Store:
         """Services whose latest job is a git deploy cut short by a stop or crash -> the release it deployed.
 
         Such a release may already run on its host, looking in sync, without having been verified healthy,
-        registered or retained: the planner deploys it again (the kept artifact makes that cheap)."""
+        registered or retained: the planner deploys it again (the kept artifact makes that cheap). A fleet's
+        rollout record is not a deploy: its host jobs are, and one of them cut short counts, even when a host
+        of the same wave started after it and ended."""
         rows = await self._call(
             self._exec,
-            "SELECT body FROM jobs j WHERE status = 'interrupted' AND created_at = "
-            "(SELECT MAX(created_at) FROM jobs k WHERE k.service = j.service)",
+            "SELECT body FROM jobs j WHERE json_extract(body, '$.kind') != 'rollout' AND (status = 'interrupted' "
+            "OR created_at = (SELECT MAX(created_at) FROM jobs k WHERE k.service = j.service "
+            "AND json_extract(k.body, '$.kind') != 'rollout'))",
         )
         jobs = [Job.model_validate_json(body) for (body,) in rows]
-        return {j.service: j.release for j in jobs if j.kind == "deploy" and j.managed_by == "git" and j.release}
+        latest: dict[str, Job] = {}
+        for j in jobs:
+            if j.service not in latest or j.created_at > latest[j.service].created_at:
+                latest[j.service] = j
+        out = {}
+        for j in sorted(jobs, key=lambda j: j.created_at):
+            last = latest[j.service]
+            cut = j is last or (j.parent is not None and j.parent == last.parent)
+            if cut and j.status is JobStatus.INTERRUPTED and j.kind == "deploy" and j.managed_by == "git" \
+                    and j.release:
+                out[j.service] = j.release
+        return out
 
     # releases
     async def save_release(self, rec: ReleaseRecord) -> None:
-        await self._call(
-            self._exec,
+        """Insert or update ``rec``; a fleet release saved by another host keeps the hosts saved before."""
+        await self._call(self._save_release, rec)
+
+    def _save_release(self, rec: ReleaseRecord) -> None:  # on the store's thread: read and write are one step
+        rows = self._exec("SELECT body FROM releases WHERE service=? AND release=?", (rec.service, rec.release))
+        if rows:
+            old = ReleaseRecord.model_validate_json(rows[0][0])
+            hosts = [h for h in old.hosts if h not in rec.hosts] + rec.hosts
+            spec_hosts = {**old.spec.get("hosts", {}), **rec.spec.get("hosts", {})}
+            rec = rec.model_copy(update={"hosts": hosts, "spec": {**rec.spec, "hosts": spec_hosts}})
+        self._exec(
             "INSERT INTO releases(service, release, body, status, last_good_at) VALUES (?,?,?,?,?) "
             "ON CONFLICT(service, release) DO UPDATE SET body=excluded.body, status=excluded.status, "
             "last_good_at=COALESCE(excluded.last_good_at, releases.last_good_at)",
             (rec.service, rec.release, rec.model_dump_json(), rec.status, rec.last_good_at),
+        )
+
+    async def set_release_status(self, service: str, release: str, status: str) -> None:
+        """Mark a recorded release ``good`` or ``failed`` (a fleet's verdict on it, whatever a host said)."""
+        await self._call(
+            self._exec,
+            "UPDATE releases SET status=?, body=json_set(body, '$.status', ?) WHERE service=? AND release=?",
+            (status, status, service, release),
         )
 
     async def releases(self, service: str) -> list[ReleaseRecord]:

@@ -28,6 +28,7 @@ from deployerd.config import Settings
 from deployerd.daemon import close_engine, open_engine
 from deployerd.registry.server import serving
 from deployerd.source import Kick
+from deployerd.store import Job, JobStatus
 
 T = TypeVar("T")
 EXAMPLES_PER_OPERATION = 25
@@ -173,3 +174,17 @@ def test_webhook_refusals_trigger_no_fetch(daemon: tuple[_Loop, Any, str]) -> No
                            "content": body})
     assert ok.status_code == 200 and ok.json()["accepted"] is True
     assert kick.is_set()
+
+
+def test_get_deploy_keeps_the_older_shape_and_a_rollout_adds_its_hosts(daemon: tuple[_Loop, Any, str]) -> None:
+    loop, app, _ = daemon
+    store = app.state.engine.store
+    one = Job(service="web", host="h", status=JobStatus.SUCCEEDED)
+    rollout = Job(service="fleet", host="h1", kind="rollout", status=JobStatus.RUNNING, children=[one.id],
+                  waves=[["h1"], ["h2"]])
+    for job in (one, rollout):
+        loop.run(store.save_job(job))
+    body = _send(loop, app, {"method": "GET", "url": f"/deploy/{one.id}"}).json()
+    assert "children" not in body and "waves" not in body and body["status"] == "completed"
+    body = _send(loop, app, {"method": "GET", "url": f"/deploy/{rollout.id}"}).json()
+    assert body["children"] == [one.id] and body["waves"] == [["h1"], ["h2"]]

@@ -102,3 +102,38 @@ async def test_out_of_band_services_survive_reopen_until_forgotten(tmp_path: Pat
     await store.forget_out_of_band("adhoc")
     assert set(await store.out_of_band()) == {"other"}
     await store.close()
+
+
+async def test_a_fleet_host_cut_short_counts_and_a_rollout_record_is_not_a_deploy(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite")
+    parent = Job(service="fleet", host="h1", kind="rollout", release="r2", status=JobStatus.RUNNING,
+                 created_at="2026-01-01T00:00:00Z")
+    cut = Job(service="fleet", host="h1", release="r2", parent=parent.id, status=JobStatus.RUNNING,
+              created_at="2026-01-01T00:00:01Z")
+    ended = Job(service="fleet", host="h2", release="r2", parent=parent.id, status=JobStatus.SUCCEEDED,
+                created_at="2026-01-01T00:00:02Z")  # the same wave: started after it, ended before the kill
+    earlier = Job(service="web", host="h", release="r7", status=JobStatus.RUNNING, created_at="2026-01-01T00:00:00Z")
+    later_rollout = Job(service="web", host="h", kind="rollout", status=JobStatus.RUNNING,
+                        created_at="2026-01-02T00:00:00Z")  # started, then cut short before its first host
+    for job in (parent, cut, ended, earlier, later_rollout):
+        await store.save_job(job)
+    await store.mark_interrupted()
+    assert await store.interrupted_deploys() == {"fleet": "r2", "web": "r7"}
+    assert (await store.job(parent.id)).status is JobStatus.INTERRUPTED  # type: ignore[union-attr]
+    await store.close()
+
+
+async def test_a_fleet_release_keeps_every_host_it_ran_on(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite")
+    for host in ("h1", "h2"):
+        rec = release("aaa", "good", utcnow()).model_copy(update={
+            "host": host, "hosts": [host], "spec": {"hosts": {host: {"host": {"name": host}, "inputs": {"h": host}}}}})
+        await store.save_release(rec)
+    got = await store.last_good("web")
+    assert got is not None and got.ran_on == ["h1", "h2"] and got.host == "h2"
+    assert sorted(got.spec["hosts"]) == ["h1", "h2"] and got.spec["hosts"]["h1"]["inputs"] == {"h": "h1"}
+    await store.set_release_status("web", "aaa", "failed")
+    assert await store.last_good("web") is None
+    assert (await store.releases("web"))[0].status == "failed"
+    assert release("old", "good", utcnow()).ran_on == ["h"]  # a record from before fleets: its one host
+    await store.close()

@@ -183,3 +183,14 @@ def test_requests_deployerd_cannot_honour_name_the_request_field(change: dict[st
         service_spec(req, "prod-1", "i-proactive")
     assert [err["loc"][1] for err in e.value.errors] == [field]
     assert words in e.value.errors[0]["msg"] and "v4lue" not in str(e.value.errors)
+
+
+def test_a_rollout_shows_its_hosts_jobs_and_waves_and_a_one_host_job_never_does() -> None:
+    one = legacy_job(job(JobStatus.SUCCEEDED, phases(S, S, S, S, S, S), completed_at=T1)).model_dump()
+    assert "children" not in one and "waves" not in one
+    rollout = job(JobStatus.ROLLED_BACK, [], kind="rollout", children=["deploy-1", "deploy-2"],
+                  waves=[["web-1"], ["web-2", "web-3"]], error="host web-3 failed", completed_at=T1)
+    body = legacy_job(rollout).model_dump()
+    assert body["children"] == ["deploy-1", "deploy-2"] and body["waves"] == [["web-1"], ["web-2", "web-3"]]
+    assert body["status"] == "failed" and body["success"] is False and body["phases"] == []
+    assert set(body) == set(one) | {"children", "waves"}

@@ -4,6 +4,7 @@ failures, and the one place a job ends, on a fake host (tests/unit/fakes.py) wit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from fakes import INGRESS_HOST, TREE, FakeHost, FakeRegistry, context
 
 from deployerd.connection import CommandError, HostUnreachable, RemoteFileError
+from deployerd.desired import HostSpec
 from deployerd.events import Event, EventBus, JobEnded, JobStarted, PhaseChanged, Quarantined, RolledBack, Switched
 from deployerd.locks import LockBusy, LockRecord
 from deployerd.phases import Deployer, is_transient
@@ -245,3 +247,33 @@ async def test_a_failed_retirement_fails_verify_health_as_before(rig: Rig, error
     if status is JobStatus.ROLLED_BACK:
         assert rig.host.serves == {"web": old.release.id} and job.rollback["release"] == old.release.id
         assert rig.registry.entries["web"].metadata["release"] == old.release.id
+
+
+async def test_a_fleet_host_rolls_back_to_the_release_it_ran_though_another_host_saved_it_last(rig: Rig) -> None:
+    one = context(version="1")
+    two = dataclasses.replace(one, host=HostSpec(name="fake-2", address="10.0.0.2"))  # one id on every host
+    await rig.deploy(one)
+    await rig.deploy(two)  # the record's last saver is fake-2 now
+    bad = context(version="2")
+    rig.host.unhealthy.add(bad.release.id)
+    job = await rig.deploy(bad, previous=one.release.id)
+    assert job.status is JobStatus.ROLLED_BACK, job.error
+    assert job.rollback and job.rollback["release"] == one.release.id
+    assert rig.registry.entries["web"].endpoint == "http://10.0.0.1:8080"  # restored as on fake-1, not fake-2
+
+
+async def test_a_fleet_register_writes_what_the_rollout_gives(rig: Rig) -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def fleet(ctx: ReleaseContext, node: str | None) -> dict[str, Any]:
+        seen.append((ctx.host.name, ctx.release.id))
+        return {"droplet_id": 7, "service_name": "web", "endpoint": "http://lb", "registered_at": "now"}
+
+    good, bad = context(version="1"), context(version="2")
+    await rig.deploy(good)
+    rig.host.unhealthy.add(bad.release.id)
+    job = await rig.deploy(bad, previous=good.release.id, register=fleet)
+    assert job.status is JobStatus.ROLLED_BACK
+    assert seen == [("fake-1", good.release.id)]  # its own rollback registered through the fleet's entry too
+    assert job.registration is not None and job.registration["endpoint"] == "http://lb"
+    assert rig.deployer._registrars == {}
