@@ -116,6 +116,9 @@ def status(config: Path | None = ConfigOpt, url: str | None = UrlOpt,
     for s in data["services"]:
         typer.echo(f"{s['name']:<24} {s['sync_status']:<10} {s['health_status']:<11} "
                    f"{(s['running_release'] or '-'):<13} {s['host']:<10} {s.get('url') or ''}")
+        for h in s.get("hosts") or []:  # a fleet: every host's own release
+            typer.echo(f"{'':<2}{'@' + h['host']:<22} {h['sync_status']:<10} {h['health_status']:<11} "
+                       f"{(h['running_release'] or '-'):<13} {'':<10} {h.get('url') or ''}")
         if s["sync_status"] != "Synced" or s["health_status"] != "Healthy":
             for reason in s["reasons"]:
                 typer.echo(f"{'':<24} - {reason}")

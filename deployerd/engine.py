@@ -19,7 +19,7 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from deployerd import memory
+from deployerd import fleet, memory
 from deployerd.config import Settings
 from deployerd.connection import Connection
 from deployerd.desired import DesiredState, HostSpec, ServiceSpec, endpoint_url
@@ -31,7 +31,7 @@ from deployerd.liveness import Liveness
 from deployerd.locks import HostLocks
 from deployerd.metrics import Metrics
 from deployerd.observe import Hosts
-from deployerd.observed import ObservedState, RegistryEntry
+from deployerd.observed import ObservedState
 from deployerd.outofband import Conflict, OutOfBand
 from deployerd.phases import Deployer, is_transient
 from deployerd.plan import Action, ActionKind
@@ -49,7 +49,6 @@ __all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "Conflict", "Engine", "ReconcileRec
 
 log = logging.getLogger(__name__)
 
-_NO_ENTRY = RegistryEntry(id=0, name="", endpoint="", status="")
 _LAUNCHED = (ActionKind.DEPLOY, ActionKind.RESTORE, ActionKind.REGISTER, ActionKind.PRUNE)
 _HEALS = (ActionKind.DEPLOY, ActionKind.RESTORE)  # what a host's event may start: an instance serving again
 
@@ -239,15 +238,22 @@ class Engine:
         # A service moving host is deployed on the new host first; the old one is pruned by a later
         # reconcile, once the new one serves (never a window with neither).
         deploying = {a.service for a in snap.actions if a.kind is ActionKind.DEPLOY}
+        rollouts: dict[str, list[Action]] = {}  # a fleet service: its hosts' actions, one rollout job
         for action in snap.actions:
-            if action.release:
-                self.queue.want(action.service, action.release)
+            if fleet.is_fleet(snap, action.service) and action.kind in fleet.LAUNCHED:
+                rollouts.setdefault(action.service, []).append(action)
+        for action in snap.actions:
+            self._want(action, snap)
+            if action.service in rollouts and action.kind is not ActionKind.PRUNE:
+                continue  # in its rollout (a REGISTER too: the rollout's hosts register the fleet)
             if action.kind is ActionKind.PRUNE and action.service in deploying:
                 continue
             if not self._launchable(action, looked_at, now, retry_now=revision_changed or force is not None):
                 continue
-            job = self._job_for(action, snap, kind)
-            self._launch(job, self._run_action(job, action, snap))
+            self._start([action], snap, kind)
+        for actions in rollouts.values():
+            if self._launchable(actions[0], looked_at, now, retry_now=revision_changed or force is not None):
+                self._start(actions, snap, kind)
         self.board.update(snap, self.queue.in_flight, self.liveness.probes)
         if self._watching:
             self.watchers.sync(_watchable(snap))
@@ -289,12 +295,10 @@ class Engine:
                 continue
             if not self._watching or not self._launchable(action, looked_at, now, retry_now=False):
                 continue
-            if action.release:  # what the reconcile of ``snap`` wants too (a newer one supersedes this job)
-                self.queue.want(action.service, action.release)
-            job = self._job_for(action, fresh, "heal")
-            job.reasons = [*reasons, *action.reasons]
+            self._want(action, fresh)  # what the reconcile of ``snap`` wants too (a newer one supersedes this job)
+            job = self._start([action], fresh, "heal")
+            job.reasons = [*reasons, *job.reasons]
             log.info("healing %s on %s: %s", action.service, host, "; ".join(job.reasons))
-            self._launch(job, self._run_action(job, action, fresh))
             launched.add(action.service)
         if launched and self.seen is not None:
             self.board.update(self.seen, self.queue.in_flight, self.liveness.probes)
@@ -316,7 +320,7 @@ class Engine:
         desired = snap.desired
         oob = snap.out_of_band_context(action)
         spec = oob.spec if oob else desired.services.get(action.service)
-        method = spec.method if spec else _observed_method(snap.observed, action)
+        method = spec.method if spec else snap.observed.method_of(action.host, action.service)
         job = Job(
             service=action.service, host=action.host, method=method, kind=action.kind.value, trigger=trigger,
             commit="" if oob else desired.revision, release=action.release or "",
@@ -330,6 +334,28 @@ class Engine:
             job.service_path = f"{host.base_dir}/{qualified}/releases/{action.release}"
         return job
 
+    def _want(self, action: Action, snap: Snapshot) -> None:
+        """The release ``action``'s service should end on (a fleet's: git's, even on a host restoring another)."""
+        release = snap.desired.releases[action.service].id if fleet.is_fleet(snap, action.service) else action.release
+        if release:
+            self.queue.want(action.service, release)
+
+    def _start(self, actions: list[Action], snap: Snapshot, trigger: str) -> Job:
+        """Launch the job of one action, or a fleet service's rollout of its hosts' ``actions``."""
+        action = actions[0]
+        if fleet.is_fleet(snap, action.service) and action.kind in fleet.LAUNCHED:
+            job = fleet.rollout_job(snap, actions, trigger)
+            self._launch(job, fleet.run_rollout(job, actions, self._fleet_steps(snap, action.service)))
+        else:
+            job = self._job_for(action, snap, trigger)
+            self._launch(job, self._run_action(job, action, snap))
+        return job
+
+    def _fleet_steps(self, snap: Snapshot, service: str) -> fleet.FleetSteps:
+        return fleet.FleetSteps(snap, snap.desired.services[service], deployer=self.deployer, restorer=self.restorer,
+                                hosts=self.hosts, queue=self.queue, instance=self.settings.instance,
+                                job_for=self._job_for)
+
     def _launch(self, job: Job, work: Awaitable[Job]) -> None:
         self.queue.launch(job.service, job, work, crashed=self._crashed, ended=self._ended)
 
@@ -341,7 +367,7 @@ class Engine:
 
     def _ended(self, job: Job) -> None:
         self.planner.close_retired()
-        if job.kind == ActionKind.DEPLOY.value and not job.transient:
+        if job.kind in (ActionKind.DEPLOY.value, "rollout") and not job.transient:
             self._interrupted.pop(job.service, None)  # a deploy of the service ran to its end
         if job.status is not JobStatus.SUPERSEDED and not job.transient:
             self.board.job_ended(job.service, job.id)
@@ -351,10 +377,11 @@ class Engine:
         desired, observed = snap.desired, snap.observed
         if action.kind is ActionKind.PRUNE:
             facts = observed.hosts.get(action.host)
-            method = _observed_method(observed, action) if facts and facts.reachable else None
+            method = observed.method_of(action.host, action.service) if facts and facts.reachable else None
             handle = await self.hosts.handle(desired.hosts[action.host]) if method else None
             # a service that moved host keeps its Registry entry: the new host's deploy wrote it
-            owned = action.service not in desired.services and _owned(observed, action.service, self.settings.instance)
+            owned = action.service not in desired.services and observed.owns_entry(action.service,
+                                                                                   self.settings.instance)
             return await self.deployer.prune(job, handle, method, deregister=owned)
         if (oob := snap.out_of_band_context(action)) is not None:
             if action.kind is ActionKind.REGISTER:
@@ -367,7 +394,9 @@ class Engine:
         ctx = ReleaseContext(spec=spec, host=host, release=desired.releases[spec.name], commit=desired.revision,
                              instance=self.settings.instance, env={**spec.env, **snap.secrets.get(spec.name, {})})
         if action.kind is ActionKind.REGISTER:
-            return await self.deployer.register_only(job, ctx, registry_node(observed, action))
+            if spec.fleet:
+                return await fleet.register_fleet(job, action, self._fleet_steps(snap, spec.name), None)
+            return await self.deployer.register_only(job, ctx, observed.node_of(action.host, action.service))
         handle = await self.hosts.handle(host)
         return await self.deployer.deploy(job, ctx, handle, snap.tree, previous=action.current_release,
                                           superseded=self.queue.superseded(spec.name, ctx.release.id))
@@ -390,14 +419,6 @@ class Engine:
         return await self.out_of_band.remove(name, self.desired, self.observed)
 
 
-def _observed_method(observed: ObservedState, action: Action) -> str:
-    facts = observed.hosts.get(action.host)
-    for inst in facts.instances if facts else []:
-        if inst.service == action.service:
-            return inst.method
-    return "docker"
-
-
 def _watchable(snap: Snapshot) -> dict[str, tuple[HostSpec, list[str]]]:
     """host -> its spec and the runtimes that answered there: what the host watchers follow."""
     out = {}
@@ -408,15 +429,3 @@ def _watchable(snap: Snapshot) -> dict[str, tuple[HostSpec, list[str]]]:
             if methods:
                 out[name] = (spec, methods)
     return out
-
-
-def registry_node(observed: ObservedState, action: Action) -> str | None:
-    """The node a Swarm service was observed answering on (its Registry endpoint in host mode), else None."""
-    facts = observed.hosts.get(action.host)
-    inst = facts.current(action.service) if facts else None
-    return inst.nodes[0] if inst and inst.nodes else None
-
-
-def _owned(observed: ObservedState, service: str, instance: str) -> bool:
-    meta = ((observed.registry or {}).get(service) or _NO_ENTRY).metadata or {}
-    return meta.get("managed_by") == "deployerd" and meta.get("instance", "default") == instance

@@ -104,3 +104,20 @@ class ObservedState(BaseModel):
     hosts: dict[str, HostFacts] = Field(default_factory=dict)
     registry: dict[str, RegistryEntry] | None = None
     registry_error: str | None = None
+
+    def method_of(self, host: str, service: str) -> str:
+        """The runtime ``service`` was observed in on ``host`` (docker when it was not seen there)."""
+        facts = self.hosts.get(host)
+        return next((i.method for i in (facts.instances if facts else []) if i.service == service), "docker")
+
+    def node_of(self, host: str, service: str) -> str | None:
+        """The node a Swarm service was observed answering on (its Registry endpoint in host mode), else None."""
+        facts = self.hosts.get(host)
+        inst = facts.current(service) if facts else None
+        return inst.nodes[0] if inst and inst.nodes else None
+
+    def owns_entry(self, service: str, instance: str) -> bool:
+        """Whether the Registry entry of ``service`` is this daemon instance's (deployerd-managed, git's)."""
+        entry = (self.registry or {}).get(service)
+        meta = (entry.metadata if entry else None) or {}
+        return meta.get("managed_by") == "deployerd" and meta.get("instance", "default") == instance

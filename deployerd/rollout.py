@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployerd.desired import HostSpec
+from deployerd.failpoints import failpoint
 from deployerd.jobrecord import JobRecorder
 from deployerd.plan import Action
 from deployerd.runtimes import ReleaseContext
@@ -87,6 +88,8 @@ class Rollout:
         for n, wave in enumerate(waves):
             if n and self.policy.pause_s > 0 and await self.steps.pause(self.policy.pause_s):
                 return await self._end(job, failed, JobStatus.SUPERSEDED, f"{SUPERSEDED} (before wave {n})")
+            if n:
+                await failpoint("Between Waves")  # test-only: the crash test kills the daemon here
             if self.steps.superseded():
                 return await self._end(job, failed, JobStatus.SUPERSEDED, f"{SUPERSEDED} (before wave {n})")
             out = await self._wave(job, wave, n)
@@ -171,8 +174,9 @@ class Rollout:
 
 
 def _label(wave: Sequence[Action], n: int) -> str:
-    w = next((x for a in wave if (x := getattr(a, "wave", None)) is not None), n)
-    return "canary" if w == 0 else f"wave {w}"
+    """How a host's job names its wave: the planner's number (0: the canary); none: a restore of every host."""
+    w = next((x for a in wave if (x := getattr(a, "wave", None)) is not None), None)
+    return "every host at once" if w is None else "canary" if w == 0 else f"wave {w}"
 
 
 def _failures(failed: Sequence[Job]) -> str:

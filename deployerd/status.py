@@ -7,6 +7,7 @@ Argo CD's: sync compares desired with observed, health says whether what runs se
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class ServiceStatus:
     health_detail: str | None = None  # what the probe answered then
     health_checked_ts: float | None = None  # the same, seconds since the epoch
     healing: str | None = None  # the flap guard holds its heals back (heal.Healer): why, and until when
+    # a fleet: each host's own row ({host, release, running_release, sync_status, health_status, reasons})
+    hosts: list[dict[str, Any]] = field(default_factory=list)
 
     def metric_row(self) -> dict[str, str]:
         """Its ``deployerd_service_info`` labels (and ``health_checked_at``: seconds since the epoch, or "")."""
@@ -101,7 +104,17 @@ class Board:
     def update(self, snap: Snapshot, busy: Collection[str], probes: Mapping[str, Probe] | None = None) -> None:
         """The statuses of what ``snap`` saw and planned; ``busy`` names the services with a job in flight;
         ``probes``, each service's last health probe (a running release is Healthy only if its probe passed)."""
-        rows = {a.service: self._row(snap, a, busy, probes or {}) for a in snap.actions}
+        rows: dict[str, ServiceStatus] = {}
+        fleets: dict[str, list[ServiceStatus]] = {}
+        for a in snap.actions:
+            row = self._row(snap, a, busy, probes or {})
+            spec = snap.desired.services.get(a.service)
+            if spec is not None and spec.fleet:
+                fleets.setdefault(a.service, []).append(row)
+            else:
+                rows[a.service] = row
+        for name, per_host in fleets.items():
+            rows[name] = _fleet_row(per_host, snap.desired.services[name].fleet)
         for name, facts in snap.observed.hosts.items():
             for inst in facts.instances:
                 if inst.managed_by == "api" and inst.current and inst.service not in rows:
@@ -171,6 +184,34 @@ class Board:
         )
 
 
+_WORST = (HealthState.PROGRESSING, HealthState.DEGRADED, HealthState.MISSING, HealthState.UNKNOWN,
+          HealthState.HEALTHY)
+
+
+def _fleet_row(per_host: list[ServiceStatus], fleet: list[str]) -> ServiceStatus:
+    """A fleet service's status: its first host's row, synced only when every host is, the worst health of
+    them (a job in flight: Progressing), and every host's own row in ``hosts`` (fleet order, then any other)."""
+    order = {h: i for i, h in enumerate(fleet)}
+    per_host = sorted(per_host, key=lambda r: (order.get(r.host, len(order)), r.host))
+    syncs = {r.sync_status for r in per_host}
+    sync = next((s for s in (SyncState.OUT_OF_SYNC, SyncState.UNKNOWN) if s in syncs), SyncState.SYNCED)
+    healths = {r.health_status for r in per_host}
+    health_ = next(h for h in _WORST if h in healths or h is HealthState.HEALTHY)
+    first = per_host[0]
+    reasons = list(dict.fromkeys(f"{r.host}: {why}" for r in per_host for why in r.reasons
+                                 if not (why == "in sync" and r.sync_status is SyncState.SYNCED)))
+    hosts = [{"host": r.host, "release": r.release, "running_release": r.running_release,
+              "sync_status": r.sync_status, "health_status": r.health_status, "reasons": r.reasons, "url": r.url}
+             for r in per_host]
+    return dataclasses.replace(first, sync_status=sync, health_status=health_, reasons=reasons, hosts=hosts)
+
+
+def paused(board: Board) -> list[str]:
+    """The fleets' rollouts that wait for a host to answer again (the planner's BLOCKED reasons)."""
+    return sorted({f"service {s.name}: {why}" for s in board.services.values() for h in s.hosts
+                   for why in h["reasons"] if why.startswith("rollout paused")})
+
+
 def health(
     *, board: Board, desired: DesiredState | None, observed: ObservedState | None, source: GitSource, branch: str,
     registry_url: str,
@@ -212,6 +253,7 @@ def health(
         degraded.append(f"registry: {observed.registry_error}")
     if last and last.error:
         degraded.append(f"reconcile: {last.error}")
+    degraded += paused(board)
     now = time.monotonic()
     for name, b in sorted(failing.items()):  # e.g. Registrations failing while the Registry lists fine
         if b.transient:

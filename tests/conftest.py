@@ -57,6 +57,21 @@ async def swarm_sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         await sbx.down_async(state_dir)
 
 
+@pytest.fixture(scope="session")
+def fleet_sandbox(request: pytest.FixtureRequest) -> sbx.SandboxInfo:
+    """3 hosts for the fleet tests: the Swarm sandbox's nodes, used as plain hosts (their engines run plain
+    containers and systemd units beside the Swarm's), so `make test` boots no sandbox for them alone.
+
+    DEPLOYERD_TEST_FLEET_SANDBOX=<state dir> reuses any sandbox of 3 hosts (`deployerd sandbox up --hosts 3`)."""
+    if reuse := os.environ.get("DEPLOYERD_TEST_FLEET_SANDBOX"):
+        info = sbx.load_info(Path(reuse))
+        if info is None or len(info.hosts) < 3 or info.registry is None:
+            pytest.fail(f"DEPLOYERD_TEST_FLEET_SANDBOX={reuse}: no sandbox with 3 hosts and a Registry is up there")
+        return info
+    swarm: sbx.SandboxInfo = request.getfixturevalue("swarm_sandbox")
+    return swarm
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def conn(sandbox: sbx.SandboxInfo) -> AsyncIterator[Connection]:
     """An SSH connection to the sandbox's first host (its key checked against the sandbox's known_hosts)."""

@@ -8,6 +8,7 @@ store's scrubbed job records: never an env value.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,8 +51,7 @@ class Cell:
     url: str | None
     quarantine: Quarantine | None
     job: LiveJob | None
-    # Fleet rollouts (one service on many hosts, deployed in waves) fill this in once they exist: "2 of 5 hosts".
-    rollout: str | None = None
+    rollout: str | None = None  # a fleet's: "2 of 5 hosts on <release>"
 
     @property
     def dom_id(self) -> str:
@@ -127,14 +127,26 @@ class HostRow:
 
 
 def _cell(status: ServiceStatus, commits: dict[str, CommitInfo], quarantine: Quarantine | None,
-          job: LiveJob | None) -> Cell:
+          job: LiveJob | None, rollout: str | None = None) -> Cell:
     return Cell(
         service=status.name, host=status.host, sync=status.sync_status, health=status.health_status,
         release=status.release, running_release=status.running_release,
         commit=commits.get(status.commit or ""), commit_sha=status.commit, managed_by=status.managed_by,
         url=status.url, quarantine=quarantine if quarantine and quarantine.release == status.release else None,
-        job=job,
+        job=job, rollout=rollout,
     )
+
+
+def host_rows(status: ServiceStatus) -> list[tuple[ServiceStatus, str | None]]:
+    """A service's status on each host it runs on: its own, or each fleet host's with how far the rollout is
+    ("2 of 3 hosts on <release>")."""
+    if not status.hosts:
+        return [(status, None)]
+    on = sum(1 for h in status.hosts if h["running_release"] == status.release)
+    progress = f"{on} of {len(status.hosts)} hosts on {(status.release or '-')[:12]}"
+    return [(dataclasses.replace(status, host=h["host"], sync_status=h["sync_status"], health_status=h["health_status"],
+                                release=h["release"], running_release=h["running_release"], url=h["url"],
+                                reasons=h["reasons"], hosts=[]), progress) for h in status.hosts]
 
 
 async def overview(engine: Engine, live: LiveJobs) -> Overview:
@@ -149,8 +161,9 @@ async def overview(engine: Engine, live: LiveJobs) -> Overview:
     for name in sorted(set(statuses) | (desired.broken if desired else set())):
         status = statuses.get(name)
         cells: list[Cell | None] = [None] * len(hosts)
-        if status is not None:
-            cells[hosts.index(status.host)] = _cell(status, commits, quarantined.get(name), live.get(name))
+        for one, rollout in host_rows(status) if status is not None else []:  # a fleet: a cell on each host
+            if one.host in hosts:
+                cells[hosts.index(one.host)] = _cell(one, commits, quarantined.get(name), live.get(name), rollout)
         errors = [str(e) for e in desired.errors_for(name)] if desired and name in desired.broken else []
         rows.append(Row(service=name, cells=cells, errors=errors))
     last = engine.last_reconcile

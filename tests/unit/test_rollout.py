@@ -145,7 +145,7 @@ async def test_waves_run_in_order_a_waves_hosts_at_once(rig: Rig) -> None:
     assert stored is not None and len(stored.children) == 5 and stored.waves == WAVES
     kids = [await rig.store.job(c) for c in stored.children]
     assert all(k is not None and k.parent == job.id and k.status is JobStatus.SUCCEEDED for k in kids)
-    assert kids[0] is not None and kids[0].reasons[0] == f"rollout {job.id}: canary"
+    assert kids[0] is not None and kids[0].reasons[0] == f"rollout {job.id}: every host at once"  # no wave numbers
 
 
 async def test_pause_between_waves_only(rig: Rig) -> None:

@@ -8,7 +8,7 @@ from deployerd.desired import DesiredState, HostSpec, ServiceSpec
 from deployerd.observed import HostFacts, Instance, ObservedState, RunState
 from deployerd.plan import Action, ActionKind
 from deployerd.snapshot import Snapshot
-from deployerd.status import Board, HealthState, SyncState
+from deployerd.status import Board, HealthState, SyncState, paused
 from deployerd.tree import GitTree
 
 HOSTS = {"h1": HostSpec(name="h1", address="2001:db8::1"), "h2": HostSpec(name="h2", address="10.0.0.2")}
@@ -86,3 +86,34 @@ def test_healthy_only_while_its_probe_of_the_running_release_passes() -> None:
     board.update(snap, busy=(), probes={"ok": Probe(release="r1", passed=True, detail="/health: HTTP 200",
                                                     checked_at="2026-12-01T20:01:00+00:00", checked_ts=2.0)})
     assert board.services["ok"].health_status is HealthState.HEALTHY
+
+
+def test_a_fleet_shows_every_host_and_its_worst_state_and_a_paused_rollout_is_on_health() -> None:
+    fleet = ServiceSpec(name="web", host="h1", hosts=["h1", "h2", "h3"], fleet=["h1", "h2", "h3"], port=8100,
+                        source="services/web")
+    hosts = {**HOSTS, "h3": HostSpec(name="h3", address="10.0.0.3")}
+    why = "rollout paused: host h2 unreachable since 2026-12-02T01:00:00Z"
+    observed = ObservedState(hosts={
+        "h1": HostFacts(host="h1", reachable=True, instances=[_inst("web")]),
+        "h2": HostFacts(host="h2", reachable=False, error="refused"),
+        "h3": HostFacts(host="h3", reachable=True, instances=[
+            _inst("web").model_copy(update={"host": "h3", "release": "r0"})]),
+    })
+    actions = [Action(service="web", host="h3", kind=ActionKind.BLOCKED, release="r1", current_release="r0",
+                      reasons=[why]),
+               Action(service="web", host="h1", kind=ActionKind.NOOP, release="r1", current_release="r1",
+                      reasons=["in sync"]),
+               Action(service="web", host="h2", kind=ActionKind.BLOCKED, release="r1", reasons=[why])]
+    snap = Snapshot(desired=DesiredState(revision="c" * 40, hosts=hosts, services={"web": fleet}),
+                    observed=observed, tree=cast(GitTree, None), secrets={}, actions=actions)
+    board = Board()
+    board.update(snap, busy=set())
+    row = board.services["web"]
+    assert [(h["host"], h["running_release"], h["sync_status"]) for h in row.hosts] == [
+        ("h1", "r1", SyncState.SYNCED), ("h2", None, SyncState.UNKNOWN), ("h3", "r0", SyncState.OUT_OF_SYNC)]
+    assert (row.host, row.sync_status, row.health_status) == ("h1", SyncState.OUT_OF_SYNC, HealthState.UNKNOWN)
+    assert row.reasons == [f"h2: {why}", f"h3: {why}"]
+    assert paused(board) == [f"service web: {why}"]
+    one = Board()
+    one.update(_snapshot([Action(service="ok", host="h1", kind=ActionKind.NOOP, release="r1")]), busy=set())
+    assert one.services["ok"].hosts == [] and paused(one) == []
