@@ -97,9 +97,10 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def scale_service(i: int) -> tuple[str, str, int]:
-    """Service i of the scale set: name, host (round robin over 3) and port (8700 + i // 3: < 8900 for 500)."""
-    return f"svc-{i:03d}", f"sbx-{i % 3 + 1}", 8700 + i // 3
+def scale_service(i: int, hosts: int = 3) -> tuple[str, str, int]:
+    """Service i of the scale set: name, host (round robin over ``hosts``) and port (8700 + i // hosts: < 8900
+    for 500 over 3)."""
+    return f"svc-{i:03d}", f"sbx-{i % hosts + 1}", 8700 + i // hosts
 
 
 # A small service: busybox copied out of the host's preloaded busybox:latest into an empty image (~2 MB).
