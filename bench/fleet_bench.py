@@ -25,7 +25,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_sandbox, med, ssh  # noqa: E402
 from daemon_harness import DesiredRepo, running_daemon, settings_for  # noqa: E402
 from peers import ANSIBLE_DEPLOY, Ansible, write_source  # noqa: E402
+from reconcile_bench import _at  # noqa: E402  (a job record's timestamp as epoch seconds)
 
 from deployerd.sandbox import SandboxInfo  # noqa: E402
 from deployerd.store import Job, JobStatus  # noqa: E402
@@ -55,11 +55,6 @@ assert ROLLING != ANSIBLE_DEPLOY
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _at(iso: str | None) -> float:
-    """A job record's timestamp (ISO 8601 UTC) as epoch seconds."""
-    return datetime.fromisoformat((iso or "").replace("Z", "+00:00")).timestamp()
 
 
 def fleet_repo(path: Path, info: SandboxInfo, fleet: list[str]) -> DesiredRepo:
@@ -95,10 +90,10 @@ async def wait_rollout(d: Any, after: set[str], limit_s: float = 600) -> Job:
 async def waves_of(d: Any, rollout: Job) -> list[dict[str, Any]]:
     """Per wave: its hosts, its time (previous wave's end, or the rollout's start, to its last host's end), its
     slowest host's deploy (that child's started -> completed), and the difference: the rollout's overhead."""
-    children = [await d.engine.store.job(cid) for cid in rollout.children]  # type: ignore[attr-defined]
+    children = [await d.engine.store.job(cid) for cid in rollout.children]
     by_host = {c.host: c for c in children if c is not None}
     out, start = [], _at(rollout.started_at)
-    for hosts in rollout.waves:  # type: ignore[attr-defined]
+    for hosts in rollout.waves:
         kids = [by_host[h] for h in hosts]
         assert all(k.status is JobStatus.SUCCEEDED for k in kids), [(k.host, k.status, k.error) for k in kids]
         end = max(_at(k.completed_at) for k in kids)
