@@ -80,6 +80,10 @@ def render_config(routes: list[Route], drain_timeout_s: float = 30.0) -> str:
         "# Written by deployerd; every change is rewritten. Servers are added and drained at runtime.",
         "global",
         f"    stats socket {ADMIN_SOCKET} mode 600 level admin expose-fd listeners",
+        # One event loop: HAProxy starts one thread per CPU by default, and on a small host every request's
+        # wake-up then contends with the services for those CPUs (bench/RESULTS.md, "What the proxy adds":
+        # fewer context switches and run-queue waits per request with one thread; a host's ingress needs no more)
+        "    nbthread 1",
         "    stats timeout 30s",
         f"    hard-stop-after {hard_stop}s",
         "",

@@ -44,6 +44,7 @@ def test_config_has_a_frontend_and_the_active_server_per_route() -> None:
     assert "    server r2 127.0.0.1:20002\n" in text
     assert "backend be_api\n" in text and "server" not in text.split("backend be_api")[1]
     assert "hard-stop-after 40s" in text
+    assert "\n    nbthread 1\n" in text  # one event loop (bench/ingress_latency.py)
     assert text.index("fe_api") < text.index("fe_web")  # sorted: the same routes give the same bytes
 
 
