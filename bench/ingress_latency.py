@@ -12,7 +12,10 @@ order (50 requests/s per path, so a stall of the machine hits every path alike):
 - ``before``: the same through a second HAProxy the bench runs beside it (``systemd-run``, its own port, the same
   instance) with deployerd's config minus the ``BEFORE_DROPPED`` lines, i.e. the config before this change;
 - ``proxy_keepalive``: through the public port on one kept connection (what a browser does);
-- systemd only, ``direct_keepalive``: to the private port on one kept connection.
+- systemd only, ``direct_keepalive``: to the private port on one kept connection;
+- Docker only, ``container``: to the container's own address and port, a new connection each (the private port
+  on 127.0.0.1 is Docker's userland proxy, one more process hop; an outside client of an ``ingress: none`` host
+  reaches the container through the kernel's NAT instead, so this is the instance without any hop).
 Each proxy's CPU time, run-queue wait and context switches per request are read from /proc/PID/task/*/schedstat
 (the kernel's scheduler accounting) around each round: what the extra hop costs, and how long it waits for a CPU.
 
@@ -108,7 +111,24 @@ def sched(pid):
     return total
 
 paths, n = spec["paths"], spec["ticks"]
-kept = {k: socket.create_connection(("127.0.0.1", p), timeout=5) for k, (p, ka) in paths.items() if ka}
+def address(port):
+    return tuple(port) if isinstance(port, list) else ("127.0.0.1", port)
+
+def once(port, sock=None, _once=once):
+    if isinstance(port, list):  # [address, port]: a new connection to that address
+        t0 = time.perf_counter()
+        with socket.create_connection(tuple(port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(REQ % b"close")
+            buf = b""
+            while chunk := s.recv(65536):
+                buf += chunk
+        if b" 200 " not in buf[:16]:
+            raise OSError(f"answered {buf[:40]!r}")
+        return time.perf_counter() - t0
+    return _once(port, sock)
+
+kept = {k: socket.create_connection(address(p), timeout=5) for k, (p, ka) in paths.items() if ka}
 out = {k: [] for k in paths}
 s0 = {k: sched(p) for k, (p, _) in spec["pids"].items()}
 start = time.monotonic()
@@ -147,6 +167,14 @@ def before_config(routes: list[Route]) -> str:
     return "\n".join(ln for ln in text.splitlines() if "stats socket" not in ln) + "\n"
 
 
+async def container_address(conn: Any, private: int) -> str:
+    """The address of the container publishing ``private`` (its port inside is the service's port)."""
+    found = await conn.run(["docker", "ps", "-q", "--filter", f"publish={private}"])
+    shown = await conn.run(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                            found.stdout.split()[0]])
+    return str(shown.stdout.strip())
+
+
 def report(method: str, rounds: list[dict[str, Any]]) -> None:
     series: dict[str, list[float]] = {}
     for r in rounds:
@@ -160,6 +188,10 @@ def report(method: str, rounds: list[dict[str, Any]]) -> None:
     print(f"  added by the proxy, new connection each: {added(series['proxy'], d)} (goal: p99 <= 1 ms)")
     print(f"  added by the proxy before this change:   {added(series['before'], d)}")
     print(f"  added, client keep-alive to the proxy:   {added(series['proxy_keepalive'], d)}")
+    if "container" in series:
+        print(f"  the private port (Docker's userland proxy) vs the container's address: "
+              f"{added(d, series['container'])}; through HAProxy vs the container's address: "
+              f"{added(series['proxy'], series['container'])}")
     if "direct_keepalive" in series:
         print(f"  keep-alive through the proxy vs keep-alive direct: "
               f"{added(series['proxy_keepalive'], series['direct_keepalive'])}")
@@ -207,6 +239,8 @@ async def main() -> None:
                              "before": [PORTS[m] + 1000, False], "proxy_keepalive": [PORTS[m], True]}
                     if m == "systemd":
                         paths["direct_keepalive"] = [private[m], True]
+                    else:
+                        paths["container"] = [[await container_address(conn, private[m]), PORTS[m]], False]
                     through = {"proxy": sum(p == PORTS[m] for p, _ in paths.values()), "before": 1}
                     specs[m] = {"paths": paths, "pids": {k: [pid, through[k]] for k, pid in pids.items()}}
                 await asyncio.sleep(1.0)  # the before proxy binds
