@@ -141,7 +141,7 @@ class Hosts:
         probe = self._probes.get(spec.name)
         if probe is None or probe.done():
             self._probes[spec.name] = asyncio.create_task(self._probe(spec, down, asked), name=f"probe {spec.name}")
-        return HostFacts(host=spec.name, reachable=False, error=down.error)
+        return HostFacts(host=spec.name, reachable=False, error=down.error, down_since=down.since)
 
     async def _probe(self, spec: HostSpec, down: HostDown, methods: list[str]) -> None:
         """Retry a down host at its backoff times, off the reconcile; ends when it answers (then ``on_back``),

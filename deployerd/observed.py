@@ -50,6 +50,7 @@ class HostFacts(BaseModel):
     host: str
     reachable: bool
     error: str | None = None  # why it is unreachable, naming the host
+    down_since: str | None = None  # unreachable: since when (ISO time of the first failed observation in a row)
     instances: list[Instance] = Field(default_factory=list)
     releases_kept: dict[str, list[str]] = Field(default_factory=dict)  # service -> release ids kept on host
     ingress_error: str | None = None  # the host's ingress proxy was found dead or refusing (named for /health)

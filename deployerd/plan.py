@@ -5,60 +5,33 @@ executor does: nothing is deployed or pruned on a host, or in a runtime of a hos
 stopped, or not asked), that could not be observed; a broken manifest
 leaves its running release alone; an out-of-band (``managed_by == "api"``) instance is never touched;
 a commit that removes every service prunes nothing; a quarantined release is not retried until git
-changes (or ``force``).
+changes (or ``force``). The rules for one host are ``plan_host.py``'s; a service on several hosts is planned by
+``plan_fleet.py`` (waves, a pause while a host is down).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from enum import StrEnum
 from typing import get_args
 
-from pydantic import BaseModel, Field
-
+from deployerd import waves
 from deployerd.desired import DesiredState, Release, ServiceSpec, expected_registry_entry
-from deployerd.observed import HostFacts, Instance, ObservedState, RunState
+from deployerd.observed import Instance, ObservedState
+from deployerd.plan_fleet import plan_fleet
+from deployerd.plan_host import (
+    INPUT_LABELS,
+    Action,
+    ActionKind,
+    current_managed,
+    current_release,
+    plan_host,
+    sort_key,
+    unreachable,
+)
 
-
-class ActionKind(StrEnum):
-    DEPLOY = "deploy"
-    REGISTER = "register"
-    PRUNE = "prune"
-    NOOP = "noop"
-    BLOCKED = "blocked"
-    RESTORE = "restore"  # the desired release is quarantined and the last good one stopped: restart that
-
+__all__ = ["INPUT_LABELS", "Action", "ActionKind", "describe", "plan", "plan_out_of_band", "sort_key"]
 
 _RUNTIMES: tuple[str, ...] = get_args(ServiceSpec.model_fields["method"].annotation)  # every deployment method
-
-_ORDER = {ActionKind.PRUNE: 0, ActionKind.DEPLOY: 1, ActionKind.RESTORE: 1, ActionKind.REGISTER: 2,
-          ActionKind.BLOCKED: 3, ActionKind.NOOP: 4}
-
-INPUT_LABELS = {  # Release.inputs key -> how a reason names it
-    "source": "source files",
-    "image": "build settings",
-    "env": "env",
-    "port": "port",
-    "health": "health check",
-    "host": "host settings",
-    "swarm": "swarm settings",
-}
-
-
-class Action(BaseModel):
-    """One planned step for one service on one host."""
-
-    service: str
-    host: str
-    kind: ActionKind
-    reasons: list[str] = Field(default_factory=list)
-    release: str | None = None  # desired release id
-    current_release: str | None = None  # observed current release id
-    kept: bool = False  # desired release is kept on the host: restore it, no rebuild
-
-
-def sort_key(action: Action) -> tuple[int, str, str]:
-    return (_ORDER[action.kind], action.service, action.host)
 
 
 def plan(
@@ -69,6 +42,7 @@ def plan(
     instance: str = "default",
     interrupted: Mapping[str, str] | None = None,
     prune_all: bool = False,
+    last_good: Mapping[str, str] | None = None,
 ) -> list[Action]:
     """Every action needed to bring ``observed`` to ``desired``, sorted by `sort_key`.
 
@@ -78,8 +52,11 @@ def plan(
     registered or retained (or may name the new release while the old code still serves).
     ``prune_all`` lets a commit that removes every service prune them (the empty desired state guard refuses it
     otherwise: an emptied checkout looks just like that); asked for one reconcile by ``sync --prune-all``.
+    ``last_good`` maps a service to its last good release: where a fleet's hosts go back to from a release the
+    fleet rejected (quarantined) that some of them still serve.
     """
     quarantined = quarantined or {}
+    last_good = last_good or {}
     interrupted = interrupted or {}
     managed = _managed_instances(observed)
     registry_owned = _registry_owned(observed, instance)
@@ -95,6 +72,10 @@ def plan(
         hosts_of.setdefault(i.service, set()).add(i.host)
     actions: list[Action] = []
     for name, spec in desired.services.items():
+        if spec.fleet:
+            actions.extend(plan_fleet(spec, desired, observed, hosts_of.get(name, set()), quarantined.get(name),
+                                       force, instance, interrupted.get(name), last_good.get(name)))
+            continue
         actions.extend(_plan_service(spec, desired.releases[name], desired, observed, hosts_of.get(name, set()),
                                      quarantined.get(name), force, instance, interrupted.get(name)))
     for name in sorted(desired.broken):
@@ -120,33 +101,6 @@ def _registry_owned(observed: ObservedState, instance: str) -> dict[str, str]:
             if (e.metadata or {}).get("managed_by") == "deployerd"
             and (e.metadata or {}).get("instance", "default") == instance}
 
-
-def _unreachable(observed: ObservedState, host: str, methods: Iterable[str] = ()) -> str | None:
-    """Why ``host`` (or its runtimes ``methods``) cannot be acted on, or None when they were observed."""
-    facts = observed.hosts.get(host)
-    if facts is None:
-        return f"host {host} unreachable: not observed"
-    if not facts.reachable:
-        return f"host {host} unreachable: {facts.error or 'unknown error'}"
-    return next((why for m in methods if (why := facts.unknown(m)) is not None), None)
-
-
-def _current_managed(facts: HostFacts, service: str, managed_by: str = "git") -> Instance | None:
-    mine = [i for i in facts.of_service(service) if i.current and i.managed_by == managed_by]
-    running = [i for i in mine if i.state is RunState.RUNNING]
-    return running[0] if running else (mine[0] if mine else None)
-
-
-def _changed(inst: Instance, release: Release) -> list[str]:
-    """Which inputs differ between what runs and what git wants, named for humans."""
-    if not inst.inputs:
-        return [f"release {inst.release}"]
-    keys = sorted(set(inst.inputs) | set(release.inputs), key=lambda k: (list(INPUT_LABELS).index(k)
-                                                                         if k in INPUT_LABELS else 99, k))
-    diff = [INPUT_LABELS.get(k, k) for k in keys if inst.inputs.get(k) != release.inputs.get(k)]
-    return diff or [f"release {inst.release}"]
-
-
 def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: ObservedState,
                       release: Release, instance: str, managed_by: str = "git") -> str | None:
     """Why the Registry entry needs writing, or None when it is right (or not ours to check)."""
@@ -171,74 +125,16 @@ def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: Observ
 def _plan_service(spec: ServiceSpec, release: Release, desired: DesiredState, observed: ObservedState,
                   managed_on: set[str], quarantined: str | None, force: bool,
                   instance: str, interrupted: str | None = None, managed_by: str = "git") -> list[Action]:
+    """A one-host service: its action on its host, and a PRUNE where it ran before (once the new host acts)."""
     host = spec.host
-    base = {"service": spec.name, "host": host, "release": release.id}
     elsewhere = sorted(h for h in managed_on if h != host)
-
-    if (why := _unreachable(observed, host, [spec.method])) is not None:
-        # the old host (if moved) keeps serving until the new one (its runtime) can be reached
-        return [Action(kind=ActionKind.BLOCKED, reasons=[why], **base)]
-    facts = observed.hosts[host]
-    inst = _current_managed(facts, spec.name, managed_by)
-    current = inst.release if inst else None
-
-    reasons: list[str] = []
-    if inst is None:
-        if any(i.managed_by != managed_by for i in facts.of_service(spec.name)):
-            other = "an out-of-band" if managed_by == "git" else "a git-managed"
-            return [Action(kind=ActionKind.BLOCKED, current_release=None, reasons=[
-                f"{other} instance of {spec.name} runs on {host}; left untouched"], **base)]
-        where = f"cluster {spec.cluster} (removed by hand, or never deployed)" if spec.method == "swarm" else host
-        reasons.append(f"not deployed on {where}" + (f" (moving from {', '.join(elsewhere)})" if elsewhere else ""))
-    else:
-        if inst.release != release.id:
-            reasons.append("changed: " + ", ".join(_changed(inst, release)))
-            if inst.note:  # Swarm rolled back by itself, after the deploy's own verdict
-                reasons.append(inst.note)
-        if inst.state is not RunState.RUNNING:
-            reasons.append(f"not running ({inst.state.value})")
-        elif inst.healthy is False:
-            reasons.append("unhealthy")
-        if inst.drift:  # a Swarm service scaled or updated by hand
-            reasons.append(inst.drift)
-        others = [i for i in facts.of_service(spec.name) if i.state is RunState.RUNNING and i is not inst
-                  and i.managed_by == "git"]
-        if others:  # an interrupted switch behind an ingress: finish it, so one instance serves
-            reasons.append(f"{len(others)} more instance(s) running ({', '.join(i.release for i in others)})")
-        if inst.release == release.id and interrupted == release.id:
-            reasons.append("its deploy was interrupted (daemon stopped): verify, register and retain it again")
-
-    actions: list[Action] = []
-    if reasons:
-        if quarantined == release.id and not force:
-            why = f"release {release.id} quarantined after a failed deploy; waiting for git to change"
-            if inst is not None and inst.release != release.id and inst.state is not RunState.RUNNING:
-                # what serves meanwhile is the last good release: drift on it is healed like any other
-                return [Action(kind=ActionKind.RESTORE, service=spec.name, host=host, release=inst.release,
-                               current_release=current, kept=True,
-                               reasons=[why, f"last good release {inst.release} not running ({inst.state.value}): "
-                                             "restart it"])]
-            return [Action(kind=ActionKind.BLOCKED, current_release=current, reasons=[why], **base)]
-        kept = release.id in facts.releases_kept.get(spec.name, []) and (inst is None or inst.release != release.id
-                                                                      or inst.state is not RunState.RUNNING)
-        if kept:
-            reasons.append("kept release, no rebuild")
-        reg = _registry_problem(spec, desired, observed, release, instance, managed_by)
-        if reg == "registry entry missing":
-            reasons.append(reg)  # the Register phase of the deploy writes it
-        actions.append(Action(kind=ActionKind.DEPLOY, current_release=current, reasons=reasons, kept=kept, **base))
-    elif (reg := _registry_problem(spec, desired, observed, release, instance, managed_by)) is not None:
-        actions.append(Action(kind=ActionKind.REGISTER, current_release=current, reasons=[reg], **base))
-    else:
-        actions.append(Action(kind=ActionKind.NOOP, current_release=current, reasons=["in sync"], **base))
-
-    for old in elsewhere:
-        old_inst = _current_managed(observed.hosts[old], spec.name)
-        actions.append(Action(service=spec.name, host=old, kind=ActionKind.PRUNE, release=None,
-                              current_release=old_inst.release if old_inst else None,
-                              reasons=[f"moved to {host}"]))
-    return actions
-
+    action = plan_host(spec, host, release, observed, quarantined, force, interrupted, managed_by, elsewhere,
+                        lambda: _registry_problem(spec, desired, observed, release, instance, managed_by))
+    if action.kind not in (ActionKind.DEPLOY, ActionKind.REGISTER, ActionKind.NOOP):
+        return [action]  # the old host (if moved) keeps serving until the new one can be acted on
+    return [action] + [Action(service=spec.name, host=old, kind=ActionKind.PRUNE, release=None,
+                              current_release=current_release(observed, old, spec.name),
+                              reasons=[f"moved to {host}"]) for old in elsewhere]
 
 def plan_out_of_band(wanted: Mapping[str, tuple[ServiceSpec, Release]], desired: DesiredState,
                      observed: ObservedState, quarantined: Mapping[str, str] | None = None,
@@ -272,7 +168,7 @@ def _plan_broken(name: str, desired: DesiredState, observed: ObservedState) -> l
     hosts = sorted({h for h, f in observed.hosts.items() for i in f.instances if i.service == name}) or [""]
     out = []
     for host in hosts:
-        inst = _current_managed(observed.hosts[host], name) if host else None
+        inst = current_managed(observed.hosts[host], name) if host else None
         out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, reasons=[reason],
                           current_release=inst.release if inst else None))
     return out
@@ -302,7 +198,7 @@ def _plan_removed(desired: DesiredState, observed: ObservedState, managed: list[
             continue
         # only the Registry entry seen: prune it only when the runtime it names (any, if none) answered there
         method = str(((observed.registry or {})[name].metadata or {}).get("method", "")) if inst is None else ""
-        if inst is None and host and (why := _unreachable(observed, host, [method] if method else
+        if inst is None and host and (why := unreachable(observed, host, [method] if method else
                                                           _RUNTIMES)) is not None:
             out.append(Action(service=name, host=host, kind=ActionKind.BLOCKED, current_release=None,
                               reasons=[why]))
@@ -325,12 +221,14 @@ def _empty_guard(name: str, managed: list[Instance], registry_owned: dict[str, s
 
 
 def describe(actions: Iterable[Action]) -> str:
-    """One line per action for ``deployerd plan``: kind, service@host, release, reasons."""
+    """One line per action for ``deployerd plan``: kind, service@host [wave], release, reasons."""
     lines = []
     for a in actions:
         release = a.release or "-"
         if a.current_release and a.current_release != a.release:
             release = f"{a.current_release} -> {release}"
         where = f"{a.service}@{a.host}" if a.host else a.service
+        if a.wave is not None:
+            where += f" [{waves.label(a.wave)}]"
         lines.append(f"{a.kind.value.upper():<8} {where:<32} {release:<29} {'; '.join(a.reasons)}")
     return "\n".join(lines) if lines else "nothing to do"

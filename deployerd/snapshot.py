@@ -112,8 +112,9 @@ class Planner:
         observed = await observe(self.hosts, desired.hosts, self.registry, _methods(desired, oob))
         clock.lap("observe")
         quarantined = await self._quarantined(force)
+        last_good = await self._last_good(quarantined)
         clock.lap("store")
-        actions = self._plan(desired, observed, oob, quarantined, interrupted, prune_all)
+        actions = self._plan(desired, observed, oob, quarantined, interrupted, prune_all, last_good)
         clock.lap("plan")
         return Snapshot(desired=desired, observed=observed, tree=tree, secrets=secret_env, actions=actions,
                         fetch_error=fetch_error, stages=clock.stages, out_of_band=oob)
@@ -129,7 +130,8 @@ class Planner:
         observed = snap.observed.model_copy(update={"hosts": hosts})
         clock.lap("observe")
         quarantined = await self._quarantined(None)
-        actions = self._plan(snap.desired, observed, snap.out_of_band, quarantined, interrupted, False)
+        actions = self._plan(snap.desired, observed, snap.out_of_band, quarantined, interrupted, False,
+                             await self._last_good(quarantined))
         clock.lap("plan")
         return dataclasses.replace(snap, observed=observed, actions=actions, stages=clock.stages)
 
@@ -137,10 +139,20 @@ class Planner:
         return {s: q.release for s, q in (await self.store.quarantined()).items()
                 if force is None or (force and s not in force)}
 
+    async def _last_good(self, quarantined: Mapping[str, str]) -> dict[str, str]:
+        """service -> its last good release, for the quarantined ones only (a fleet's hosts go back to it from the
+        rejected release): one store read per quarantine, none in the usual case."""
+        out: dict[str, str] = {}
+        for service, rejected in quarantined.items():
+            if (rec := await self.store.last_good(service, exclude=rejected)) is not None:
+                out[service] = rec.release
+        return out
+
     def _plan(self, desired: DesiredState, observed: ObservedState, oob: Mapping[str, ReleaseContext],
-              quarantined: Mapping[str, str], interrupted: Mapping[str, str] | None, prune_all: bool) -> list[Action]:
+              quarantined: Mapping[str, str], interrupted: Mapping[str, str] | None, prune_all: bool,
+              last_good: Mapping[str, str]) -> list[Action]:
         actions = plan(desired, observed, quarantined, instance=self.instance, interrupted=interrupted,
-                       prune_all=prune_all)
+                       prune_all=prune_all, last_good=last_good)
         if oob:  # healed and registered again like git's, never pruned by a commit
             wanted = {n: (c.spec, c.release) for n, c in oob.items()}
             actions = sorted(actions + plan_out_of_band(wanted, desired, observed, quarantined, self.instance),
