@@ -175,7 +175,7 @@ class Rollout:
 
 def _label(wave: Sequence[Action], n: int) -> str:
     """How a host's job names its wave: the planner's number (0: the canary); none: a restore of every host."""
-    w = next((x for a in wave if (x := getattr(a, "wave", None)) is not None), None)
+    w = next((a.wave for a in wave if a.wave is not None), None)
     return "every host at once" if w is None else "canary" if w == 0 else f"wave {w}"
 
 
@@ -186,12 +186,11 @@ def _failures(failed: Sequence[Job]) -> str:
 def waves_of(actions: Sequence[Action]) -> list[list[Action]]:
     """A fleet service's launchable actions grouped by ``Action.wave``, in wave order (a RESTORE of a rejected
     release, wave None, runs in the first)."""
-    numbered = sorted({w for a in actions if (w := getattr(a, "wave", None)) is not None})
+    numbered = sorted({a.wave for a in actions if a.wave is not None})
     first = numbered[0] if numbered else 0
     groups: dict[int, list[Action]] = {}
     for a in actions:
-        w = getattr(a, "wave", None)
-        groups.setdefault(first if w is None else w, []).append(a)
+        groups.setdefault(first if a.wave is None else a.wave, []).append(a)
     return [groups[w] for w in sorted(groups)]
 
 

@@ -108,8 +108,8 @@ class Rig:
     async def run(self, waves: list[list[str]], policy: Policy | None = None,
                   current: dict[str, str | None] | None = None) -> Job:
         current = current or {}
-        actions = [[Action(service="web", host=h, kind=ActionKind.DEPLOY, release=NEW,
-                           current_release=current.get(h, OLD)) for h in wave] for wave in waves]
+        actions = [[Action(service="web", host=h, kind=ActionKind.DEPLOY, release=NEW, wave=n,
+                           current_release=current.get(h, OLD)) for h in wave] for n, wave in enumerate(waves)]
         for wave in actions:
             for a in wave:
                 if a.current_release:
@@ -145,7 +145,8 @@ async def test_waves_run_in_order_a_waves_hosts_at_once(rig: Rig) -> None:
     assert stored is not None and len(stored.children) == 5 and stored.waves == WAVES
     kids = [await rig.store.job(c) for c in stored.children]
     assert all(k is not None and k.parent == job.id and k.status is JobStatus.SUCCEEDED for k in kids)
-    assert kids[0] is not None and kids[0].reasons[0] == f"rollout {job.id}: every host at once"  # no wave numbers
+    assert kids[0] is not None and kids[0].reasons[0] == f"rollout {job.id}: canary"
+    assert kids[2] is not None and kids[2].reasons[0] == f"rollout {job.id}: wave 1"
 
 
 async def test_pause_between_waves_only(rig: Rig) -> None:
@@ -254,9 +255,11 @@ async def test_a_child_superseded_mid_wave_ends_the_rollout(rig: Rig) -> None:
     assert sorted(rig.steps.deployed()) == ["h1", "h2", "h3"]
 
 
-async def test_waves_of_groups_by_wave() -> None:
-    a = [Action(service="s", host=h, kind=ActionKind.DEPLOY) for h in ("h1", "h2", "h3")]
-    assert waves_of(a) == [a]  # no wave numbers (before the planner gives them): one wave
+async def test_waves_of_groups_by_wave_and_a_restore_joins_the_first() -> None:
+    a = [Action(service="s", host=h, kind=ActionKind.DEPLOY, wave=w) for h, w in (("h1", 2), ("h2", 0), ("h3", 2))]
+    restore = Action(service="s", host="h4", kind=ActionKind.RESTORE)
+    assert waves_of([*a, restore]) == [[a[1], restore], [a[0], a[2]]]
+    assert waves_of([restore]) == [[restore]]
 
 
 # ---------------------------------------------------------------------------- the queue's wait

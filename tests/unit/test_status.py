@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import cast
 
 from deployerd.desired import DesiredState, HostSpec, ServiceSpec
@@ -10,6 +11,7 @@ from deployerd.plan import Action, ActionKind
 from deployerd.snapshot import Snapshot
 from deployerd.status import Board, HealthState, SyncState, paused
 from deployerd.tree import GitTree
+from deployerd.ui.views import host_rows
 
 HOSTS = {"h1": HostSpec(name="h1", address="2001:db8::1"), "h2": HostSpec(name="h2", address="10.0.0.2")}
 SPECS = {n: ServiceSpec(name=n, host=h, port=8000 + i, source=f"services/{n}")
@@ -117,3 +119,18 @@ def test_a_fleet_shows_every_host_and_its_worst_state_and_a_paused_rollout_is_on
     one = Board()
     one.update(_snapshot([Action(service="ok", host="h1", kind=ActionKind.NOOP, release="r1")]), busy=set())
     assert one.services["ok"].hosts == [] and paused(one) == []
+
+
+def test_the_status_page_has_a_cell_per_fleet_host_with_the_rollouts_progress() -> None:
+    board = Board()
+    board.update(_snapshot([Action(service="ok", host="h1", kind=ActionKind.NOOP, release="r1")]), busy=set())
+    one = board.services["ok"]
+    assert host_rows(one) == [(one, None)]
+    fleet = dataclasses.replace(one, release="r2", hosts=[
+        {"host": h, "release": "r2", "running_release": r, "sync_status": s, "health_status": HealthState.HEALTHY,
+         "reasons": [], "url": f"http://{h}:8000"} for h, r, s in (("h1", "r2", SyncState.SYNCED),
+                                                                  ("h2", "r1", SyncState.OUT_OF_SYNC))])
+    cells = host_rows(fleet)
+    assert [(c.host, c.running_release, c.sync_status, c.url, p) for c, p in cells] == [
+        ("h1", "r2", SyncState.SYNCED, "http://h1:8000", "1 of 2 hosts on r2"),
+        ("h2", "r1", SyncState.OUT_OF_SYNC, "http://h2:8000", "1 of 2 hosts on r2")]
