@@ -250,7 +250,7 @@ async def test_wave_2_failing_on_host_3_rolls_the_fleet_back_dropping_nothing(fl
         for host, load in zip(HOSTS, loads, strict=True):
             assert load.failed == 0, (host, load.summary())
         assert [v2 in load.upstreams() for load in loads] == [True, True, False]
-        assert [load.upstreams()[-1] for load in loads] == [v1, v1, v1]
+        assert [next(x.upstream for x in reversed(load.samples) if x.ok) for load in loads] == [v1, v1, v1]
 
 
 async def test_a_host_unreachable_pauses_then_the_rollout_resumes(fleet_sandbox: SandboxInfo,
@@ -286,6 +286,9 @@ async def test_a_host_unreachable_pauses_then_the_rollout_resumes(fleet_sandbox:
             await ssh_up(sandbox, sbx2)
         v2 = rollout.release
         await until("every host on v2", lambda: _all_on(d, "fl-pause", v2), timeout_s=300)
+        resumed = await until("the rollout that resumed", lambda: _newest_if(d, "fl-pause", JobStatus.SUCCEEDED))
+        assert resumed.id != rollout.id and resumed.release == v2
+        assert sorted(c.host for c in await children(d, resumed)) == ["sbx-2", "sbx-3"]
         jobs = await d.jobs("fl-pause")
         assert not [j for j in jobs if j.status is JobStatus.ROLLED_BACK], "an outage must never roll back"
         assert "fl-pause" not in await d.engine.store.quarantined()
@@ -348,6 +351,12 @@ async def test_a_newer_commit_supersedes_the_rollout_in_its_pause(fleet_sandbox:
         for host in ("sbx-2", "sbx-3"):  # they never ran v2
             states, kept = await on_host(d, host, "fl-super")
             assert second.release not in states and second.release not in kept, (host, states, kept)
+
+
+async def _newest_if(d: Daemon, service: str, status: JobStatus) -> Job | None:
+    """The service's newest rollout job, once it has ``status``."""
+    jobs = await rollouts(d, service)
+    return jobs[0] if jobs and jobs[0].status is status else None
 
 
 async def _rollout_of(d: Daemon, service: str, exclude: set[str]) -> Job | None:
