@@ -151,7 +151,10 @@ class Rollout:
         ended = await asyncio.gather(*(self._run_child(c, self.steps.roll_back(c, a, c.release))
                                        for c, a in zip(children, back, strict=True)))
         broken = [c for c in ended if c.status is not JobStatus.SUCCEEDED]
-        job.rollback = {"hosts": {c.host: c.release for c in ended if c.status is JobStatus.SUCCEEDED},
+        back_to = Counter([c.release for c in ended if c.status is JobStatus.SUCCEEDED]
+                          + [r for c in failed if (r := (c.rollback or {}).get("release"))]).most_common(1)
+        job.rollback = {"release": back_to[0][0] if back_to else None,  # what most hosts went back to
+                        "hosts": {c.host: c.release for c in ended if c.status is JobStatus.SUCCEEDED},
                         "failed_hosts": [c.host for c in failed], "reason": cause,
                         **({"error": _failures(broken)} if broken else {}),
                         **({"not_rolled_back": left, "why": "no earlier release to go back to"} if left else {})}

@@ -196,6 +196,7 @@ async def test_a_failed_canary_never_reaches_another_host(fleet_sandbox: Sandbox
         # the older API's GET /deploy: a rollout names its hosts' jobs and waves, a host's job has the older shape
         body = (await d.http.get(f"/deploy/{job.id}")).json()
         assert body["children"] == job.children and body["waves"] == job.waves and body["status"] == "failed"
+        assert f"rolled back to release {v1}, which serves again" in body["error"], body["error"]
         child = (await d.http.get(f"/deploy/{kids[0].id}")).json()
         assert "children" not in child and [p["phase"] for p in child["phases"]][0] == "Validation"
 

@@ -173,6 +173,7 @@ async def test_wave_2_fails_on_host_3_every_switched_host_goes_back(rig: Rig) ->
     # each host back to the release it ran before this rollout, none left on the rejected one
     assert rig.steps.serving == {"h1": "r-a", "h2": "r-b", "h3": OLD, "h4": OLD, "h5": OLD}
     assert job.rollback is not None and job.rollback["hosts"] == {"h1": "r-a", "h2": "r-b"}
+    assert job.rollback["release"] in ("r-a", "r-b")
     assert (await rig.store.quarantined())["web"].release == NEW
     stored = await rig.store.job(job.id)
     assert stored is not None and len(stored.children) == 3 + 2  # three deploys, two roll-backs
