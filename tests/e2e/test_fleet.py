@@ -37,6 +37,7 @@ from daemon_harness import (
     settings_for,
 )
 from load_gen import LoadResult, run_load
+from test_cli import cli
 from test_outages import in_host, ssh_down, ssh_up, until
 
 from deployerd.sandbox import SandboxInfo
@@ -199,6 +200,15 @@ async def test_a_failed_canary_never_reaches_another_host(fleet_sandbox: Sandbox
         assert f"rolled back to release {v1}, which serves again" in body["error"], body["error"]
         child = (await d.http.get(f"/deploy/{kids[0].id}")).json()
         assert "children" not in child and [p["phase"] for p in child["phases"]][0] == "Validation"
+
+        # `deployerd status` shows every host's release
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(d.engine.settings.model_dump(mode="json", exclude_none=True)))
+        code, out = await cli("status", "--config", str(config))
+        assert code == 0, out
+        lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  @")}
+        assert sorted(lines) == [f"@{h}" for h in HOSTS], out
+        assert all(v1 in line for line in lines.values()), out
 
 
 async def under_load(sandbox: SandboxInfo, port: int, work: Awaitable[T]) -> tuple[T, list[LoadResult]]:
