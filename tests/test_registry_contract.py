@@ -1,4 +1,4 @@
-"""The embedded Registry against the contract (/work/shared/registry-contract.md), over real loopback HTTP."""
+"""The embedded Registry against the contract, over real loopback HTTP."""
 
 from __future__ import annotations
 

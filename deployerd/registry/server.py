@@ -1,6 +1,6 @@
 """The embedded Registry: the ecosystem's droplet catalogue contract, over SQLite, plus its own UDC endpoints.
 
-Routes, status codes and body shapes follow /work/shared/registry-contract.md exactly, so deployerd's
+Routes, status codes and body shapes follow the Registry's contract exactly, so deployerd's
 client works against this and the original alike. With a token configured, every write (POST/PATCH/DELETE,
 including POST /message) needs ``Authorization: Bearer <token>``; reads stay open for observers.
 """
