@@ -14,9 +14,9 @@ from typing import Any
 from deployerd.desired import HostSpec, ServiceSpec
 from deployerd.jobqueue import JobQueue
 from deployerd.observe import Hosts
-from deployerd.observed import ObservedState, RunState
 from deployerd.phases import Deployer
 from deployerd.plan import Action, ActionKind
+from deployerd.plan_fleet import serving
 from deployerd.restore import Restorer
 from deployerd.rollout import FleetEntry, Policy, Rollout, waves_of
 from deployerd.runtimes import ReleaseContext
@@ -29,17 +29,6 @@ LAUNCHED = (ActionKind.DEPLOY, ActionKind.RESTORE)  # a fleet's actions that go 
 def is_fleet(snap: Snapshot, service: str) -> bool:
     spec = snap.desired.services.get(service)
     return spec is not None and bool(spec.fleet)
-
-
-def serving(observed: ObservedState, spec: ServiceSpec) -> dict[str, str]:
-    """host -> the release of ``spec`` observed running there (git's own), for each host of its fleet."""
-    out = {}
-    for host in spec.placed_on:
-        facts = observed.hosts.get(host)
-        inst = facts.current(spec.name) if facts is not None and facts.reachable else None
-        if inst is not None and inst.managed_by == "git" and inst.state is RunState.RUNNING:
-            out[host] = inst.release
-    return out
 
 
 class FleetSteps:

@@ -98,8 +98,7 @@ def _registry_owned(observed: ObservedState, instance: str) -> dict[str, str]:
     if observed.registry is None:
         return {}
     return {name: str((e.metadata or {}).get("host", "")) for name, e in observed.registry.items()
-            if (e.metadata or {}).get("managed_by") == "deployerd"
-            and (e.metadata or {}).get("instance", "default") == instance}
+            if observed.owns_entry(name, instance)}
 
 def _registry_problem(spec: ServiceSpec, desired: DesiredState, observed: ObservedState,
                       release: Release, instance: str, managed_by: str = "git") -> str | None:

@@ -43,7 +43,7 @@ def plan_fleet(spec: ServiceSpec, desired: DesiredState, observed: ObservedState
         if first is not None:  # one write for the service (its entry lists every host)
             actions[first] = actions[first].model_copy(update={"kind": ActionKind.REGISTER, "reasons": [reg]})
     out = list(actions.values())
-    serves = any(_serving(observed, h, spec) for h in spec.fleet)
+    serves = bool(serving(observed, spec))
     for old in sorted(managed_on - set(spec.fleet)):
         current = current_release(observed, old, spec.name)
         if serves:  # the engine holds a PRUNE back while the service has a DEPLOY: the others serve first
@@ -56,12 +56,15 @@ def plan_fleet(spec: ServiceSpec, desired: DesiredState, observed: ObservedState
     return out
 
 
-def _serving(observed: ObservedState, host: str, spec: ServiceSpec) -> bool:
-    """An instance of ``spec`` runs on ``host`` (observed)."""
-    if unreachable(observed, host, [spec.method]) is not None:
-        return False
-    inst = current_managed(observed.hosts[host], spec.name)
-    return inst is not None and inst.state is RunState.RUNNING
+def serving(observed: ObservedState, spec: ServiceSpec) -> dict[str, str]:
+    """host -> the release of ``spec`` observed running there (git's own), for each host it is placed on."""
+    out = {}
+    for host in spec.placed_on:
+        if unreachable(observed, host, [spec.method]) is None:
+            inst = current_managed(observed.hosts[host], spec.name)
+            if inst is not None and inst.state is RunState.RUNNING:
+                out[host] = inst.release
+    return out
 
 
 def _down_since(observed: ObservedState, host: str) -> str | None:
@@ -71,10 +74,9 @@ def _down_since(observed: ObservedState, host: str) -> str | None:
 
 def _recorded_hosts(observed: ObservedState, service: str, instance: str) -> dict[str, str]:
     """host -> release, as this daemon's Registry entry of a fleet lists them (what a host it cannot reach ran)."""
-    entry = (observed.registry or {}).get(service)
-    meta = (entry.metadata or {}) if entry is not None else {}
-    if meta.get("managed_by") != "deployerd" or meta.get("instance", "default") != instance:
+    if not observed.owns_entry(service, instance):
         return {}
+    meta = (observed.registry[service].metadata or {}) if observed.registry else {}
     listed = meta.get("hosts")
     return {str(h["host"]): str(h.get("release", "")) for h in listed if isinstance(h, dict) and "host" in h} \
         if isinstance(listed, list) else {}
