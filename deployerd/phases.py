@@ -64,6 +64,7 @@ class Pass:
     previous: str | None = None  # the release Transfer sends a delta against
     stop: Callable[[], bool] = lambda: False
     rollback: bool = False
+    register: Registrar | None = None  # a fleet host's Register (rollout.FleetEntry); None: the one-host entry
 
 
 class Deployer(JobRecorder):
@@ -86,7 +87,6 @@ class Deployer(JobRecorder):
         self.locks = locks or HostLocks(None)  # one job per service and host at a time, across daemons
         self.secret_env = secret_env  # a service's secret values from the current sources
         self.http = probe_client()  # every health wait's client: built once (it costs ~90 ms of CPU)
-        self._registrars: dict[str, Registrar] = {}  # job id -> its fleet's Register, while the job runs
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -142,7 +142,7 @@ class Deployer(JobRecorder):
             await self.store.save_release(release_record(ctx, "good"))
             async with self._phase(job, REGISTER, run.records, run.rollback) as rec:
                 if ctx.spec.register:
-                    job.registration = await self._register(job, ctx, await runtime.registry_node(ctx))
+                    job.registration = await (run.register or self.registration)(ctx, await runtime.registry_node(ctx))
                     rec.details.update(job.registration)
                 else:
                     self._skip(rec, "register: false in the manifest")
@@ -203,8 +203,6 @@ class Deployer(JobRecorder):
     ) -> Job:
         """Run the six phases for ``ctx``; roll back on a terminal failure after the build started.
         ``register``: a fleet host's Register (its rollback's too), instead of the one-host entry."""
-        if register is not None:
-            self._registrars[job.id] = register
         port = port_of(handle)
         runtime = port.runtime(ctx.spec.method)
         self._hide(job, ctx)
@@ -214,7 +212,7 @@ class Deployer(JobRecorder):
         async def take_lock(rec: PhaseRecord) -> None:
             rec.details["lock"] = await lock.acquire()
 
-        run = Pass(ctx, job.phases, tree, previous, superseded)
+        run = Pass(ctx, job.phases, tree, previous, superseded, register=register)
         try:  # the host lock is held from Validation to the end of any rollback, released in ``finally``
             try:
                 await self._run(job, run, port, runtime, take_lock)
@@ -229,20 +227,19 @@ class Deployer(JobRecorder):
                 elif ctx.behind_ingress:  # the proxy never sent it a request: the proven one still serves
                     await self._discard_unserving(port, runtime, ctx)
                 else:  # it may serve, unverified: bring back the last good one
-                    await self._restore_good(job, port, runtime, ctx, "superseded after Start Service",
+                    await self._restore_good(job, port, runtime, ctx, register, "superseded after Start Service",
                                              _cut_short(job))
             except PhaseFailed as failure:
-                await self._failed(job, port, runtime, ctx, failure)
+                await self._failed(job, port, runtime, ctx, register, failure)
         finally:
             if previous is None and job.kind == "deploy" and not job.transient \
                     and job.status in (JobStatus.SUPERSEDED, JobStatus.FAILED):
                 await self._clear_unserved(runtime, ctx)  # under the lock: it removes the service's files
             await lock.release()
-            self._registrars.pop(job.id, None)
         return await self.end(job)
 
     async def _failed(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
-                      failure: PhaseFailed) -> None:
+                      register: Registrar | None, failure: PhaseFailed) -> None:
         job.error = str(failure)
         job.logs = failure.logs
         if failure.transient:
@@ -252,22 +249,24 @@ class Deployer(JobRecorder):
         if failure.phase not in ROLLBACK_PHASES:
             job.status = JobStatus.FAILED
             return
-        ok = await self._restore_good(job, port, runtime, ctx, str(failure), failure.phase)
+        ok = await self._restore_good(job, port, runtime, ctx, register, str(failure), failure.phase)
         job.status = JobStatus.ROLLED_BACK if ok else JobStatus.FAILED
         # a run of broken commits must not pile up one image and release dir each: the failed release stays
         # (a forced retry reuses it), earlier failed ones go, within keep_releases
         await self._retain(runtime, ctx)
 
     async def _restore_good(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
-                            reason: str, phase: str) -> bool:
+                            register: Registrar | None, reason: str, phase: str) -> bool:
         """Stop ``ctx``'s release and bring back the last good one through the same phases (its kept container
         or unit; else rebuilt from its own commit); True once it is verified and registered again."""
-        ok = await self._restore(job, port, runtime, ctx, reason)
+        ok = await self._restore(job, port, runtime, ctx, register, reason)
         self.events.publish(RolledBack(service=ctx.spec.name, host=ctx.host.name, failed_release=ctx.release.id,
                                        restored_release=(job.rollback or {}).get("release"), phase=phase, ok=ok))
         return ok
 
-    async def _restore(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext, reason: str) -> bool:
+    async def _restore(self, job: Job, port: HostPort, runtime: Runtime, ctx: ReleaseContext,
+                       register: Registrar | None, reason: str) -> bool:
+        """The last good release's pass (its Register the failed one's: a fleet host writes the fleet's entry)."""
         t0 = time.monotonic()
         if not ctx.behind_ingress:  # behind an ingress the failed one goes once the proxy serves the good one
             await runtime.discard(ctx)
@@ -289,7 +288,7 @@ class Deployer(JobRecorder):
         async def held(rec: PhaseRecord) -> None:
             rec.details["lock"] = "held by this job"
 
-        run = Pass(prev_ctx, job.rollback_phases, source, rollback=True)
+        run = Pass(prev_ctx, job.rollback_phases, source, rollback=True, register=register)
         job.registration = None
         try:
             done = await self._run(job, run, port, runtime, held)
@@ -318,11 +317,6 @@ class Deployer(JobRecorder):
                 await runtime.remove_service(ctx.spec.name)
         except Exception as e:  # housekeeping: never turns the job's outcome into a crash
             log.warning("clearing %s from %s failed: %s", ctx.spec.name, ctx.host.name, e)
-
-    async def _register(self, job: Job, ctx: ReleaseContext, node: str | None = None) -> dict[str, Any]:
-        if (fleet := self._registrars.get(job.id)) is not None:
-            return await fleet(ctx, node)
-        return await self.registration(ctx, node)
 
     async def registration(self, ctx: ReleaseContext, node: str | None = None,
                            fleet: Mapping[str, tuple[HostSpec, str]] | None = None) -> dict[str, Any]:

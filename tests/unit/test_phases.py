@@ -276,4 +276,3 @@ async def test_a_fleet_register_writes_what_the_rollout_gives(rig: Rig) -> None:
     assert job.status is JobStatus.ROLLED_BACK
     assert seen == [("fake-1", good.release.id)]  # its own rollback registered through the fleet's entry too
     assert job.registration is not None and job.registration["endpoint"] == "http://lb"
-    assert rig.deployer._registrars == {}
