@@ -210,9 +210,14 @@ class IngressProxy:
             return {**done, "serving_from_start": release} if fresh and done else done
 
     async def remove_route(self, service: str) -> dict[str, object]:
+        """The service's route goes, if the config has one; whatever the host's ``ingress`` says now (a host
+        moved to ``ingress: none`` still has its proxy's config), and nothing is installed where no config is."""
         async with self.lock:
-            routes = [r for r in await self.routes() if r.service != service]
-            return await self.apply(routes)
+            have = await self._read(CONFIG_PATH)
+            routes = parse_config(have or "")
+            if not any(r.service == service for r in routes):
+                return {}
+            return {**await self._apply([r for r in routes if r.service != service], have), "route_removed": service}
 
     # -- switch and drain
 

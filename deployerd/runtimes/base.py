@@ -17,6 +17,7 @@ from typing import Any
 
 from deployerd.connection import Connection, RemoteFileError, temp_name_pattern
 from deployerd.desired import HostSpec, Release, ServiceSpec, endpoint_url
+from deployerd.ingress import IngressProxy
 from deployerd.layout import Layout, release_id
 from deployerd.observed import Instance, RunState
 
@@ -330,6 +331,11 @@ class Runtime(ABC):
         """This daemon's instances' state changes on the host, as the runtime reports them, until the stream
         breaks: a ``Drift`` with no service first, once it listens (``hostwatch`` runs it)."""
         raise NotImplementedError(f"{self.method} reports no events")
+
+    async def leave_ingress(self, ctx: ReleaseContext) -> dict[str, object]:
+        """Stop-first on a host that had the proxy (now ``ingress: none``): the service's route goes first, so
+        the new instance can bind the public port. Nothing where the proxy never had it (one read)."""
+        return await IngressProxy(self.conn, self.host.name).remove_route(ctx.qualified_name)
 
     async def start_unproxied(self, ctx: ReleaseContext, stopped: list[str]) -> None:  # noqa: B027 - optional
         """The proxy could not take the public port after all: what ``stop_unproxied`` stopped serves again."""

@@ -234,6 +234,7 @@ class DockerRuntime(EngineAPI, Runtime):
 
         _, mine = await asyncio.gather(env_file(), self._containers(ctx.spec.name))
         existing = {c["Names"][0].lstrip("/"): c for c in mine}
+        left = {} if ctx.behind_ingress else await self.leave_ingress(ctx)
         stopped = [] if ctx.behind_ingress else await self._stop(ctx, existing)
         reused = name in existing
         if reused and not await self._env_matches(existing[name]["Id"], ctx):
@@ -253,7 +254,8 @@ class DockerRuntime(EngineAPI, Runtime):
         except DockerError as e:
             raise StartError(f"container {name} did not start on {self.host.name}: {e.message}") from e
         previous = release_of(stopped[0]) if stopped else None
-        return StartResult(name, reused, previous, {"container": name, "stopped": stopped}, private)
+        return StartResult(name, reused, previous, {"container": name, "stopped": stopped,
+                                                    **({"left_proxy": left} if left else {})}, private)
 
     async def _stop(self, ctx: ReleaseContext, existing: dict[str, dict[str, Any]]) -> list[str]:
         d = await self._docker()
@@ -369,8 +371,7 @@ class DockerRuntime(EngineAPI, Runtime):
 
     async def remove_service(self, service: str) -> Removed:
         owned = await self.owned_dir(service)  # refuses before anything is removed
-        if self.host.ingress != "none":  # the proxy stops taking its public port first
-            await IngressProxy(self.conn, self.host.name).remove_route(self.qualified(service))
+        await IngressProxy(self.conn, self.host.name).remove_route(self.qualified(service))  # the port first
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
         removed = await self._retain(service, keep=[], owned=owned)
         if owned:

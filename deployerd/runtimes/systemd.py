@@ -32,6 +32,7 @@ releases, in one round trip per host.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import posixpath
 from collections.abc import AsyncIterator
@@ -126,6 +127,7 @@ class SystemdRuntime(Runtime):
         user = service_user(ctx)
         facts = await self._facts(ctx)
         private = await self._private_port(ctx) if ctx.behind_ingress else None
+        left = {} if ctx.behind_ingress else await self._leave_ingress(ctx)
         unit = ctx_unit(ctx)
         text = render_unit(ctx, user, command_argv(ctx, set(facts.bins), private), private)
         name, run = start_steps(ctx, user, text, private)
@@ -139,7 +141,18 @@ class SystemdRuntime(Runtime):
                              out.lines or _tail(e.stderr)) from e
         return StartResult(unit, None, facts.current,
                            {"unit": unit, "user": user, "user_created": done[0].exit_status == 0,
-                            "release_dir": ctx.release_dir, "previous_release": facts.current}, private)
+                            "release_dir": ctx.release_dir, "previous_release": facts.current, **left}, private)
+
+    async def _leave_ingress(self, ctx: ReleaseContext) -> dict[str, Any]:
+        """Stop-first on a host that had the proxy: its route goes (the port is free) and the service's
+        per-release units from then stop, kept, so only the service's one unit runs it (see ``leave_ingress``)."""
+        left, units = await asyncio.gather(self.leave_ingress(ctx), self._probe(ctx.qualified_name))
+        others = sorted(u["unit"] for u in units if u.get("per_release")
+                        and (unit_state(u) is RunState.RUNNING
+                             or (u.get("props") or {}).get("UnitFileState") == "enabled"))
+        if others:
+            await execute(self.conn, [Run("systemctl", "disable", "--now", "--quiet", "--", *others, timeout=60)])
+        return {**({"left_proxy": left} if left else {}), **({"stopped": others} if others else {})}
 
     async def _private_port(self, ctx: ReleaseContext) -> int:
         """The port the release's unit recorded when it still runs or nothing else took it; else a free one:
@@ -255,8 +268,7 @@ class SystemdRuntime(Runtime):
         owned = await self.owned_dir(service)  # refuses before anything is removed
         q = self.qualified(service)
         layout = self.layout(service)
-        if self.host.ingress != "none":  # the proxy stops taking its public port first
-            await IngressProxy(self.conn, self.host.name).remove_route(q)
+        await IngressProxy(self.conn, self.host.name).remove_route(q)  # the proxy stops taking its port first
         listed = await self.conn.run(["ls", "-1", "--", layout.releases_dir], check=False)
         releases = sorted({release_id(e) for e in listed.stdout.split()})
         units = sorted({u["unit"] for u in await self._probe(q)} | {unit_name(q)})

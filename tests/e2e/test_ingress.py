@@ -15,7 +15,8 @@ import yaml
 from daemon_harness import DesiredRepo, git, running_daemon, settings_for
 from load_gen import LoadResult, run_load
 
-from deployerd.ingress.config import UNIT_NAME
+from deployerd.ingress.config import CONFIG_PATH, UNIT_NAME
+from deployerd.ingress.proxy import parse_config
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
 
@@ -206,3 +207,44 @@ async def test_a_container_from_before_the_proxy_moves_behind_it(sandbox: Sandbo
         assert switch["stopped_unproxied"] == [f"deployerd-{d.engine.settings.instance}-zd-moved-{r1}"]
         assert await running_containers(d, "zd-moved") == [job.release]
         assert (await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)).upstreams() == [job.release]
+
+
+def without_ingress(repo: DesiredRepo, sandbox: SandboxInfo) -> None:
+    hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
+                      "public_address": h.internal_address, "ingress": "none"} for h in sandbox.hosts}
+    repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
+
+
+async def test_a_host_that_drops_its_proxy_runs_stop_first_on_the_public_port(sandbox: SandboxInfo,
+                                                                               tmp_path: Path) -> None:
+    """``ingress: haproxy`` -> ``none``: the service's route goes before the stop-first start, so the new
+    container binds the public port itself; the proxied one stops (kept); the proxy keeps no route of it."""
+    from test_outages import in_host
+    port = PORT + 6
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-drop", port)
+    repo.commit("behind the proxy")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        proxied = await d.last_job("zd-drop")
+        assert proxied.status is JobStatus.SUCCEEDED, proxied.error
+        q = f"{d.engine.settings.instance}-zd-drop"
+        async def routed() -> list[str]:
+            return [r.service for r in parse_config((await in_host(sandbox, sandbox.hosts[0], "cat", CONFIG_PATH)).out)]
+
+        assert q in await routed()
+        without_ingress(repo, sandbox)
+        repo.commit("the host drops its proxy")
+        await d.reconcile()
+        job = await d.last_job("zd-drop")
+        assert job.status is JobStatus.SUCCEEDED, (job.error, job.logs)
+        assert job.release != proxied.release
+        start = job.phase("Start Service").details
+        assert start["left_proxy"]["route_removed"] == q, start
+        assert start["stopped"] == [f"deployerd-{q}-{proxied.release}"], start
+        assert await running_containers(d, "zd-drop") == [job.release]
+        assert q not in await routed()
+        served = await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)
+        assert served.samples and served.failed == 0, served.summary()
+        assert served.upstreams() == [""], served.summary()  # no proxy names an upstream: the container answers

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from daemon_harness import Daemon, DesiredRepo, git, settings_for
 from load_gen import run_load
-from test_ingress import under_load, with_ingress
+from test_ingress import under_load, with_ingress, without_ingress
 from test_systemd import APP, systemd_daemon
 
 from deployerd.ingress import PRIVATE_PORTS
@@ -213,3 +213,34 @@ async def test_a_host_from_the_single_unit_layout_keeps_serving_then_moves_behin
         await d.reconcile()
         assert await units(d, name) == {}
         assert not (await sh(d, "ls", "-d", f"/opt/fpai/services/{d.engine.settings.instance}-{name}"))
+
+
+async def test_a_host_that_drops_its_proxy_runs_the_services_one_unit_on_the_public_port(
+        sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """``ingress: haproxy`` -> ``none``: the route goes before the stop-first start, the service's one unit
+    binds the public port, and the per-release unit that served behind the proxy stops (kept, not enabled)."""
+    name, port = "zs-drop", PORT + 8
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    service(repo, name, port, "1")
+    repo.commit("v1 behind the proxy")
+    async with systemd_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        proxied = await d.last_job(name)
+        assert proxied.status is JobStatus.SUCCEEDED, (proxied.error, proxied.logs)
+        behind = release_unit(d, name, proxied.release)
+        assert await units(d, name) == {behind: "active"}
+        without_ingress(repo, sandbox)
+        repo.commit("the host drops its proxy")
+        await d.reconcile()
+        job = await d.last_job(name)
+        assert job.status is JobStatus.SUCCEEDED, (job.error, job.logs)
+        start = job.phase("Start Service").details
+        q = f"{d.engine.settings.instance}-{name}"
+        assert start["left_proxy"]["route_removed"] == q, start
+        assert start["stopped"] == [behind], start
+        assert await units(d, name) == {unit_name(q): "active", behind: "inactive"}
+        assert await sh(d, "systemctl", "is-enabled", behind) == "disabled"
+        served = await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)
+        assert served.samples and served.failed == 0, served.summary()
+        assert served.upstreams() == [""], served.summary()  # the unit answers itself: no proxy names it
