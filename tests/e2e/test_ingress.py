@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 PORT = 8311
 
 
-def with_ingress(repo: DesiredRepo, sandbox: SandboxInfo) -> None:
+def with_ingress(repo: DesiredRepo, sandbox: SandboxInfo, ingress: str = "haproxy") -> None:
     hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
-                      "public_address": h.internal_address, "ingress": "haproxy"} for h in sandbox.hosts}
+                      "public_address": h.internal_address, "ingress": ingress} for h in sandbox.hosts}
     repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
 
 
@@ -209,12 +209,6 @@ async def test_a_container_from_before_the_proxy_moves_behind_it(sandbox: Sandbo
         assert (await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)).upstreams() == [job.release]
 
 
-def without_ingress(repo: DesiredRepo, sandbox: SandboxInfo) -> None:
-    hosts = {h.name: {"address": h.address, "ssh_port": h.ssh_port, "user": h.user,
-                      "public_address": h.internal_address, "ingress": "none"} for h in sandbox.hosts}
-    repo.write("hosts.yaml", yaml.safe_dump({"hosts": hosts}))
-
-
 async def test_a_host_that_drops_its_proxy_runs_stop_first_on_the_public_port(sandbox: SandboxInfo,
                                                                                tmp_path: Path) -> None:
     """``ingress: haproxy`` -> ``none``: the service's route goes before the stop-first start, so the new
@@ -234,7 +228,7 @@ async def test_a_host_that_drops_its_proxy_runs_stop_first_on_the_public_port(sa
             return [r.service for r in parse_config((await in_host(sandbox, sandbox.hosts[0], "cat", CONFIG_PATH)).out)]
 
         assert q in await routed()
-        without_ingress(repo, sandbox)
+        with_ingress(repo, sandbox, "none")
         repo.commit("the host drops its proxy")
         await d.reconcile()
         job = await d.last_job("zd-drop")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from daemon_harness import Daemon, DesiredRepo, git, settings_for
 from load_gen import run_load
-from test_ingress import under_load, with_ingress, without_ingress
+from test_ingress import under_load, with_ingress
 from test_systemd import APP, systemd_daemon
 
 from deployerd.ingress import PRIVATE_PORTS
@@ -230,7 +230,7 @@ async def test_a_host_that_drops_its_proxy_runs_the_services_one_unit_on_the_pub
         assert proxied.status is JobStatus.SUCCEEDED, (proxied.error, proxied.logs)
         behind = release_unit(d, name, proxied.release)
         assert await units(d, name) == {behind: "active"}
-        without_ingress(repo, sandbox)
+        with_ingress(repo, sandbox, "none")
         repo.commit("the host drops its proxy")
         await d.reconcile()
         job = await d.last_job(name)
