@@ -332,10 +332,11 @@ class Runtime(ABC):
         breaks: a ``Drift`` with no service first, once it listens (``hostwatch`` runs it)."""
         raise NotImplementedError(f"{self.method} reports no events")
 
-    async def leave_ingress(self, ctx: ReleaseContext) -> dict[str, object]:
-        """Stop-first on a host that had the proxy (now ``ingress: none``): the service's route goes first, so
-        the new instance can bind the public port. Nothing where the proxy never had it (one read)."""
-        return await IngressProxy(self.conn, self.host.name).remove_route(ctx.qualified_name)
+    async def leave_ingress(self, qualified: str) -> dict[str, object]:
+        """The service's route on the host's proxy goes, so its public port is free: before a stop-first start
+        (a host that had the proxy, now ``ingress: none``) and before a removal. Nothing where the proxy never
+        had it (one read)."""
+        return await IngressProxy(self.conn, self.host.name).remove_route(qualified)
 
     async def start_unproxied(self, ctx: ReleaseContext, stopped: list[str]) -> None:  # noqa: B027 - optional
         """The proxy could not take the public port after all: what ``stop_unproxied`` stopped serves again."""

@@ -21,7 +21,7 @@ from aiodocker.exceptions import DockerError
 
 from deployerd.connection import CommandError, Connection
 from deployerd.failpoints import failpoint
-from deployerd.ingress import IngressProxy, allocate_port
+from deployerd.ingress import allocate_port
 from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import (
     LABEL_PREFIX,
@@ -227,14 +227,17 @@ class DockerRuntime(EngineAPI, Runtime):
         d = await self._docker()
         name = container_name(ctx.qualified_name, ctx.release.id)
         # The env file is the host-side record of what the release runs with (0600, outside the build context);
-        # written while the service's containers are listed (independent round trips).
+        # written while the service's containers are listed (independent round trips), as is a stop-first
+        # start's departure from the proxy.
         async def env_file() -> None:
             await self.conn.run(["install", "-d", "-m", "0700", "--", posixpath.dirname(ctx.env_file)])
             await self.conn.put_bytes(ctx.env_file, env_file_text(ctx.env), mode=0o600)
 
-        _, mine = await asyncio.gather(env_file(), self._containers(ctx.spec.name))
+        async def leave() -> dict[str, object]:  # stop-first: the port is free before anything stops
+            return {} if ctx.behind_ingress else await self.leave_ingress(ctx.qualified_name)
+
+        _, mine, left = await asyncio.gather(env_file(), self._containers(ctx.spec.name), leave())
         existing = {c["Names"][0].lstrip("/"): c for c in mine}
-        left = {} if ctx.behind_ingress else await self.leave_ingress(ctx)
         stopped = [] if ctx.behind_ingress else await self._stop(ctx, existing)
         reused = name in existing
         if reused and not await self._env_matches(existing[name]["Id"], ctx):
@@ -371,7 +374,7 @@ class DockerRuntime(EngineAPI, Runtime):
 
     async def remove_service(self, service: str) -> Removed:
         owned = await self.owned_dir(service)  # refuses before anything is removed
-        await IngressProxy(self.conn, self.host.name).remove_route(self.qualified(service))  # the port first
+        await self.leave_ingress(self.qualified(service))  # the proxy stops taking its public port first
         releases = {c["Labels"].get(f"{LABEL_PREFIX}release", "") for c in await self._containers(service)}
         removed = await self._retain(service, keep=[], owned=owned)
         if owned:

@@ -40,7 +40,7 @@ from typing import Any
 
 from deployerd.connection import CommandError
 from deployerd.failpoints import failpoint
-from deployerd.ingress import IngressProxy, allocate_port
+from deployerd.ingress import allocate_port
 from deployerd.layout import release_id
 from deployerd.observed import Instance, RunState
 from deployerd.runtimes.base import (
@@ -125,9 +125,8 @@ class SystemdRuntime(Runtime):
         """Stop-first (no ingress): the service's one unit names and runs the new release. Behind an ingress:
         the release's own unit starts beside the serving one, on a private port (``switch`` moves the proxy)."""
         user = service_user(ctx)
-        facts = await self._facts(ctx)
+        facts, left = await asyncio.gather(self._facts(ctx), self._leave_ingress(ctx))
         private = await self._private_port(ctx) if ctx.behind_ingress else None
-        left = {} if ctx.behind_ingress else await self._leave_ingress(ctx)
         unit = ctx_unit(ctx)
         text = render_unit(ctx, user, command_argv(ctx, set(facts.bins), private), private)
         name, run = start_steps(ctx, user, text, private)
@@ -145,11 +144,12 @@ class SystemdRuntime(Runtime):
 
     async def _leave_ingress(self, ctx: ReleaseContext) -> dict[str, Any]:
         """Stop-first on a host that had the proxy: its route goes (the port is free) and the service's
-        per-release units from then stop, kept, so only the service's one unit runs it (see ``leave_ingress``)."""
-        left, units = await asyncio.gather(self.leave_ingress(ctx), self._probe(ctx.qualified_name))
-        others = sorted(u["unit"] for u in units if u.get("per_release")
-                        and (unit_state(u) is RunState.RUNNING
-                             or (u.get("props") or {}).get("UnitFileState") == "enabled"))
+        per-release units from then stop, kept, so only the service's one unit runs it (see ``leave_ingress``).
+        Nothing behind the proxy."""
+        if ctx.behind_ingress:
+            return {}
+        left, units = await asyncio.gather(self.leave_ingress(ctx.qualified_name), self._probe(ctx.qualified_name))
+        others = _live([u for u in units if u.get("per_release")])
         if others:
             await execute(self.conn, [Run("systemctl", "disable", "--now", "--quiet", "--", *others, timeout=60)])
         return {**({"left_proxy": left} if left else {}), **({"stopped": others} if others else {})}
@@ -206,10 +206,9 @@ class SystemdRuntime(Runtime):
         release comes back in a unit of its own when rolled back to). Returns the units stopped."""
         mine, legacy = ctx_unit(ctx), unit_name(ctx.qualified_name)
         units = await self._probe(ctx.qualified_name)
-        running = [u["unit"] for u in units if u["unit"] != mine and unit_state(u) is RunState.RUNNING]
-        enabled = [u["unit"] for u in units if u["unit"] != mine
-                   and (u.get("props") or {}).get("UnitFileState") == "enabled"]
-        await execute(self.conn, switched_steps(ctx, sorted(set(running) | set(enabled)),
+        others = [u for u in units if u["unit"] != mine]
+        running = [u["unit"] for u in others if unit_state(u) is RunState.RUNNING]
+        await execute(self.conn, switched_steps(ctx, _live(others),
                                                 remove=any(u["unit"] == legacy for u in units)))
         return running
 
@@ -268,7 +267,7 @@ class SystemdRuntime(Runtime):
         owned = await self.owned_dir(service)  # refuses before anything is removed
         q = self.qualified(service)
         layout = self.layout(service)
-        await IngressProxy(self.conn, self.host.name).remove_route(q)  # the proxy stops taking its port first
+        await self.leave_ingress(q)  # the proxy stops taking its public port first
         listed = await self.conn.run(["ls", "-1", "--", layout.releases_dir], check=False)
         releases = sorted({release_id(e) for e in listed.stdout.split()})
         units = sorted({u["unit"] for u in await self._probe(q)} | {unit_name(q)})
@@ -297,6 +296,12 @@ class SystemdRuntime(Runtime):
         if stale:
             await self.conn.run(["python3", "-c", PRUNE_PYENVS, layout.service_dir], check=False)
         return Removed(stale, {"units_removed": gone} if gone else {})
+
+
+def _live(units: list[dict[str, Any]]) -> list[str]:
+    """The probed units that run or start at boot: what stops (kept) when another unit takes over."""
+    return sorted(u["unit"] for u in units if unit_state(u) is RunState.RUNNING
+                  or (u.get("props") or {}).get("UnitFileState") == "enabled")
 
 
 def _ended(out: Output) -> str:
