@@ -246,7 +246,7 @@ async def _serving(handle: HostHandle, spec: HostSpec, instances: list[Instance]
         error = str(e)
         log.warning("%s; starting it again", e)
         try:
-            async with proxy.lock:
+            async with proxy.changing():
                 await proxy.apply(await proxy.routes())
             state = await proxy.state()
             error += " (found dead; started again from its config)"

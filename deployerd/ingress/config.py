@@ -28,6 +28,14 @@ ADMIN_SOCKET = f"{RUN_DIR}/admin.sock"
 HAPROXY = "/usr/sbin/haproxy"
 UPSTREAM_HEADER = "X-Deployerd-Upstream"
 PRIVATE_PORTS = range(20000, 30000)  # instances behind the proxy listen on 127.0.0.1 in this range
+# The host's proxy lock: daemons sharing a host each read, change and rewrite the one config, so each change is
+# made holding it (flock on a file in /run/lock: the kernel lets go when its holder exits, whatever ended it).
+LOCK_PATH = "/run/lock/deployerd-ingress.lock"
+LOCK_WAIT_S = 60
+# The holder: it says "held" once flock has the lock, then reads its stdin until the SSH channel closes (the
+# change done, the daemon dead or its connection lost). The path and the wait are its arguments, never script.
+_LOCK_SCRIPT = ('exec 9>>"$1" || { echo cannot-open; exit 1; }; '
+                'flock -w "$2" 9 || { echo busy; exit 1; }; echo held; exec cat >/dev/null')
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -54,6 +62,11 @@ RuntimeDirectoryPreserve=yes
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def lock_command(wait_s: int = LOCK_WAIT_S) -> list[str]:
+    """The argv that holds the host's proxy lock for as long as it runs (its first line: held, busy or cannot-open)."""
+    return ["sh", "-c", _LOCK_SCRIPT, "deployerd-ingress-lock", LOCK_PATH, str(wait_s)]
 
 
 def proxy_id(name: str) -> str:

@@ -12,8 +12,10 @@ refused config never replaces the running one, and a switch is one runtime comma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -23,6 +25,8 @@ from deployerd.ingress.config import (
     ADMIN_SOCKET,
     CONFIG_PATH,
     HAPROXY,
+    LOCK_PATH,
+    LOCK_WAIT_S,
     UNIT,
     UNIT_NAME,
     UNIT_PATH,
@@ -31,6 +35,7 @@ from deployerd.ingress.config import (
     Route,
     enable_command,
     frontends_open,
+    lock_command,
     parse_in_flight,
     parse_servers_state,
     remove_command,
@@ -39,7 +44,7 @@ from deployerd.ingress.config import (
     switch_command,
 )
 
-_host_locks: dict[str, asyncio.Lock] = {}  # one change to a host's proxy at a time (services deploy in parallel)
+_host_locks: dict[str, asyncio.Lock] = {}  # this process's side of a host's lock (its services deploy in parallel)
 
 
 class IngressError(Exception):
@@ -77,11 +82,27 @@ class Switched:
 
 
 class IngressProxy:
-    """One host's proxy. Cheap to build: holds only the connection and the host's change lock."""
+    """One host's proxy. Cheap to build: holds only the connection and this process's lock of the host."""
 
     def __init__(self, conn: Connection, host: str, drain_timeout_s: float = 30.0) -> None:
         self.conn, self.host, self.drain_timeout_s = conn, host, drain_timeout_s
         self.lock = _host_locks.setdefault(host, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """The right to change the host's proxy: this process's lock, then the host's (``LOCK_PATH``, held by a
+        process on the host for as long as the block runs), so daemons sharing the host never interleave their
+        read, change and rewrite of the config. The host lets go when the block ends, the daemon dies or its
+        connection is lost: the holder's stdin closes."""
+        async with self.lock, self.conn.stream(lock_command(LOCK_WAIT_S)) as lines:
+            try:
+                said = (await asyncio.wait_for(anext(lines, ""), LOCK_WAIT_S + 10)).strip()
+            except TimeoutError:
+                said = "no answer"
+            if said != "held":
+                why = f"held by another process for over {LOCK_WAIT_S}s" if said == "busy" else said or "no answer"
+                raise IngressError(self.host, f"could not take its lock {LOCK_PATH}: {why}")
+            yield
 
     # -- runtime API
 
@@ -126,7 +147,7 @@ class IngressProxy:
 
     async def apply(self, routes: list[Route]) -> dict[str, object]:
         """Make the proxy run with ``routes``: unit installed, config checked then written, proxy (re)started or
-        reloaded, every route's frontend bound. Call with ``self.lock`` held."""
+        reloaded, every route's frontend bound. Call inside ``changing()``."""
         return await self._apply(routes, await self._read(CONFIG_PATH))
 
     async def _apply(self, routes: list[Route], config: str | None) -> dict[str, object]:
@@ -198,7 +219,7 @@ class IngressProxy:
                            upstream_port: int | None = None) -> dict[str, object]:
         """The service's frontend exists on ``port``: its backend keeps what it serves, or, new, binds the port
         already serving ``release`` on ``upstream_port`` (no moment of a frontend without a server)."""
-        async with self.lock:
+        async with self.changing():
             have = await self._read(CONFIG_PATH)
             routes = {r.service: r for r in parse_config(have or "")}
             old = routes.get(service)
@@ -212,7 +233,7 @@ class IngressProxy:
     async def remove_route(self, service: str) -> dict[str, object]:
         """The service's route goes, if the config has one; whatever the host's ``ingress`` says now (a host
         moved to ``ingress: none`` still has its proxy's config), and nothing is installed where no config is."""
-        async with self.lock:
+        async with self.changing():
             have = await self._read(CONFIG_PATH)
             routes = parse_config(have or "")
             if not any(r.service == service for r in routes):
@@ -225,7 +246,7 @@ class IngressProxy:
         """Send new requests of ``service`` to ``release`` on ``port``; the others drain. Atomic: one runtime
         line. The config file is written first, so a proxy that restarts meanwhile comes back switched."""
         t0 = time.monotonic()
-        async with self.lock:
+        async with self.changing():
             routes = {r.service: r for r in await self.routes()}
             route = routes.get(service)
             if route is None:

@@ -2,12 +2,15 @@
 
 A route is created, switched between two real upstreams under a bounded load (no request may fail), drained;
 the proxy is SIGKILLed (systemd restarts it and it serves what was switched to); a public port held by
-another process is refused with an error naming the host and the port, and what served keeps serving.
+another process is refused with an error naming the host and the port, and what served keeps serving; a change
+waits while another process (another daemon) holds the host's proxy lock, and goes through once that process is
+SIGKILLed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shlex
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,12 +19,13 @@ from load_gen import run_load
 from deployerd.connection import Connection, HostAddress
 from deployerd.health import probe_client
 from deployerd.ingress import IngressError, IngressProxy
-from deployerd.ingress.config import UNIT_NAME
-from deployerd.sandbox import SandboxInfo
+from deployerd.ingress import proxy as proxy_module
+from deployerd.ingress.config import LOCK_PATH, UNIT_NAME, lock_command
+from deployerd.sandbox import HostInfo, SandboxInfo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
-A, B, TAKEN = 20901, 20902, 18502
+A, B, TAKEN, OTHER = 20901, 20902, 18502, 18503
 FRONT = 18501
 UNITS = ("t-ingress-a", "t-ingress-b", "t-ingress-squatter")
 
@@ -111,3 +115,44 @@ async def test_a_dead_proxy_is_named_and_started_again(conn: Connection, sandbox
     assert not await proxy.running()
     await proxy.ensure_route("t-web", FRONT)  # what a deploy does first: the proxy runs again, serving r1
     assert (await proxy.state()).active("t-web").name == "r1"  # type: ignore[union-attr]
+
+
+async def hold_host_lock(h: HostInfo) -> asyncio.subprocess.Process:
+    """Another process holding the host's proxy lock, as another daemon's change would: OpenSSH's client on its own
+    connection, running deployerd's lock holder (verified host key), once it says it holds the lock."""
+    holder = await asyncio.create_subprocess_exec(
+        "ssh", "-i", h.key_path, "-p", str(h.ssh_port), "-o", f"UserKnownHostsFile={h.known_hosts}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{h.user}@{h.address}",
+        shlex.join(lock_command()), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert holder.stdout is not None
+    assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+    return holder
+
+
+async def test_a_change_waits_for_the_lock_another_daemon_holds(conn: Connection, sandbox: SandboxInfo,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    h = sandbox.hosts[0]
+    proxy = IngressProxy(conn, h.name)
+    await proxy.ensure_route("t-web", FRONT)
+    holder = await hold_host_lock(h)
+    try:
+        change = asyncio.create_task(proxy.ensure_route("t-api", OTHER))
+        await asyncio.sleep(2)
+        assert not change.done()  # it waits for the other holder: no read-change-write of the config meanwhile
+        assert "t-api" not in {r.service for r in await proxy.routes()}
+    finally:
+        holder.kill()  # SIGKILL, as a daemon dies: its connection closes, the host's holder exits, the lock goes
+        await holder.wait()
+    await asyncio.wait_for(change, 30)
+    assert {r.service for r in await proxy.routes()} >= {"t-web", "t-api"}  # neither change lost the other's route
+
+    monkeypatch.setattr(proxy_module, "LOCK_WAIT_S", 1)
+    holder = await hold_host_lock(h)
+    try:
+        with pytest.raises(IngressError, match=rf"host {h.name}: ingress proxy: could not take its lock "
+                                               rf"{LOCK_PATH}: held by another process for over 1s"):
+            await proxy.remove_route("t-api")
+    finally:
+        holder.kill()
+        await holder.wait()
+    assert "t-api" in {r.service for r in await proxy.routes()}  # a change that could not lock changed nothing
