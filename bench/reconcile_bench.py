@@ -288,8 +288,9 @@ async def main() -> None:
         async with running_daemon(settings, loop=True) as d:
             first = await wait_job(d, "bench-web", None)
             assert first.status is JobStatus.SUCCEEDED, first.error
-            for name in ("bench-px", "hello-web", "hello-api"):
-                await wait_job(d, name, None)
+            for name in ("bench-px", "hello-web", "hello-api", "hello-py"):  # none fails in the background
+                job = await wait_job(d, name, None)
+                assert job.status is JobStatus.SUCCEEDED, (name, job.status, job.error)
 
             if "1" in ONLY:
                 await commit_to_healthy(d, repo, info)
