@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from deployerd.desired import DesiredState, load_desired
+from deployerd.desired import DesiredState, HostSpec, load_desired
 from deployerd.observe import Hosts, methods_by_host, observe, same_machine
 from deployerd.observed import ObservedState
 from deployerd.plan import Action, ActionKind, plan, plan_out_of_band, sort_key
@@ -76,6 +76,7 @@ class Planner:
         self._loaded: DesiredState | None = None  # as validated from git, before secrets are resolved
         self._closing: set[asyncio.Task[None]] = set()
         self._invalid: set[str] = set()  # the validation errors last logged
+        self._asked: _Asked | None = None  # what the last look asked the hosts for
 
     @property
     def tree(self) -> GitTree | None:
@@ -87,6 +88,15 @@ class Planner:
         """One look and its plan. ``force`` names services whose quarantine is ignored (empty: all);
         ``prune_all`` lets a commit that removes every service prune them."""
         clock = _Stopwatch()
+        early = self._observe_early()
+        try:
+            return await self._snapshot(clock, early, force, interrupted, prune_all)
+        finally:
+            if early is not None and not early.task.done():  # the commit could not be loaded: nobody awaits it
+                early.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _snapshot(self, clock: _Stopwatch, early: _Early | None, force: set[str] | None,
+                        interrupted: Mapping[str, str] | None, prune_all: bool) -> Snapshot:
         fetch_error = None
         try:
             revision = await self.source.fetch()
@@ -109,8 +119,8 @@ class Planner:
         desired, secret_env = await self.secrets.apply(loaded, tree)
         clock.lap("load")  # desired state and secrets
         oob = await self._out_of_band(desired) if self._out_of_band else {}
-        observed = await observe(self.hosts, desired.hosts, self.registry, _methods(desired, oob))
-        clock.lap("observe")
+        observed = await self._observe(early, _Asked(desired.hosts, _methods(desired, oob)))
+        clock.lap("observe")  # what is left of it once git is loaded
         quarantined = await self._quarantined(force)
         last_good = await self._last_good(quarantined)
         clock.lap("store")
@@ -134,6 +144,25 @@ class Planner:
                              await self._last_good(quarantined))
         clock.lap("plan")
         return dataclasses.replace(snap, observed=observed, actions=actions, stages=clock.stages)
+
+    def _observe_early(self) -> _Early | None:
+        """Start reading the hosts the last look asked for, as it asked, while git is fetched and loaded (neither
+        needs a host): a commit that leaves hosts.yaml and the services' places alone asks the same."""
+        if self._asked is None:
+            return None
+        asked = self._asked
+        return _Early(asked, asyncio.create_task(observe(self.hosts, asked.specs, self.registry, asked.methods),
+                                                 name="observe while git loads"))
+
+    async def _observe(self, early: _Early | None, asked: _Asked) -> ObservedState:
+        """The observation ``asked`` for: the early one when it asked the same, else one started now (the early
+        one is let finish first: a look is never cut short mid-host)."""
+        self._asked = asked
+        if early is not None:
+            observed = await early.task
+            if early.asked == asked:
+                return observed
+        return await observe(self.hosts, asked.specs, self.registry, asked.methods)
 
     async def _quarantined(self, force: set[str] | None) -> dict[str, str]:
         return {s: q.release for s, q in (await self.store.quarantined()).items()
@@ -195,6 +224,20 @@ class Planner:
             self._tree = None
         self.close_retired()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """What a look asks the hosts for: each host's address and the runtimes it is asked for."""
+
+    specs: dict[str, HostSpec]
+    methods: dict[str, set[str]]
+
+
+@dataclass(frozen=True)
+class _Early:
+    asked: _Asked
+    task: asyncio.Task[ObservedState]
 
 
 def _methods(desired: DesiredState, oob: Mapping[str, ReleaseContext]) -> dict[str, set[str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiodocker
 import pytest
+import yaml
 from daemon_harness import DesiredRepo, api_source, git, http_get, registry_client, running_daemon, settings_for
 
 from deployerd.plan import ActionKind
@@ -579,3 +580,26 @@ async def test_a_first_release_that_never_served_leaves_nothing_behind(sandbox: 
         assert (await conn.run(["docker", "images", "-q", f"deployerd/{q}"])).stdout.strip() == ""
         assert (await conn.run(["test", "-e", f"/opt/fpai/services/{q}"], check=False)).exit_status == 1
         assert (await d.engine.store.quarantined())["stillborn"].release == job.release  # still quarantined
+
+
+async def test_a_commit_adding_a_host_is_planned_on_that_host_read(sandbox: SandboxInfo, tmp_path: Path) -> None:
+    """A reconcile reads the hosts while git loads, as the last look asked for them: a commit that adds a host and a
+    service on it is planned, in that same reconcile, on the new host read (never on the look of before, which did
+    not ask that host)."""
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    hosts = yaml.safe_load((repo.path / "hosts.yaml").read_text())
+    second = hosts["hosts"].pop("sbx-2")
+    repo.write("hosts.yaml", yaml.safe_dump(hosts))
+    repo.service("early-a", 8194)
+    repo.commit("one host")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        assert d.engine.observed is not None and set(d.engine.observed.hosts) == {"sbx-1"}
+        hosts["hosts"]["sbx-2"] = second
+        repo.write("hosts.yaml", yaml.safe_dump(hosts))
+        repo.service("early-b", 8195, host="sbx-2")
+        repo.commit("a second host, and a service on it")
+        actions = await d.reconcile()
+        assert [(a.host, a.kind) for a in actions if a.service == "early-b"] == [("sbx-2", ActionKind.DEPLOY)]
+        assert d.engine.observed is not None and d.engine.observed.hosts["sbx-2"].reachable
+        assert (await d.last_job("early-b")).status is JobStatus.SUCCEEDED
