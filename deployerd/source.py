@@ -60,6 +60,10 @@ _COMMIT_FORMAT = "%H%x00%an <%ae>%x00%cn <%ce>%x00%cI%x00%B"
 _COMMIT_SHA = re.compile(r"[0-9a-f]{7,64}")
 _COMMITS_CACHED = 2048
 MESSAGE_MAX = 2000
+# watchfiles yields a change once a step passes with nothing new, so a commit is noticed about two steps after its
+# ref moves: measured 95 ms with 50, 36 ms with 20, 17 ms with 10; idle, the watcher thread's wake-ups cost 0.15 %,
+# 0.34 % and 0.48 % of a core (10 s of each).
+WATCH_STEP_MS = 20
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ class GitSource:
         while not stop.is_set():
             try:
                 async for _changes in awatch(
-                    gitdir, watch_filter=accept, debounce=debounce_ms, step=50, stop_event=stop
+                    gitdir, watch_filter=accept, debounce=debounce_ms, step=WATCH_STEP_MS, stop_event=stop
                 ):
                     backoff = 1.0
                     on_change()
