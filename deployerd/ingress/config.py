@@ -33,9 +33,11 @@ PRIVATE_PORTS = range(20000, 30000)  # instances behind the proxy listen on 127.
 LOCK_PATH = "/run/lock/deployerd-ingress.lock"
 LOCK_WAIT_S = 60
 # The holder: it says "held" once flock has the lock, then reads its stdin until the SSH channel closes (the
-# change done, the daemon dead or its connection lost). The path and the wait are its arguments, never script.
-_LOCK_SCRIPT = ('exec 9>>"$1" || { echo cannot-open; exit 1; }; '
-                'flock -w "$2" 9 || { echo busy; exit 1; }; echo held; exec cat >/dev/null')
+# change done, the daemon dead or its connection lost). The path and the wait are its arguments, never script;
+# `command exec` keeps a lock file that cannot be opened from ending the shell before it says so.
+_LOCK_SCRIPT = ('command exec 9>>"$1" || { echo "cannot open it"; exit 1; }; flock -w "$2" 9; rc=$?; case $rc in '
+                '0) ;; 1) echo busy; exit 1;; *) echo "flock exited with status $rc"; exit 1;; esac; '
+                'echo held; exec cat >/dev/null')
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -65,7 +67,7 @@ WantedBy=multi-user.target
 
 
 def lock_command(wait_s: int = LOCK_WAIT_S) -> list[str]:
-    """The argv that holds the host's proxy lock for as long as it runs (its first line: held, busy or cannot-open)."""
+    """The argv that holds the host's proxy lock for as long as it runs (its first line: held, busy, or why not)."""
     return ["sh", "-c", _LOCK_SCRIPT, "deployerd-ingress-lock", LOCK_PATH, str(wait_s)]
 
 

@@ -19,6 +19,7 @@ from load_gen import run_load
 from deployerd.connection import Connection, HostAddress
 from deployerd.health import probe_client
 from deployerd.ingress import IngressError, IngressProxy
+from deployerd.ingress import config as config_module
 from deployerd.ingress import proxy as proxy_module
 from deployerd.ingress.config import LOCK_PATH, UNIT_NAME, lock_command
 from deployerd.sandbox import HostInfo, SandboxInfo
@@ -156,3 +157,8 @@ async def test_a_change_waits_for_the_lock_another_daemon_holds(conn: Connection
         holder.kill()
         await holder.wait()
     assert "t-api" in {r.service for r in await proxy.routes()}  # a change that could not lock changed nothing
+
+    monkeypatch.setattr(config_module, "LOCK_PATH", "/nonexistent-dir/deployerd-ingress.lock")
+    with pytest.raises(IngressError, match=rf"host {h.name}: ingress proxy: could not take its lock .*: cannot open"):
+        await proxy.remove_route("t-api")
+    assert "t-api" in {r.service for r in await proxy.routes()}
