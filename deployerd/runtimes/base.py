@@ -177,6 +177,12 @@ class Runtime(ABC):
     def qualified(self, service: str) -> str:
         return qualified_name(service, self.instance)
 
+    async def listening_ports(self) -> set[int]:
+        """The TCP ports something listens on at the host, on any address: a new private port is none of them."""
+        listening = await self.conn.run(["ss", "-Hltn"], check=False)
+        return {int(port) for f in (line.split() for line in listening.stdout.splitlines())
+                if len(f) >= 4 and (port := f[3].rsplit(":", 1)[-1]).isdigit()}
+
     def layout(self, service: str) -> Layout:
         return Layout(self.host.base_dir, self.qualified(service))
 

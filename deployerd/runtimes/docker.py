@@ -289,15 +289,19 @@ class DockerRuntime(EngineAPI, Runtime):
             await d.containers.container(name).start()
 
     async def _private_port(self, ctx: ReleaseContext, kept: dict[str, Any] | None) -> int | None:
-        """Behind an ingress: the kept container's port, else a free one (not in any container's label)."""
+        """Behind an ingress: the kept container's port, else a free one: recorded by no container of any
+        deployerd instance on the host (kept ones start on theirs again) and not listening there (a systemd
+        release's, a process deployerd does not know)."""
         if not ctx.behind_ingress:
             return None
         label = ((kept or {}).get("Labels") or {}).get(PRIVATE_PORT_LABEL, "")
         if label.isdigit():
             return int(label)
-        labels = [(c.get("Labels") or {}).get(PRIVATE_PORT_LABEL, "") for c in await self._containers()]
-        used = {int(p) for p in labels if p.isdigit()}
-        return allocate_port(used, ctx.qualified_name)
+        d = await self._docker()
+        listening, found = await asyncio.gather(
+            self.listening_ports(), d.containers.list(all=True, filters=json.dumps({"label": [PRIVATE_PORT_LABEL]})))
+        labels = [(c._container.get("Labels") or {}).get(PRIVATE_PORT_LABEL, "") for c in found]
+        return allocate_port(listening | {int(p) for p in labels if p.isdigit()}, ctx.qualified_name)
 
     async def _env_matches(self, container_id: str, ctx: ReleaseContext) -> bool:
         """Does the container run with ``ctx.env``? (Compared in memory: values are never shown or logged.)"""

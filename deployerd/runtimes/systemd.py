@@ -158,10 +158,7 @@ class SystemdRuntime(Runtime):
         """The port the release's unit recorded when it still runs or nothing else took it; else a free one:
         recorded by none of this daemon's units on the host and not listening there (a Docker container's, a
         process deployerd does not know)."""
-        units = await self._probe()
-        listening = await self.conn.run(["ss", "-Hltn"], check=False)
-        used = {int(f[3].rsplit(":", 1)[-1]) for f in (ln.split() for ln in listening.stdout.splitlines())
-                if len(f) >= 4 and f[3].rsplit(":", 1)[-1].isdigit()}
+        units, used = await asyncio.gather(self._probe(), self.listening_ports())
         mine = unit_name(ctx.qualified_name, ctx.release.id)
         for u in units:
             recorded = (u.get("meta") or {}).get("private-port", "")

@@ -15,8 +15,10 @@ import yaml
 from daemon_harness import DesiredRepo, git, running_daemon, settings_for
 from load_gen import LoadResult, run_load
 
+from deployerd.ingress import allocate_port
 from deployerd.ingress.config import CONFIG_PATH, UNIT_NAME
 from deployerd.ingress.proxy import parse_config
+from deployerd.runtimes.base import qualified_name
 from deployerd.sandbox import SandboxInfo
 from deployerd.store import JobStatus
 
@@ -186,6 +188,38 @@ async def test_a_taken_public_port_fails_naming_host_and_port(sandbox: SandboxIn
             assert "zd-taken" not in await d.engine.store.quarantined()  # an outage of the host: retried
     finally:
         await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
+
+
+async def test_a_private_port_something_listens_on_is_not_given_to_a_release(sandbox: SandboxInfo,
+                                                                              tmp_path: Path) -> None:
+    """A new release's private port is one nothing listens on at the host: a process deployerd does not know (as a
+    systemd release or another daemon's instance would) on the very port the allocator starts from keeps it, and
+    the release gets another one and serves."""
+    from test_outages import in_host
+
+    port = PORT + 4
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-private", port)
+    repo.commit("v1")
+    host = sandbox.hosts[0]
+    await in_host(sandbox, host, "systemctl", "stop", "t-private-squatter", check=False)
+    await in_host(sandbox, host, "systemctl", "reset-failed", "t-private-squatter", check=False)
+    try:
+        async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+            first = allocate_port(set(), qualified_name("zd-private", d.engine.settings.instance))
+            await in_host(sandbox, host, "systemd-run", "--unit=t-private-squatter", "busybox", "httpd", "-f", "-p",
+                          f"127.0.0.1:{first}", "-h", "/tmp")
+            await d.reconcile()
+            job = await d.last_job("zd-private")
+            assert job.status is JobStatus.SUCCEEDED, (job.status, job.error)
+            private = job.phase("Verify Health").details["switch"]["private_port"]
+            assert private != first
+            assert (await run_load(host.internal_address, port, seconds=0.3)).upstreams() == [job.release]
+            squatter = await in_host(sandbox, host, "systemctl", "is-active", "t-private-squatter", check=False)
+            assert squatter.out.strip() == "active"  # undisturbed
+    finally:
+        await in_host(sandbox, host, "systemctl", "stop", "t-private-squatter", check=False)
 
 
 async def test_a_container_from_before_the_proxy_moves_behind_it(sandbox: SandboxInfo, tmp_path: Path) -> None:
