@@ -16,6 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
+from daemon_harness import ssh_opts  # noqa: E402  (re-exported for the benches)
+
 from deployerd import sandbox as sbx  # noqa: E402
 from deployerd.connection import Connection, HostAddress  # noqa: E402
 from deployerd.sandbox import HostInfo  # noqa: E402
@@ -55,11 +57,6 @@ async def wait_job(d, service: str, after: str | None, limit_s: float = 300):  #
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def ssh_opts(h: HostInfo) -> list[str]:
-    return ["-p", str(h.ssh_port), "-i", h.key_path, "-o", f"UserKnownHostsFile={h.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
 
 def ssh(h: HostInfo, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:

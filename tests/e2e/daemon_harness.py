@@ -31,7 +31,7 @@ from deployerd.daemon import Subscribers, close_engine, open_engine
 from deployerd.desired import HostSpec
 from deployerd.engine import Engine
 from deployerd.registry_client import RegistryClient
-from deployerd.sandbox import SandboxInfo
+from deployerd.sandbox import HostInfo, SandboxInfo
 from deployerd.store import Job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +44,12 @@ CMD ["busybox", "httpd", "-f", "-v", "-p", "{port}", "-h", "/www"]
 
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def ssh_opts(h: HostInfo) -> list[str]:
+    """OpenSSH client options for a sandbox host, its key verified (tests and benches that use the plain client)."""
+    return ["-p", str(h.ssh_port), "-i", h.key_path, "-o", f"UserKnownHostsFile={h.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
 
 def free_port() -> int:

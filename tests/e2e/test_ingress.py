@@ -7,6 +7,8 @@ The proxy names the release that answered (X-Deployerd-Upstream), so the load al
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,61 +167,57 @@ async def test_ssh_lost_mid_switch_keeps_serving(sandbox: SandboxInfo, tmp_path:
         assert await running_containers(d, "zd-ssh") == [r2]
 
 
+@asynccontextmanager
+async def squatting(sandbox: SandboxInfo, unit: str, listen: str) -> AsyncIterator[None]:
+    """For the block, a process deployerd does not know listening on ``listen`` at sbx-1 (busybox httpd, a
+    transient unit ``unit``)."""
+    from test_outages import in_host
+
+    host = sandbox.hosts[0]
+    await in_host(sandbox, host, "systemctl", "stop", unit, check=False)
+    await in_host(sandbox, host, "systemctl", "reset-failed", unit, check=False)
+    await in_host(sandbox, host, "systemd-run", f"--unit={unit}", "busybox", "httpd", "-f", "-p", listen, "-h", "/tmp")
+    try:
+        yield
+        assert (await in_host(sandbox, host, "systemctl", "is-active", unit, check=False)).out.strip() == "active"
+    finally:
+        await in_host(sandbox, host, "systemctl", "stop", unit, check=False)
+
+
 async def test_a_taken_public_port_fails_naming_host_and_port(sandbox: SandboxInfo, tmp_path: Path) -> None:
     port = PORT + 2
     repo = DesiredRepo(tmp_path / "repo", sandbox)
     with_ingress(repo, sandbox)
     repo.service("zd-taken", port)
     repo.commit("v1")
-    from test_outages import in_host
-
-    host = sandbox.hosts[0]
-    await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
-    await in_host(sandbox, host, "systemctl", "reset-failed", "t-squatter", check=False)
-    await in_host(sandbox, host, "systemd-run", "--unit=t-squatter", "busybox", "httpd", "-f", "-p",
-                  f"0.0.0.0:{port}", "-h", "/tmp")
-    try:
-        async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
-            await d.reconcile()
-            job = await d.last_job("zd-taken")
-            assert job.status is JobStatus.FAILED and job.transient, (job.status, job.error)
-            assert f"host sbx-1: ingress proxy: public port {port} of" in (job.error or ""), job.error
-            assert "taken by" in (job.error or "")
-            assert "zd-taken" not in await d.engine.store.quarantined()  # an outage of the host: retried
-    finally:
-        await in_host(sandbox, host, "systemctl", "stop", "t-squatter", check=False)
+    async with squatting(sandbox, "t-squatter", f"0.0.0.0:{port}"), \
+            running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        job = await d.last_job("zd-taken")
+        assert job.status is JobStatus.FAILED and job.transient, (job.status, job.error)
+        assert f"host sbx-1: ingress proxy: public port {port} of" in (job.error or ""), job.error
+        assert "taken by" in (job.error or "")
+        assert "zd-taken" not in await d.engine.store.quarantined()  # an outage of the host: retried
 
 
 async def test_a_private_port_something_listens_on_is_not_given_to_a_release(sandbox: SandboxInfo,
                                                                               tmp_path: Path) -> None:
     """A new release's private port is one nothing listens on at the host: a process deployerd does not know (as a
-    systemd release or another daemon's instance would) on the very port the allocator starts from keeps it, and
-    the release gets another one and serves."""
-    from test_outages import in_host
-
+    systemd release or another daemon's instance would) on the very port the allocator starts from keeps it
+    (undisturbed), and the release gets another one and serves."""
     port = PORT + 4
     repo = DesiredRepo(tmp_path / "repo", sandbox)
     with_ingress(repo, sandbox)
     repo.service("zd-private", port)
     repo.commit("v1")
-    host = sandbox.hosts[0]
-    await in_host(sandbox, host, "systemctl", "stop", "t-private-squatter", check=False)
-    await in_host(sandbox, host, "systemctl", "reset-failed", "t-private-squatter", check=False)
-    try:
-        async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
-            first = allocate_port(set(), qualified_name("zd-private", d.engine.settings.instance))
-            await in_host(sandbox, host, "systemd-run", "--unit=t-private-squatter", "busybox", "httpd", "-f", "-p",
-                          f"127.0.0.1:{first}", "-h", "/tmp")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        first = allocate_port(set(), qualified_name("zd-private", d.engine.settings.instance))
+        async with squatting(sandbox, "t-private-squatter", f"127.0.0.1:{first}"):
             await d.reconcile()
             job = await d.last_job("zd-private")
             assert job.status is JobStatus.SUCCEEDED, (job.status, job.error)
-            private = job.phase("Verify Health").details["switch"]["private_port"]
-            assert private != first
-            assert (await run_load(host.internal_address, port, seconds=0.3)).upstreams() == [job.release]
-            squatter = await in_host(sandbox, host, "systemctl", "is-active", "t-private-squatter", check=False)
-            assert squatter.out.strip() == "active"  # undisturbed
-    finally:
-        await in_host(sandbox, host, "systemctl", "stop", "t-private-squatter", check=False)
+            assert job.phase("Verify Health").details["switch"]["private_port"] != first
+            assert (await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)).upstreams() == [job.release]
 
 
 async def test_a_container_from_before_the_proxy_moves_behind_it(sandbox: SandboxInfo, tmp_path: Path) -> None:

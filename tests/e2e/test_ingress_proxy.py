@@ -14,6 +14,7 @@ import shlex
 from collections.abc import AsyncIterator
 
 import pytest
+from daemon_harness import ssh_opts
 from load_gen import run_load
 
 from deployerd.connection import Connection, HostAddress
@@ -122,9 +123,8 @@ async def hold_host_lock(h: HostInfo) -> asyncio.subprocess.Process:
     """Another process holding the host's proxy lock, as another daemon's change would: OpenSSH's client on its own
     connection, running deployerd's lock holder (verified host key), once it says it holds the lock."""
     holder = await asyncio.create_subprocess_exec(
-        "ssh", "-i", h.key_path, "-p", str(h.ssh_port), "-o", f"UserKnownHostsFile={h.known_hosts}",
-        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{h.user}@{h.address}",
-        shlex.join(lock_command()), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        "ssh", *ssh_opts(h), f"{h.user}@{h.address}", shlex.join(lock_command()),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     assert holder.stdout is not None
     assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
     return holder
