@@ -240,9 +240,7 @@ class DockerRuntime(EngineAPI, Runtime):
         existing = {c["Names"][0].lstrip("/"): c for c in mine}
         stopped = [] if ctx.behind_ingress else await self._stop(ctx, existing)
         reused = name in existing
-        if reused and not await self._env_matches(existing[name]["Id"], ctx):
-            # a kept container holds the env it was created with; a restored release runs with the values
-            # resolved now (a rotated secret), so it is created again from its kept image
+        if reused and not await self._reusable(existing[name], ctx):
             await d.containers.container(existing[name]["Id"]).delete(force=True)
             reused = False
         private = await self._private_port(ctx, existing[name] if reused else None)
@@ -302,6 +300,21 @@ class DockerRuntime(EngineAPI, Runtime):
             self.listening_ports(), d.containers.list(all=True, filters=json.dumps({"label": [PRIVATE_PORT_LABEL]})))
         labels = [(c._container.get("Labels") or {}).get(PRIVATE_PORT_LABEL, "") for c in found]
         return allocate_port(listening | {int(p) for p in labels if p.isdigit()}, ctx.qualified_name)
+
+    async def _reusable(self, kept: dict[str, Any], ctx: ReleaseContext) -> bool:
+        """Can the kept container of ``ctx``'s release start again as it is? Not when it holds other env values
+        than ``ctx`` (a restored release runs with the values resolved now: a rotated secret), nor, stopped behind
+        an ingress, when something took its private port meanwhile: it is then created again from its kept
+        image, with a port that is free."""
+        label = (kept.get("Labels") or {}).get(PRIVATE_PORT_LABEL, "")
+
+        async def port_taken() -> bool:
+            if not (ctx.behind_ingress and label.isdigit()) or kept.get("State") == "running":
+                return False
+            return int(label) in await self.listening_ports()
+
+        same_env, taken = await asyncio.gather(self._env_matches(kept["Id"], ctx), port_taken())
+        return same_env and not taken
 
     async def _env_matches(self, container_id: str, ctx: ReleaseContext) -> bool:
         """Does the container run with ``ctx.env``? (Compared in memory: values are never shown or logged.)"""

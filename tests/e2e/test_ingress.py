@@ -220,6 +220,34 @@ async def test_a_private_port_something_listens_on_is_not_given_to_a_release(san
             assert (await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)).upstreams() == [job.release]
 
 
+async def test_a_kept_release_whose_private_port_was_taken_starts_on_another(sandbox: SandboxInfo,
+                                                                              tmp_path: Path) -> None:
+    """A git revert to a kept release whose private port something else took meanwhile: its kept container is
+    created again from its kept image (no rebuild) on a free port, and serves; the other process keeps its port."""
+    port = PORT + 7
+    repo = DesiredRepo(tmp_path / "repo", sandbox)
+    with_ingress(repo, sandbox)
+    repo.service("zd-kept", port)
+    repo.commit("v1")
+    async with running_daemon(settings_for(tmp_path, sandbox, repo)) as d:
+        await d.reconcile()
+        first = await d.last_job("zd-kept")
+        assert first.status is JobStatus.SUCCEEDED, first.error
+        kept_port = first.phase("Verify Health").details["switch"]["private_port"]
+        repo.write("services/zd-kept/www/index.html", "<h1>zd-kept v2</h1>\n")
+        repo.commit("v2")
+        await d.reconcile()
+        assert (await d.last_job("zd-kept")).status is JobStatus.SUCCEEDED
+        async with squatting(sandbox, "t-kept-squatter", f"127.0.0.1:{kept_port}"):
+            git(repo.path, "revert", "--no-edit", "HEAD")
+            await d.reconcile()
+            back = await d.last_job("zd-kept")
+            assert back.status is JobStatus.SUCCEEDED, (back.status, back.error)
+            assert back.release == first.release and back.phase("Build").status.value == "skipped"
+            assert back.phase("Verify Health").details["switch"]["private_port"] != kept_port
+            assert (await run_load(sandbox.hosts[0].internal_address, port, seconds=0.3)).upstreams() == [back.release]
+
+
 async def test_a_container_from_before_the_proxy_moves_behind_it(sandbox: SandboxInfo, tmp_path: Path) -> None:
     """A host that gets ``ingress: haproxy``: its container, which published the public port itself, keeps
     serving until the new release is proven beside it, then stops (kept) so the proxy can take the port."""
