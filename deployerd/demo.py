@@ -146,6 +146,7 @@ def up() -> int:
         print(f"  {s['name']:<14} {s['sync_status']:<10} {s['health_status']:<9} "
               f"release {s['running_release']}  {s['url']}")
     ok = bool(services) and all(s["health_status"] == "Healthy" for s in services)
+    changed = next((s["url"] for s in services if s["name"] == "hello-web"), "URL")  # the service the hint changes
     print(f"""
 {'All services deployed, healthy and registered.' if ok else 'Not every service converged yet: see the log.'}
   Registry:        curl {info.registry.url if info.registry else '?'}/droplets
@@ -154,7 +155,7 @@ def up() -> int:
   Deploy a change: cd {repo}
                    echo '<h1>hello again</h1>' > services/hello-web/www/index.html
                    git commit -am 'hello-web: new page'     # deployed within seconds (watched)
-  Who answers:     curl -s -D - -o /dev/null {services[0]['url'] if services else 'URL'} | grep -i x-deployerd-upstream
+  Who answers:     curl -s -D - -o /dev/null {changed} | grep -i x-deployerd-upstream
   Roll back:       git revert --no-edit HEAD
   History:         .venv/bin/deployerd history hello-web --config {config}
   Stop it all:     make demo-down
